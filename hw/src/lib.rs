@@ -1,0 +1,2 @@
+//! Hardware-facing parts of the appliance.
+#![deny(unsafe_code)]

@@ -1,0 +1,2 @@
+#![forbid(unsafe_code)]
+//! casd: the conditional-access headend daemon library.
