@@ -1,2 +1,11 @@
 #![forbid(unsafe_code)]
-//! casd: the conditional-access headend daemon library.
+//! casd: the conditional-access headend daemon library. See ARCHITECTURE.md
+//! for the map; each module's doc says what it does and does not know.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod shutdown;
+pub mod testing;

@@ -1,2 +1,6 @@
 #![forbid(unsafe_code)]
-fn main() {}
+//! The `casd` binary: everything lives in the library (`casd::cli`).
+
+fn main() -> std::process::ExitCode {
+    casd::cli::main()
+}

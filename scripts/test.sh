@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: installs what the tests need (MariaDB, tshark,
+# iproute2) when missing and we are root, brings up the private MariaDB,
+# checks formatting and lints, then runs every test of the workspace.
+set -euo pipefail
+CASD_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$CASD_ROOT"
+# shellcheck source=scripts/mariadb.sh
+. scripts/mariadb.sh
+
+need=()
+command -v tshark >/dev/null 2>&1 || need+=(tshark)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    casd_die "tests need: ${need[*]} (sudo apt-get install ${need[*]})"
+  fi
+fi
+casd_mariadb_up
+
+# Databases left behind by killed test runs.
+if [ -n "${CASD_DB_DIR:-}" ]; then
+  for d in $(casd_db_sql "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE 'casd\\_t\\_%'"); do
+    casd_db_sql "DROP DATABASE \`$d\`" || true
+  done
+fi
+
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace "$@"

@@ -1,0 +1,828 @@
+//! Configuration: one TOML file plus `CASD_*` environment overrides.
+//!
+//! The file is parsed into a loose TOML table first, environment overrides
+//! are applied on top (`CASD_SECTION__KEY=value`, double underscore between
+//! levels, e.g. `CASD_API__LISTEN=0.0.0.0:8443`; `CASD_DATABASE_URL` is a
+//! shorthand for `CASD_DATABASE__URL`), and only then is the result
+//! deserialized into typed structs with `deny_unknown_fields`. That order
+//! means a misspelt key is caught whether it came from the file or the
+//! environment, and every error names the full key path
+//! (`cycler.outputs[0].bitrate: ...`).
+//!
+//! Secrets (`database.url` carries the password) live in [`Secret`], whose
+//! `Debug` never prints the value.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration error, always naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("configuration key `{key}`: {message}")]
+    Key { key: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+fn key_err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A value that must never be printed: `Debug` shows `<redacted>`.
+#[derive(Clone, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself; call sites are few and greppable.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The roles one casd process can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Sms,
+    Emmg,
+    Encryptor,
+    Cycler,
+    Scheduler,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [
+        Role::Sms,
+        Role::Emmg,
+        Role::Encryptor,
+        Role::Cycler,
+        Role::Scheduler,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Sms => "sms",
+            Role::Emmg => "emmg",
+            Role::Encryptor => "encryptor",
+            Role::Cycler => "cycler",
+            Role::Scheduler => "scheduler",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown role `{s}` (expected one of sms, emmg, encryptor, cycler, scheduler)"
+                )
+            })
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Roles `casd run` starts when `--roles` is not given.
+    #[serde(default = "default_roles")]
+    pub roles: Vec<Role>,
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub cas: CasConfig,
+    #[serde(default)]
+    pub keys: KeysConfig,
+    #[serde(default)]
+    pub emmg: EmmgConfig,
+    #[serde(default)]
+    pub cycler: CyclerConfig,
+    #[serde(default)]
+    pub scheduler: SchedulerConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+fn default_roles() -> Vec<Role> {
+    Role::ALL.to_vec()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `mysql://user:password@host:port/database`. Secret: it holds the password.
+    pub url: Secret,
+    /// Largest number of pooled connections.
+    #[serde(default = "default_pool_max")]
+    pub pool_max: usize,
+    /// Seconds to wait for a connection before answering 503.
+    #[serde(default = "default_connect_timeout_s")]
+    pub connect_timeout_s: u64,
+    /// Apply pending migrations at start-up.
+    #[serde(default = "yes")]
+    pub migrate_on_start: bool,
+}
+
+fn default_pool_max() -> usize {
+    32
+}
+fn default_connect_timeout_s() -> u64 {
+    5
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Where the HTTP(S) API listens.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Largest request body accepted, bytes (sms-api.md: default 64 KiB).
+    #[serde(default = "default_body_limit")]
+    pub body_limit: usize,
+    /// TLS certificate chain (PEM). With `tls_key`, the listener speaks HTTPS.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Must be set to true to serve plain HTTP (no TLS configured).
+    #[serde(default)]
+    pub plain_http: bool,
+    /// Request log: one JSON line per request.
+    #[serde(default = "default_request_log")]
+    pub request_log: PathBuf,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_body_limit() -> usize {
+    64 * 1024
+}
+fn default_request_log() -> PathBuf {
+    PathBuf::from("log/requests.jsonl")
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: default_listen(),
+            body_limit: default_body_limit(),
+            tls_cert: None,
+            tls_key: None,
+            plain_http: false,
+            request_log: default_request_log(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CasConfig {
+    /// CA_system_ID in the CAT and SimulCrypt client_ID.
+    #[serde(default = "default_ca_system_id")]
+    pub ca_system_id: u16,
+    /// Largest EMM section, bytes (spec default 256, at most 4096).
+    #[serde(default = "default_max_section_bytes")]
+    pub max_section_bytes: usize,
+}
+
+fn default_ca_system_id() -> u16 {
+    0x4AFF
+}
+fn default_max_section_bytes() -> usize {
+    256
+}
+
+impl Default for CasConfig {
+    fn default() -> Self {
+        CasConfig {
+            ca_system_id: default_ca_system_id(),
+            max_section_bytes: default_max_section_bytes(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// File holding the root key (mode 0600, owned by the casd user).
+    #[serde(default = "default_root_key_file")]
+    pub root_key_file: PathBuf,
+}
+
+fn default_root_key_file() -> PathBuf {
+    PathBuf::from("keys/root.key")
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            root_key_file: default_root_key_file(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmmgConfig {
+    /// Concurrent workers taking work items.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Work items taken per transaction.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// Milliseconds between polls of the work queue when idle (in one
+    /// process the SMS role also wakes the EMMG at once).
+    #[serde(default = "default_poll_ms")]
+    pub poll_interval_ms: u64,
+    /// Lifetime of unique EMMs carrying state (entitlements, enable), days.
+    #[serde(default = "default_emm_lifetime_days")]
+    pub emm_lifetime_days: u32,
+}
+
+fn default_workers() -> usize {
+    4
+}
+fn default_batch() -> usize {
+    32
+}
+fn default_poll_ms() -> u64 {
+    20
+}
+fn default_emm_lifetime_days() -> u32 {
+    30
+}
+
+impl Default for EmmgConfig {
+    fn default() -> Self {
+        EmmgConfig {
+            workers: default_workers(),
+            batch: default_batch(),
+            poll_interval_ms: default_poll_ms(),
+            emm_lifetime_days: default_emm_lifetime_days(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CyclerConfig {
+    /// Milliseconds between polls of carousel_events when nothing woke us.
+    #[serde(default = "default_cycler_poll_ms")]
+    pub poll_interval_ms: u64,
+    /// Times a new EMM is sent in the fast lane before joining the cycle.
+    #[serde(default = "default_burst_count")]
+    pub burst_count: u32,
+    /// Milliseconds between fast-lane repetitions.
+    #[serde(default = "default_burst_interval_ms")]
+    pub burst_interval_ms: u64,
+    /// Play-out log (one JSON line per EMM sent).
+    #[serde(default = "default_carousel_log")]
+    pub log_file: PathBuf,
+    /// Rotate the play-out log when it reaches this many bytes.
+    #[serde(default = "default_log_rotate_bytes")]
+    pub log_rotate_bytes: u64,
+    /// Rotated files kept.
+    #[serde(default = "default_log_keep")]
+    pub log_keep: u32,
+    #[serde(default = "default_outputs")]
+    pub outputs: Vec<OutputConfig>,
+}
+
+fn default_cycler_poll_ms() -> u64 {
+    10
+}
+fn default_burst_count() -> u32 {
+    3
+}
+fn default_burst_interval_ms() -> u64 {
+    200
+}
+fn default_carousel_log() -> PathBuf {
+    PathBuf::from("log/carousel.jsonl")
+}
+fn default_log_rotate_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_log_keep() -> u32 {
+    10
+}
+fn default_outputs() -> Vec<OutputConfig> {
+    vec![OutputConfig::default()]
+}
+
+impl Default for CyclerConfig {
+    fn default() -> Self {
+        CyclerConfig {
+            poll_interval_ms: default_cycler_poll_ms(),
+            burst_count: default_burst_count(),
+            burst_interval_ms: default_burst_interval_ms(),
+            log_file: default_carousel_log(),
+            log_rotate_bytes: default_log_rotate_bytes(),
+            log_keep: default_log_keep(),
+            outputs: default_outputs(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Name used in logs and the play-out log.
+    #[serde(default = "default_output_name")]
+    pub name: String,
+    /// UDP destination, unicast or multicast, `host:port`.
+    #[serde(default = "default_destination")]
+    pub destination: SocketAddr,
+    /// EMM PID (spec default 0x0101).
+    #[serde(default = "default_pid")]
+    pub pid: u16,
+    /// Output bitrate cap, bits per second (the exact rate when `cbr`).
+    #[serde(default = "default_bitrate")]
+    pub bitrate: u64,
+    /// TS packets per UDP datagram, 1..=7.
+    #[serde(default = "default_ppd")]
+    pub packets_per_datagram: u8,
+    /// Prefix each datagram with an RTP header (RFC 2250, PT 33).
+    #[serde(default)]
+    pub rtp: bool,
+    /// Fill with null packets to a constant bitrate.
+    #[serde(default)]
+    pub cbr: bool,
+    /// Send the CAT (PID 0x0001) at least every 500 ms.
+    #[serde(default = "yes")]
+    pub cat: bool,
+    /// Pack sections back to back (false: one section start per packet).
+    #[serde(default = "yes")]
+    pub pack_sections: bool,
+    /// IP TTL (multicast TTL for multicast destinations).
+    #[serde(default = "default_ttl")]
+    pub ttl: u32,
+    /// DSCP code point, 0..=63.
+    #[serde(default)]
+    pub dscp: u8,
+    /// Outgoing interface name for multicast (e.g. "eth1").
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// Loop multicast back to this host.
+    #[serde(default)]
+    pub multicast_loop: bool,
+}
+
+fn default_output_name() -> String {
+    "main".into()
+}
+fn default_destination() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 5500))
+}
+fn default_pid() -> u16 {
+    0x0101
+}
+fn default_bitrate() -> u64 {
+    1_000_000
+}
+fn default_ppd() -> u8 {
+    7
+}
+fn default_ttl() -> u32 {
+    16
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            name: default_output_name(),
+            destination: default_destination(),
+            pid: default_pid(),
+            bitrate: default_bitrate(),
+            packets_per_datagram: default_ppd(),
+            rtp: false,
+            cbr: false,
+            cat: true,
+            pack_sections: true,
+            ttl: default_ttl(),
+            dscp: 0,
+            interface: None,
+            multicast_loop: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Seconds a scheduler lease lasts without renewal.
+    #[serde(default = "default_lease_s")]
+    pub lease_seconds: u64,
+    /// Seconds between expiry purges.
+    #[serde(default = "default_purge_s")]
+    pub purge_interval_s: u64,
+    /// Days refused/processed sms_requests and done work items are kept.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+}
+
+fn default_lease_s() -> u64 {
+    15
+}
+fn default_purge_s() -> u64 {
+    60
+}
+fn default_retention_days() -> u32 {
+    90
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            lease_seconds: default_lease_s(),
+            purge_interval_s: default_purge_s(),
+            retention_days: default_retention_days(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// tracing filter, e.g. "info" or "casd=debug,info".
+    #[serde(default = "default_level")]
+    pub level: String,
+    /// "text" or "json".
+    #[serde(default = "default_format")]
+    pub format: String,
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+fn default_format() -> String {
+    "text".into()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_level(),
+            format: default_format(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies the process environment, validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_str(&text, path, std::env::vars())
+    }
+
+    /// Parses TOML text with the given environment (tests pass their own).
+    pub fn from_toml_str(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: path.to_owned(),
+                    message: e.message().to_owned()
+                        + &e.span()
+                            .map(|s| format!(" (at line {})", line_of(text, s.start)))
+                            .unwrap_or_default(),
+                })?;
+        apply_env(&mut table, env)?;
+        let de = toml::Value::Table(table);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            key_err(
+                if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                e.into_inner().message().to_owned(),
+            )
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.roles.is_empty() {
+            return Err(key_err("roles", "at least one role is needed"));
+        }
+        let url = self.database.url.expose();
+        if !url.starts_with("mysql://") {
+            return Err(key_err(
+                "database.url",
+                "must be a mysql://user:password@host:port/database URL",
+            ));
+        }
+        if mysql_async::Opts::from_url(url).is_err() {
+            // The parser's message may quote the URL, password included: say why without it.
+            return Err(key_err("database.url", "is not a valid mysql:// URL"));
+        }
+        if self.database.pool_max == 0 {
+            return Err(key_err("database.pool_max", "must be at least 1"));
+        }
+        if self.api.body_limit < 1024 || self.api.body_limit > 16 * 1024 * 1024 {
+            return Err(key_err(
+                "api.body_limit",
+                "must be between 1024 and 16777216 bytes",
+            ));
+        }
+        match (&self.api.tls_cert, &self.api.tls_key) {
+            (Some(_), None) => return Err(key_err("api.tls_key", "missing while api.tls_cert is set")),
+            (None, Some(_)) => return Err(key_err("api.tls_cert", "missing while api.tls_key is set")),
+            (None, None) if !self.api.plain_http => {
+                return Err(key_err(
+                    "api.plain_http",
+                    "no TLS certificate configured (api.tls_cert/api.tls_key); set api.plain_http = true to serve plain HTTP explicitly",
+                ))
+            }
+            _ => {}
+        }
+        if !(64..=4096).contains(&self.cas.max_section_bytes) {
+            return Err(key_err(
+                "cas.max_section_bytes",
+                "must be between 64 and 4096",
+            ));
+        }
+        if self.emmg.workers == 0 {
+            return Err(key_err("emmg.workers", "must be at least 1"));
+        }
+        if self.emmg.batch == 0 || self.emmg.batch > 1000 {
+            return Err(key_err("emmg.batch", "must be between 1 and 1000"));
+        }
+        if self.cycler.outputs.is_empty() && self.roles.contains(&Role::Cycler) {
+            return Err(key_err(
+                "cycler.outputs",
+                "the cycler role needs at least one output",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, o) in self.cycler.outputs.iter().enumerate() {
+            let k = |f: &str| format!("cycler.outputs[{i}].{f}");
+            if !names.insert(o.name.as_str()) {
+                return Err(key_err(
+                    k("name"),
+                    format!("duplicate output name `{}`", o.name),
+                ));
+            }
+            if o.pid < 0x0010 || o.pid >= 0x1FFF {
+                return Err(key_err(
+                    k("pid"),
+                    "must be in 0x0010..=0x1FFE (0x0000-0x000F and 0x1FFF are reserved)",
+                ));
+            }
+            if o.bitrate < 8_000 || o.bitrate > 1_000_000_000 {
+                return Err(key_err(
+                    k("bitrate"),
+                    "must be between 8000 and 1000000000 bit/s",
+                ));
+            }
+            if !(1..=7).contains(&o.packets_per_datagram) {
+                return Err(key_err(k("packets_per_datagram"), "must be 1..=7"));
+            }
+            if o.dscp > 63 {
+                return Err(key_err(k("dscp"), "must be 0..=63"));
+            }
+            if o.ttl == 0 || o.ttl > 255 {
+                return Err(key_err(k("ttl"), "must be 1..=255"));
+            }
+            if o.destination.port() == 0 {
+                return Err(key_err(k("destination"), "port 0 is not a destination"));
+            }
+        }
+        if self.scheduler.lease_seconds < 2 {
+            return Err(key_err("scheduler.lease_seconds", "must be at least 2"));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(key_err("log.format", "must be \"text\" or \"json\""));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(key_err(
+                "log.level",
+                "is not a valid filter (e.g. \"info\", \"casd=debug,info\")",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The database URL without its password, for messages.
+    pub fn database_display(&self) -> String {
+        redact_url(self.database.url.expose())
+    }
+}
+
+/// `mysql://user:pw@host/db` → `mysql://user@host/db`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{}@{}", &url[..s + 3], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map(|t| t.lines().count().max(1))
+        .unwrap_or(1)
+}
+
+/// Applies `CASD_A__B=value` overrides onto the table. The value is read as
+/// a TOML value when it parses as one (numbers, booleans, arrays), otherwise
+/// as a string. Unknown keys are then caught by the typed pass.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (var, value) in env {
+        let Some(rest) = var.strip_prefix("CASD_") else {
+            continue;
+        };
+        // Variables of the scripts and tests, not configuration keys.
+        if matches!(rest, "CONFIG" | "STATE_DIR" | "TEST_DATABASE_URL" | "LOG")
+            || rest.starts_with("TEST_")
+        {
+            continue;
+        }
+        let path: Vec<String> = if rest == "DATABASE_URL" {
+            vec!["database".into(), "url".into()]
+        } else {
+            rest.split("__").map(|p| p.to_ascii_lowercase()).collect()
+        };
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::Env {
+                var,
+                message: "empty key segment (use CASD_SECTION__KEY)".into(),
+            });
+        }
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let mut cur = &mut *table;
+        for seg in &path[..path.len() - 1] {
+            let entry = cur
+                .entry(seg.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cur = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var,
+                        message: format!("`{seg}` is not a section"),
+                    })
+                }
+            };
+        }
+        let last = path.last().cloned().unwrap_or_default();
+        cur.insert(last, parsed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str =
+        "[database]\nurl = \"mysql://u:pw@127.0.0.1:3306/casd\"\n[api]\nplain_http = true\n";
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml_str(
+            text,
+            Path::new("t.toml"),
+            env.iter().map(|(a, b)| (a.to_string(), b.to_string())),
+        )
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = parse(MIN, &[]).unwrap();
+        assert_eq!(c.cas.ca_system_id, 0x4AFF);
+        assert_eq!(c.cas.max_section_bytes, 256);
+        assert_eq!(c.api.body_limit, 65536);
+        assert_eq!(c.cycler.outputs[0].pid, 0x0101);
+        assert_eq!(c.roles.len(), 5);
+    }
+
+    #[test]
+    fn misspelt_key_is_named() {
+        let err = parse(&format!("{MIN}[cycler]\nburst_cont = 3\n"), &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("cycler"), "{msg}");
+        assert!(msg.contains("burst_cont"), "{msg}");
+    }
+
+    #[test]
+    fn bad_value_names_full_path() {
+        let err = parse(&format!("{MIN}[[cycler.outputs]]\nbitrate = 5\n"), &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "configuration key `cycler.outputs[0].bitrate`: must be between 8000 and 1000000000 bit/s"
+        );
+        let err = parse(&format!("{MIN}[cas]\nca_system_id = \"x\"\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("cas.ca_system_id"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_apply_and_are_checked() {
+        let c = parse(
+            MIN,
+            &[
+                ("CASD_API__LISTEN", "0.0.0.0:9000"),
+                ("CASD_EMMG__WORKERS", "7"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.api.listen.port(), 9000);
+        assert_eq!(c.emmg.workers, 7);
+        let c = parse(MIN, &[("CASD_DATABASE_URL", "mysql://a:b@h:1/x")]).unwrap();
+        assert_eq!(c.database.url.expose(), "mysql://a:b@h:1/x");
+        let err = parse(MIN, &[("CASD_EMMG__WORKRS", "7")]).unwrap_err();
+        assert!(err.to_string().contains("emmg"), "{err}");
+        assert!(err.to_string().contains("workrs"), "{err}");
+    }
+
+    #[test]
+    fn missing_database_is_named() {
+        let err = parse("[api]\nplain_http = true\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("database"), "{err}");
+    }
+
+    #[test]
+    fn plain_http_must_be_explicit() {
+        let err = parse("[database]\nurl = \"mysql://u:pw@h/d\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("api.plain_http"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = parse(MIN, &[]).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("pw"), "{dbg}");
+        assert_eq!(c.database_display(), "mysql://u@127.0.0.1:3306/casd");
+        let err = parse(
+            "[database]\nurl = \"mysql://u:topsecret@h:notaport/d\"\n[api]\nplain_http=true\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("topsecret"), "{err}");
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../casd.example.toml");
+        let c = parse(text, &[]).unwrap();
+        assert_eq!(c.roles.len(), 5);
+    }
+}

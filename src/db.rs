@@ -1,0 +1,277 @@
+//! The database boundary: the mysql_async pool and the migrations runner.
+//!
+//! Every role gets a [`Db`] (a cheap clone of one pool). Migrations are SQL
+//! files under `migrations/`, embedded at build time and listed in
+//! [`MIGRATIONS`]; they are applied in order under a named server lock
+//! (`GET_LOCK`, scoped to the database) so two processes starting at once
+//! never apply one twice, and each applied file is recorded with its checksum
+//! in `schema_migrations` — a file edited after it was applied stops start-up.
+
+use std::time::Duration;
+
+use mysql_async::prelude::*;
+use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts};
+use sha2::{Digest, Sha256};
+
+/// Errors at the database boundary. The URL (with its password) never
+/// appears in them.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database unreachable: {0}")]
+    Unreachable(String),
+    #[error("database error: {0}")]
+    Query(#[from] mysql_async::Error),
+    #[error("migration {version:04} ({name}): {message}")]
+    Migration {
+        version: u32,
+        name: &'static str,
+        message: String,
+    },
+}
+
+impl DbError {
+    /// True when the error means "the database is not there right now"
+    /// (connection refused/reset, pool timeout), as opposed to a bad query:
+    /// callers map it to 503 and retry.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Unreachable(_) => true,
+            DbError::Query(e) => is_unavailable(e),
+            DbError::Migration { .. } => false,
+        }
+    }
+}
+
+/// See [`DbError::is_unavailable`].
+pub fn is_unavailable(e: &mysql_async::Error) -> bool {
+    match e {
+        mysql_async::Error::Io(_) | mysql_async::Error::Driver(_) => true,
+        // 1040 too many connections, 1053 shutdown in progress, 2006/2013 gone away / lost
+        mysql_async::Error::Server(s) => matches!(s.code, 1040 | 1053 | 2006 | 2013 | 1927),
+        _ => false,
+    }
+}
+
+/// One embedded migration file.
+pub struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every migration, in order. A test checks this list against `migrations/`.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "init",
+    sql: include_str!("../migrations/0001_init.sql"),
+}];
+
+/// A handle on the database: one pool, cloned into every role.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    display: String,
+    connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("at", &self.display).finish()
+    }
+}
+
+impl Db {
+    /// Builds the pool. No connection is made until first use; call
+    /// [`Db::ping`] to check reachability.
+    pub fn new(url: &str, pool_max: usize, connect_timeout: Duration) -> Result<Db, DbError> {
+        let opts = Opts::from_url(url)
+            .map_err(|_| DbError::Unreachable("database URL is not a valid mysql:// URL".into()))?;
+        let constraints = PoolConstraints::new(0, pool_max.max(1))
+            .ok_or_else(|| DbError::Unreachable("bad pool size".into()))?;
+        let builder = OptsBuilder::from_opts(opts)
+            .pool_opts(PoolOpts::default().with_constraints(constraints))
+            // Keep the server's time zone out of our DATETIMEs: all UTC.
+            .init(vec!["SET time_zone = '+00:00'"])
+            .tcp_nodelay(true)
+            .stmt_cache_size(256);
+        Ok(Db {
+            pool: Pool::new(builder),
+            display: crate::config::redact_url(url),
+            connect_timeout,
+        })
+    }
+
+    /// Where the database is, password removed.
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// A pooled connection, or `Unreachable` after the connect timeout.
+    pub async fn conn(&self) -> Result<Conn, DbError> {
+        match tokio::time::timeout(self.connect_timeout, self.pool.get_conn()).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(DbError::Unreachable(e.to_string())),
+            Err(_) => Err(DbError::Unreachable(format!(
+                "no connection within {} s",
+                self.connect_timeout.as_secs()
+            ))),
+        }
+    }
+
+    /// `SELECT 1` round trip.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        let mut c = self.conn().await?;
+        let _: Option<u8> = c
+            .query_first("SELECT 1")
+            .await
+            .map_err(|e| DbError::Unreachable(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Applies every pending migration; returns the versions applied now.
+    pub async fn migrate(&self) -> Result<Vec<u32>, DbError> {
+        let mut c = self.conn().await?;
+        let got: Option<Option<i64>> = c
+            .query_first("SELECT GET_LOCK(CONCAT('casd.migrate.', DATABASE()), 120)")
+            .await?;
+        if got.flatten() != Some(1) {
+            return Err(DbError::Unreachable(
+                "could not take the migration lock within 120 s".into(),
+            ));
+        }
+        let result = apply_pending(&mut c).await;
+        // Released explicitly; also released if the connection dies.
+        let _: Option<Option<i64>> = c
+            .query_first("SELECT RELEASE_LOCK(CONCAT('casd.migrate.', DATABASE()))")
+            .await?;
+        result
+    }
+
+    /// True when every embedded migration is recorded as applied.
+    pub async fn migrations_current(&self) -> Result<bool, DbError> {
+        let mut c = self.conn().await?;
+        let n: Option<u64> = c
+            .query_first("SELECT COUNT(*) FROM schema_migrations")
+            .await
+            .or_else(|e| match e {
+                mysql_async::Error::Server(ref s) if s.code == 1146 => Ok(Some(0)),
+                e => Err(e),
+            })?;
+        Ok(n.unwrap_or(0) as usize >= MIGRATIONS.len())
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(self) {
+        let _ = self.pool.disconnect().await;
+    }
+}
+
+fn checksum(sql: &str) -> Vec<u8> {
+    Sha256::digest(sql.as_bytes()).to_vec()
+}
+
+async fn apply_pending(c: &mut Conn) -> Result<Vec<u32>, DbError> {
+    c.query_drop(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version INT UNSIGNED NOT NULL PRIMARY KEY,
+            name VARCHAR(128) NOT NULL,
+            checksum BINARY(32) NOT NULL,
+            applied_at DATETIME(6) NOT NULL
+        ) ENGINE=InnoDB",
+    )
+    .await?;
+    let applied: Vec<(u32, Vec<u8>)> = c
+        .query("SELECT version, checksum FROM schema_migrations ORDER BY version")
+        .await?;
+    let mut done = Vec::new();
+    for m in MIGRATIONS {
+        if let Some((_, sum)) = applied.iter().find(|(v, _)| *v == m.version) {
+            if *sum != checksum(m.sql) {
+                return Err(DbError::Migration {
+                    version: m.version,
+                    name: m.name,
+                    message: "file changed after it was applied; add a new migration instead"
+                        .into(),
+                });
+            }
+            continue;
+        }
+        for stmt in split_statements(m.sql) {
+            c.query_drop(stmt).await.map_err(|e| DbError::Migration {
+                version: m.version,
+                name: m.name,
+                message: e.to_string(),
+            })?;
+        }
+        c.exec_drop(
+            "INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (?, ?, ?, UTC_TIMESTAMP(6))",
+            (m.version, m.name, checksum(m.sql)),
+        )
+        .await?;
+        done.push(m.version);
+    }
+    Ok(done)
+}
+
+/// Splits a migration file into statements: `--` comment lines dropped,
+/// statements end with `;` at the end of a line. Migration files must not
+/// put `;` at a line end inside a string literal.
+pub fn split_statements(sql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in sql.lines() {
+        let t = line.trim();
+        if t.starts_with("--") || t.is_empty() {
+            continue;
+        }
+        cur.push_str(line);
+        cur.push('\n');
+        if t.ends_with(';') {
+            let s = cur.trim().trim_end_matches(';').trim().to_owned();
+            if !s.is_empty() {
+                out.push(s);
+            }
+            cur.clear();
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur.trim().to_owned());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_migration_file_is_listed_in_order() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let listed: Vec<String> = MIGRATIONS
+            .iter()
+            .map(|m| format!("{:04}_{}.sql", m.version, m.name))
+            .collect();
+        assert_eq!(files, listed);
+    }
+
+    #[test]
+    fn splitter_drops_comments_and_splits() {
+        let s = split_statements(
+            "-- c\nCREATE TABLE a (x INT); \n\n-- d\nCREATE TABLE b (\n y INT\n);\n",
+        );
+        assert_eq!(
+            s,
+            vec!["CREATE TABLE a (x INT)", "CREATE TABLE b (\n y INT\n)"]
+        );
+    }
+}
