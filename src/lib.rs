@@ -2,7 +2,9 @@
 //! casd: the conditional-access headend daemon library. See ARCHITECTURE.md
 //! for the map; each module's doc says what it does and does not know.
 
+pub mod api_error;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod db;
