@@ -1,0 +1,37 @@
+#![forbid(unsafe_code)]
+//! DVB/MPEG-2 carousel for casd: everything between "here are some EMM
+//! sections" and "UDP datagrams leave the box at the configured bitrate".
+//!
+//! Vocabulary follows ISO/IEC 13818-1 (MPEG-2 Systems) and the casd wire
+//! contract (`shared/spec/emm-wire-format.md` §3, §5). The crate does not
+//! know what is inside an EMM: an EMM is an id, a class, a `not_after` and
+//! opaque section bytes.
+//!
+//! Layers, bottom up (all pure, no tokio, except [`player`]):
+//! - [`crc`] — CRC-32/MPEG-2.
+//! - [`section`] — long-syntax private sections — build and zero-copy parse.
+//! - [`cat`] — the Conditional Access Table with its CA_descriptor.
+//! - [`ts`] — 188-byte transport stream packets, [`ts::Packetizer`] and
+//!   [`ts::Depacketizer`].
+//! - [`schedule`] — the carousel (fast lane, classes, cycles, expiry).
+//! - [`pacing`] — bytes due from a monotonic clock and a bitrate.
+//! - [`mux`] — EMM packets + CAT + null packets → datagrams (optional RTP).
+//! - [`output`] — where datagrams go (memory for tests, UDP).
+//! - [`player`] — the tokio play-out runner, one per output.
+//!
+//! See `docs/carousel.md` for the design and measured figures.
+
+pub mod cat;
+pub mod crc;
+pub mod mux;
+pub mod output;
+pub mod pacing;
+pub mod player;
+pub mod schedule;
+pub mod section;
+pub mod ts;
+
+pub use cat::{build_cat, CaDescriptor, Cat};
+
+pub use section::{LongHeader, Section, SectionError, TableId};
+pub use ts::{Depacketizer, Event, PacketRef, Packetizer, Pid, StreamError};
