@@ -23,6 +23,12 @@ pub struct Shared {
     pub db: Db,
     pub readiness: Readiness,
     pub shutdown: CancellationToken,
+    /// Rung by the SMS-CAS interface after it commits a work item, so an
+    /// EMMG in this process picks it up at once instead of at its next poll.
+    pub work_ready: std::sync::Arc<tokio::sync::Notify>,
+    /// Rung by the EMMG (and Scheduler) after committing carousel changes,
+    /// so a Cycler in this process reads `carousel_events` at once.
+    pub emms_ready: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// How long roles get to finish in-flight work after shutdown is asked.
@@ -64,6 +70,8 @@ pub async fn run(
         db: db.clone(),
         readiness: readiness.clone(),
         shutdown: shutdown.clone(),
+        work_ready: Default::default(),
+        emms_ready: Default::default(),
     };
 
     let mut router: Router = http::health_routes(db.clone(), readiness.clone());
