@@ -1,2 +1,3 @@
 #![forbid(unsafe_code)]
 //! casd: the conditional-access headend daemon library.
+pub mod crypto;
