@@ -7,6 +7,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod db;
 pub mod http;
 pub mod shutdown;
