@@ -10,5 +10,6 @@ pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod http;
+pub mod keystore;
 pub mod shutdown;
 pub mod testing;
