@@ -177,13 +177,16 @@ pub fn root_fingerprint(root: &Key128) -> [u8; 8] {
     out
 }
 
+/// Unsealed keys by (family, version); entries zeroize when dropped.
+type KeyCache = HashMap<(KeyKind, u32), Arc<Key128>>;
+
 /// The only holder of unsealed key material (besides the Encryptor that
 /// owns it). Cheap to clone.
 #[derive(Clone)]
 pub struct KeyStore {
     db: Db,
     root: Arc<Root>,
-    cache: Arc<Mutex<HashMap<(KeyKind, u32), Arc<Key128>>>>,
+    cache: Arc<Mutex<KeyCache>>,
 }
 
 impl std::fmt::Debug for KeyStore {
