@@ -227,6 +227,39 @@ impl KeyStore {
         }
     }
 
+    /// Opens the store with `root`, working out the root's generation from
+    /// the rows it sealed (1 for an empty store). Refuses a root that opens
+    /// none of the existing rows.
+    pub async fn open(db: Db, root: Key128) -> Result<KeyStore, KeyStoreError> {
+        let fp = root_fingerprint(&root);
+        let mut c = db.conn().await?;
+        let mine: Option<(u64, Vec<u8>)> = c
+            .exec_first(
+                "SELECT id, sealed FROM `keys` WHERE root_key_id = ? ORDER BY id DESC LIMIT 1",
+                (&fp[..],),
+            )
+            .await?;
+        let any: Option<u64> = c
+            .query_first("SELECT id FROM `keys` ORDER BY id DESC LIMIT 1")
+            .await?;
+        drop(c);
+        let version = match (mine, any) {
+            (Some((id, blob)), _) => {
+                crypto::open_key_at_rest(&root, id, &blob)
+                    .map_err(|_| KeyStoreError::WrongRoot { id })?
+                    .root_version
+            }
+            (None, Some(id)) => return Err(KeyStoreError::WrongRoot { id }),
+            (None, None) => 1,
+        };
+        Ok(KeyStore::new(db, root, version))
+    }
+
+    /// The root key's generation.
+    pub fn root_version(&self) -> u32 {
+        self.root.version
+    }
+
     pub fn db(&self) -> &Db {
         &self.db
     }

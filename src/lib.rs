@@ -9,6 +9,8 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod emm;
+pub mod encryptor;
 pub mod http;
 pub mod keystore;
 pub mod shutdown;
