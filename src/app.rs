@@ -175,11 +175,26 @@ pub async fn run(
 type RoleTask = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
 
 /// Starts one role: its routes (if it serves any) and its background task.
+/// Roles without a task are ready at once; a role with a task marks itself
+/// ready when it is (the Cycler after loading the carousel).
 async fn start_role(
     role: Role,
     shared: &Shared,
 ) -> anyhow::Result<(Option<Router>, Option<RoleTask>)> {
-    // Roles are wired in as they are built; until then a role only reports ready.
-    shared.readiness.started(role);
-    Ok((None, None))
+    match role {
+        Role::Encryptor => {
+            let enc = shared
+                .encryptor
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("encryptor role without a key store"))?;
+            shared.readiness.started(role);
+            Ok((Some(crate::encryptor::routes(enc)), None))
+        }
+        Role::Cycler => Ok((None, Some(Box::pin(crate::cycler::run(shared.clone()))))),
+        // Roles are wired in as they are built; until then a role only reports ready.
+        _ => {
+            shared.readiness.started(role);
+            Ok((None, None))
+        }
+    }
 }
