@@ -137,6 +137,7 @@ pub async fn run(
     }
 
     let server = tokio::spawn(http::serve(listener, router, shutdown.clone()));
+    let watchdog = start_watchdog(readiness.clone(), shutdown.clone());
 
     // A role task that fails brings the process down (systemd restarts it);
     // otherwise we wait for the shutdown signal.
@@ -165,11 +166,53 @@ pub async fn run(
         tracing::warn!("roles did not finish within {DRAIN_TIMEOUT:?}; stopping anyway");
     }
     db.close().await;
+    if let Some(w) = watchdog {
+        let _ = w.stopping();
+    }
     tracing::info!("stopped");
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// systemd integration when run under `Type=notify` (NOTIFY_SOCKET set):
+/// READY=1 once every role reports ready, WATCHDOG=1 at half the
+/// configured interval from the runtime (a stalled runtime stops the pings
+/// and systemd restarts the process), STOPPING=1 at shutdown.
+fn start_watchdog(
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> Option<std::sync::Arc<dyn hw::Watchdog>> {
+    let wd: std::sync::Arc<dyn hw::Watchdog> = match hw::watchdog::SystemdWatchdog::from_env() {
+        Ok(Some(w)) => std::sync::Arc::new(w),
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!("systemd notify socket unusable: {e}");
+            return None;
+        }
+    };
+    let w = wd.clone();
+    tokio::spawn(async move {
+        let tick = w
+            .ping_interval()
+            .map(|i| i / 2)
+            .unwrap_or(Duration::from_secs(5));
+        let mut ready_sent = false;
+        loop {
+            if !ready_sent && readiness.pending().is_empty() {
+                ready_sent = w.ready().is_ok();
+            }
+            if w.ping_interval().is_some() {
+                let _ = w.ping();
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(if ready_sent { tick } else { tick.min(Duration::from_millis(200)) }) => {}
+            }
+        }
+    });
+    Some(wd)
 }
 
 type RoleTask = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
