@@ -89,7 +89,7 @@ async fn raw_loop(dur: Duration) -> u64 {
             if tx.send(&d).await.is_ok() {
                 sent += 1;
             }
-            if sent % 64 == 0 {
+            if sent.is_multiple_of(64) {
                 tokio::task::yield_now().await;
             }
         }
