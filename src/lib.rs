@@ -15,5 +15,6 @@ pub mod encryptor;
 pub mod http;
 pub mod jsonlog;
 pub mod keystore;
+pub mod receiver;
 pub mod shutdown;
 pub mod testing;
