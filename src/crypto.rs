@@ -256,6 +256,19 @@ fn derive_emm_okm(address_root: &Key128, table_id: u8, address: &[u8]) -> Zeroiz
     okm
 }
 
+/// KDF label of key fingerprints.
+pub const LABEL_FINGERPRINT: &[u8] = b"CAS-KEY-FINGERPRINT";
+
+/// A public, one-way identifier of a key (e.g. to check that the root key
+/// in the key file is the one that sealed the `keys` rows): 16 lowercase hex
+/// digits of `KDF(key, "CAS-KEY-FINGERPRINT", empty context, L = 64)`.
+pub fn key_fingerprint(key: &Key128) -> String {
+    let mut out = [0u8; 8];
+    let prf = <Cmac<Aes128> as KeyInit>::new(GenericArray::from_slice(key.expose()));
+    kdf_with_prf(&prf, LABEL_FINGERPRINT, &[], 64, &mut out);
+    hex::encode(out)
+}
+
 // ---------------------------------------------------------------------------
 // Errors
 // ---------------------------------------------------------------------------
@@ -908,6 +921,18 @@ mod tests {
         let s = format!("{k:?}");
         assert_eq!(s, "Key128(<redacted>)");
         assert!(!s.to_lowercase().contains("ab"));
+    }
+
+    #[test]
+    fn fingerprint_is_stable_and_distinct() {
+        let a = Key128::from_bytes([1; 16]);
+        let fa = key_fingerprint(&a);
+        assert_eq!(fa.len(), 16);
+        assert_eq!(fa, key_fingerprint(&a.clone()));
+        assert_ne!(fa, key_fingerprint(&Key128::from_bytes([2; 16])));
+        let mut expect = [0u8; 8];
+        kdf_ctr_cmac(&a, LABEL_FINGERPRINT, &[], &mut expect).unwrap();
+        assert_eq!(fa, hex::encode(expect));
     }
 
     #[test]
