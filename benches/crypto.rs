@@ -159,8 +159,10 @@ fn cpu_time_report() {
 fn main() {
     crypto_benches();
     Criterion::default().configure_from_args().final_summary();
-    // `cargo test --benches` runs this binary in test mode: skip the report.
-    if !std::env::args().any(|a| a == "--test" || a == "--list") {
+    // Only under `cargo bench` (which passes `--bench`); `cargo test
+    // --benches` runs each benchmark once and skips the report.
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--list") {
         cpu_time_report();
     }
 }
