@@ -61,14 +61,8 @@ pub const MAX_SECTION_BYTES_LIMIT: usize = 4096;
 /// Length of a key sealed at rest (§4 and `docs/format.md`): 8 + 8 + 37 + 16 + 16 + 4.
 pub const AT_REST_BLOB_LEN: usize = SECTION_OVERHEAD + 8 + KEY_LEN;
 
-/// CRC-32/MPEG-2 (poly 0x04C11DB7, init 0xFFFFFFFF, no reflection, no final xor).
-const CRC32_MPEG2: crc::Crc<u32, crc::Table<16>> =
-    crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_MPEG_2);
-
-/// CRC-32/MPEG-2 of `bytes` ("123456789" gives 0x0376E6E7).
-pub fn crc32_mpeg2(bytes: &[u8]) -> u32 {
-    CRC32_MPEG2.checksum(bytes)
-}
+/// CRC-32/MPEG-2 of `bytes`: the carousel crate's one CRC engine.
+pub use carousel::crc::crc32_mpeg2;
 
 /// Length of the address (§3.2) that follows the header for `table_id`, or
 /// `None` when casd does not use that table_id.
