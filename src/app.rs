@@ -139,6 +139,10 @@ async fn start_role(
     shared: &Shared,
 ) -> anyhow::Result<(Option<Router>, Option<RoleTask>)> {
     // Roles are wired in as they are built; until then a role only reports ready.
+    let routes = match role {
+        Role::Sms => Some(crate::sms::routes(shared.clone())),
+        _ => None,
+    };
     shared.readiness.started(role);
-    Ok((None, None))
+    Ok((routes, None))
 }

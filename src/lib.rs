@@ -9,5 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod http;
+pub mod reqlog;
 pub mod shutdown;
+pub mod sms;
 pub mod testing;
