@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Role};
 use crate::db::Db;
+use crate::encryptor::{Encryptor, LocalEncryptor};
 use crate::http::{self, Readiness};
+use crate::keystore::KeyStore;
 
 /// Everything a role needs from the process it runs in.
 #[derive(Clone)]
@@ -29,6 +31,10 @@ pub struct Shared {
     /// Rung by the EMMG (and Scheduler) after committing carousel changes,
     /// so a Cycler in this process reads `carousel_events` at once.
     pub emms_ready: std::sync::Arc<tokio::sync::Notify>,
+    /// The Encryptor the EMMG and Scheduler call: local when the encryptor
+    /// role runs in this process, remote otherwise; `None` when no role here
+    /// needs one.
+    pub encryptor: Option<std::sync::Arc<dyn Encryptor>>,
 }
 
 /// How long roles get to finish in-flight work after shutdown is asked.
@@ -50,6 +56,28 @@ pub async fn open_db(cfg: &Config) -> anyhow::Result<Db> {
     Ok(db)
 }
 
+/// Loads the root key from the configured key source and opens the key
+/// store; creates PMK v1 / GLK v1 on a fresh store.
+pub async fn open_keystore(cfg: &Config, db: &Db) -> anyhow::Result<KeyStore> {
+    use hw::key_source::{FileKeySource, KeySource};
+    let source = FileKeySource::load(&cfg.keys.root_key_file)
+        .map_err(|e| anyhow::anyhow!("{e} (keys.root_key_file; `casd keys init` creates it)"))?;
+    let root = source.root_key().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ks = KeyStore::open(db.clone(), crate::crypto::Key128::from_bytes(*root))
+        .await
+        .context("opening the key store")?;
+    let created = ks.init().await.context("initialising the key store")?;
+    for k in created {
+        tracing::info!(kind = %k, "created first key version");
+    }
+    Ok(ks)
+}
+
+async fn open_local_encryptor(cfg: &Config, db: &Db) -> anyhow::Result<LocalEncryptor> {
+    let ks = open_keystore(cfg, db).await?;
+    Ok(LocalEncryptor::new(ks, cfg.cas.max_section_bytes))
+}
+
 /// Runs `roles` until `shutdown` is cancelled.
 pub async fn run(
     cfg: Config,
@@ -65,6 +93,18 @@ pub async fn run(
         }
     }
     let readiness = Readiness::new(&roles);
+    let local_encryptor = if roles.contains(&Role::Encryptor) {
+        Some(open_local_encryptor(&cfg, &db).await?)
+    } else {
+        None
+    };
+    let encryptor: Option<std::sync::Arc<dyn Encryptor>> = match &local_encryptor {
+        Some(l) => Some(std::sync::Arc::new(l.clone())),
+        None if roles.contains(&Role::Emmg) || roles.contains(&Role::Scheduler) => {
+            anyhow::bail!("the emmg and scheduler roles need the encryptor role in the same process (remote encryptor not configured)")
+        }
+        None => None,
+    };
     let shared = Shared {
         cfg: std::sync::Arc::new(cfg),
         db: db.clone(),
@@ -72,6 +112,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         work_ready: Default::default(),
         emms_ready: Default::default(),
+        encryptor,
     };
 
     let mut router: Router = http::health_routes(db.clone(), readiness.clone());

@@ -406,7 +406,7 @@ async fn get_device(
             message: "`device_id` must be an integer in 1..=9007199254740991 (2^53-1)".into(),
         };
         let n: u64 = id.parse().map_err(|_| bad())?;
-        let d = DeviceId::new(n).ok_or_else(bad)?;
+        let d = DeviceId::new(n).map_err(|_| bad())?;
         store::device_status(&st.shared.db, d.get())
             .await?
             .ok_or_else(|| SmsError::UnknownDevice(d.get()).into())

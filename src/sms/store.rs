@@ -157,6 +157,11 @@ async fn try_accept(
     sha: &[u8; 32],
 ) -> Result<Step, SmsError> {
     let now = OffsetDateTime::now_utc();
+    // Read before the transaction: a key-metadata read needs no lock.
+    let pmk_version = match req.command {
+        Command::AddDevice { .. } => active_pmk_version(conn).await?,
+        _ => 1,
+    };
     let mut opts = TxOpts::default();
     opts.with_isolation_level(IsolationLevel::ReadCommitted);
     let mut tx = conn.start_transaction(opts).await?;
@@ -196,7 +201,7 @@ async fn try_accept(
         }
         Err(e) => return Err(e.into()),
     }
-    let work = match apply(&mut tx, &req.command, now).await? {
+    let work = match apply(&mut tx, &req.command, now, pmk_version).await? {
         Change::Work(w) => w,
         Change::Refused(refusal) => {
             tx.rollback().await?;
@@ -260,16 +265,15 @@ async fn require_enabled(
     })
 }
 
-/// The PMK version new devices' DUKs derive from.
-///
-/// INTERIM: reads the version column of `keys` directly (never the sealed
-/// bytes) until the keystore exposes its active PMK version; 1 when no PMK
-/// exists yet (a fresh database before `casd keys init`).
-async fn active_pmk_version(tx: &mut Transaction<'_>) -> Result<u32, SmsError> {
-    let v: Option<Option<u32>> = tx
-        .query_first("SELECT MAX(version) FROM `keys` WHERE kind = 'pmk' AND state = 'active'")
-        .await?;
-    Ok(v.flatten().unwrap_or(1))
+/// The PMK version new devices' DUKs derive from: the key store's current
+/// PMK (metadata only, never key bytes); 1 on a store without any PMK yet
+/// (a database the Encryptor has not initialised).
+async fn active_pmk_version(conn: &mut Conn) -> Result<u32, SmsError> {
+    let now = OffsetDateTime::now_utc()
+        .unix_timestamp()
+        .clamp(0, u32::MAX as i64) as u32;
+    let meta = crate::keystore::current_meta(conn, crate::keystore::KeyKind::Pmk, now).await?;
+    Ok(meta.map(|m| m.version).unwrap_or(1))
 }
 
 /// Gives `device_id` the lowest free (group_id, slot). Slots locked by
@@ -334,6 +338,7 @@ async fn apply(
     tx: &mut Transaction<'_>,
     cmd: &Command,
     now: OffsetDateTime,
+    pmk_version: u32,
 ) -> Result<Change, SmsError> {
     let now_v = || db_time(now);
     let now_unix = now.unix_timestamp().clamp(0, u32::MAX as i64) as u32;
@@ -370,7 +375,7 @@ async fn apply(
                     }
                 }
                 None => {
-                    let pmk = active_pmk_version(tx).await?;
+                    let pmk = pmk_version;
                     let (g, s) = match allocate_slot(tx, id).await {
                         Ok(Some(gs)) => gs,
                         Ok(None) => return Ok(Change::NeedGroup),

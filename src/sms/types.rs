@@ -19,39 +19,9 @@ use sha2::{Digest, Sha256};
 
 use super::error::SmsError;
 
-/// Smartcard / chipset serial, 1 ..= 2^53-1 (emm-wire-format.md §1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "u64", into = "u64")]
-pub struct DeviceId(u64);
-
-impl DeviceId {
-    pub const MAX: u64 = (1 << 53) - 1;
-    pub fn new(v: u64) -> Option<DeviceId> {
-        (1..=Self::MAX).contains(&v).then_some(DeviceId(v))
-    }
-    pub fn get(self) -> u64 {
-        self.0
-    }
-}
-
-impl TryFrom<u64> for DeviceId {
-    type Error = String;
-    fn try_from(v: u64) -> Result<Self, Self::Error> {
-        DeviceId::new(v).ok_or_else(|| format!("device_id {v} out of 1..=2^53-1"))
-    }
-}
-
-impl From<DeviceId> for u64 {
-    fn from(d: DeviceId) -> u64 {
-        d.0
-    }
-}
-
-impl std::fmt::Display for DeviceId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
+/// Smartcard / chipset serial, 1 ..= 2^53-1 (emm-wire-format.md §1): the
+/// EMM layer's own type.
+pub use crate::emm::DeviceId;
 
 /// A sellable package, >= 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -410,7 +380,7 @@ impl Fields {
             },
             e => e,
         })?;
-        DeviceId::new(n).ok_or(SmsError::OutOfRange {
+        DeviceId::new(n).map_err(|_| SmsError::OutOfRange {
             field: name,
             message: format!("`{name}` must be an integer in 1..=9007199254740991 (2^53-1)"),
         })
@@ -635,7 +605,7 @@ mod tests {
         assert_eq!(
             r.command,
             Command::AddDevice {
-                device_id: DeviceId(42)
+                device_id: DeviceId::new(42).unwrap()
             }
         );
         let r = p(
@@ -646,7 +616,7 @@ mod tests {
         assert_eq!(
             r.command,
             Command::AddEntitlement {
-                device_id: DeviceId(1),
+                device_id: DeviceId::new(1).unwrap(),
                 product_id: ProductId(7),
                 start: UnixTime(1704067200),
                 end: UnixTime(1735689600)
@@ -901,7 +871,10 @@ mod tests {
     fn osm_length_bound_is_exact() {
         // 256-byte sections: global 169, unique 161, group 133 bytes of text.
         assert_eq!(max_osm_text_len(256, Target::All), 169);
-        assert_eq!(max_osm_text_len(256, Target::Device(DeviceId(1))), 161);
+        assert_eq!(
+            max_osm_text_len(256, Target::Device(DeviceId::new(1).unwrap())),
+            161
+        );
         assert_eq!(max_osm_text_len(256, Target::Group(GroupId(1))), 133);
         let ok = format!(
             r#"{{"transaction_id":"t","all":true,"text":"{}","duration_s":1}}"#,

@@ -30,6 +30,7 @@ pub fn shared_for(cfg: Config, db: Db) -> Shared {
         shutdown: CancellationToken::new(),
         work_ready: Default::default(),
         emms_ready: Default::default(),
+        encryptor: None,
     }
 }
 
