@@ -180,10 +180,11 @@ async fn start_role(
     shared: &Shared,
 ) -> anyhow::Result<(Option<Router>, Option<RoleTask>)> {
     // Roles are wired in as they are built; until then a role only reports ready.
-    let routes = match role {
-        Role::Sms => Some(crate::sms::routes(shared.clone())),
-        _ => None,
+    let (routes, task): (Option<Router>, Option<RoleTask>) = match role {
+        Role::Sms => (Some(crate::sms::routes(shared.clone())), None),
+        Role::Emmg => (None, Some(Box::pin(crate::emmg::run(shared.clone())))),
+        _ => (None, None),
     };
     shared.readiness.started(role);
-    Ok((routes, None))
+    Ok((routes, task))
 }

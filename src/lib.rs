@@ -10,6 +10,7 @@ pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod emm;
+pub mod emmg;
 pub mod encryptor;
 pub mod http;
 pub mod keystore;

@@ -605,6 +605,12 @@ pub async fn request_status(
             (id,),
         )
         .await?;
+    let work: Option<(String, u32, Option<String>)> = conn
+        .exec_first(
+            "SELECT state, attempts, last_error FROM work_items WHERE request_id = ? ORDER BY id LIMIT 1",
+            (id,),
+        )
+        .await?;
     let reply: serde_json::Value =
         serde_json::from_str(&response).unwrap_or(serde_json::Value::Null);
     // A replay's row carries the original's reply; point at the original.
@@ -612,9 +618,11 @@ pub async fn request_status(
         .get("request_id")
         .and_then(|v| v.as_u64())
         .filter(|r| *r != id);
+    let failed = work.as_ref().is_some_and(|w| w.0 == "failed");
     let status = match (status_code, original) {
         (200, Some(_)) => "replayed",
         (200, None) if processed_at.is_some() => "processed",
+        (200, None) if failed => "failed",
         (200, None) => "accepted",
         _ => "refused",
     };
@@ -628,6 +636,9 @@ pub async fn request_status(
         "processed_at": processed_at,
         "emm_ids": emm_ids,
         "response": reply,
+        "work": work.map(|(state, attempts, last_error)| json!({
+            "state": state, "attempts": attempts, "last_error": last_error,
+        })),
     });
     if let Some(o) = original {
         v["original_request_id"] = json!(o);
