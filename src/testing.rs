@@ -199,6 +199,7 @@ pub fn config(db_url: &str, destination: std::net::SocketAddr) -> crate::config:
         std::process::id(),
         rand::random::<u32>()
     ));
+    let _ = std::fs::create_dir_all(&dir);
     let text = format!(
         "[database]\nurl = \"{db_url}\"\nconnect_timeout_s = 2\n\
          [api]\nplain_http = true\nrequest_log = \"{dir}/requests.jsonl\"\n\
