@@ -293,3 +293,9 @@ impl Capture {
         }
     }
 }
+
+/// An `Authorization` header value accepted by the routes in tests and
+/// benches that serve them directly.
+pub fn bench_bearer() -> String {
+    "Bearer dev:bench".to_string()
+}
