@@ -19,7 +19,7 @@
 //! cipher baselines. Without `--bench` it runs a short smoke pass.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use casd::crypto::Key128;
 use casd::emm::{Address, CommandSpec, DeviceId, Entitlement};
