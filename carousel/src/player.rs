@@ -11,7 +11,7 @@
 //! Timing: a player waits until the instant the pacer says the next
 //! datagram is due (or until a command arrives), never for a fixed period,
 //! and then sends every datagram that is due. Two drivers run the same
-//! player core ([`Core`]: commands, schedule, mux, records, counters):
+//! player core (`Core`: commands, schedule, mux, records, counters):
 //!
 //! - **Thread** (outputs whose [`AsyncOutput::into_blocking`] gives a
 //!   blocking [`Output`]: [`AsyncUdpOutput`], [`RealTime`]): a dedicated OS
