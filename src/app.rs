@@ -137,6 +137,7 @@ pub async fn run(
     }
 
     let server = tokio::spawn(http::serve(listener, router, shutdown.clone()));
+    let watchdog = start_watchdog(readiness.clone(), shutdown.clone());
 
     // A role task that fails brings the process down (systemd restarts it);
     // otherwise we wait for the shutdown signal.
@@ -165,6 +166,9 @@ pub async fn run(
         tracing::warn!("roles did not finish within {DRAIN_TIMEOUT:?}; stopping anyway");
     }
     db.close().await;
+    if let Some(w) = watchdog {
+        let _ = w.stopping();
+    }
     tracing::info!("stopped");
     match failure {
         Some(e) => Err(e),
@@ -172,19 +176,76 @@ pub async fn run(
     }
 }
 
+/// systemd integration when run under `Type=notify` (NOTIFY_SOCKET set):
+/// READY=1 once every role reports ready, WATCHDOG=1 at half the
+/// configured interval from the runtime (a stalled runtime stops the pings
+/// and systemd restarts the process), STOPPING=1 at shutdown.
+fn start_watchdog(
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> Option<std::sync::Arc<dyn hw::Watchdog>> {
+    let wd: std::sync::Arc<dyn hw::Watchdog> = match hw::watchdog::SystemdWatchdog::from_env() {
+        Ok(Some(w)) => std::sync::Arc::new(w),
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!("systemd notify socket unusable: {e}");
+            return None;
+        }
+    };
+    let w = wd.clone();
+    tokio::spawn(async move {
+        let tick = w
+            .ping_interval()
+            .map(|i| i / 2)
+            .unwrap_or(Duration::from_secs(5));
+        let mut ready_sent = false;
+        loop {
+            if !ready_sent && readiness.pending().is_empty() {
+                ready_sent = w.ready().is_ok();
+            }
+            if w.ping_interval().is_some() {
+                let _ = w.ping();
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(if ready_sent { tick } else { tick.min(Duration::from_millis(200)) }) => {}
+            }
+        }
+    });
+    Some(wd)
+}
+
 type RoleTask = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
 
 /// Starts one role: its routes (if it serves any) and its background task.
+/// Roles without a task are ready at once; a role with a task marks itself
+/// ready when it is (the Cycler after loading the carousel).
 async fn start_role(
     role: Role,
     shared: &Shared,
 ) -> anyhow::Result<(Option<Router>, Option<RoleTask>)> {
-    // Roles are wired in as they are built; until then a role only reports ready.
-    let (routes, task): (Option<Router>, Option<RoleTask>) = match role {
-        Role::Sms => (Some(crate::sms::routes(shared.clone())), None),
-        Role::Emmg => (None, Some(Box::pin(crate::emmg::run(shared.clone())))),
-        _ => (None, None),
-    };
-    shared.readiness.started(role);
-    Ok((routes, task))
+    match role {
+        Role::Encryptor => {
+            let enc = shared
+                .encryptor
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("encryptor role without a key store"))?;
+            shared.readiness.started(role);
+            Ok((Some(crate::encryptor::routes(enc)), None))
+        }
+        Role::Cycler => Ok((None, Some(Box::pin(crate::cycler::run(shared.clone()))))),
+        Role::Sms => {
+            shared.readiness.started(role);
+            Ok((Some(crate::sms::routes(shared.clone())), None))
+        }
+        Role::Emmg => {
+            shared.readiness.started(role);
+            Ok((None, Some(Box::pin(crate::emmg::run(shared.clone())))))
+        }
+        // Roles are wired in as they are built; until then a role only reports ready.
+        Role::Scheduler => {
+            shared.readiness.started(role);
+            Ok((None, None))
+        }
+    }
 }
