@@ -207,3 +207,5 @@ pub fn probe(args: &[&str]) -> Run {
         .collect();
     Run { out, records }
 }
+
+pub mod headend;
