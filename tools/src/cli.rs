@@ -327,6 +327,7 @@ pub fn capture(
     let count_limit = input.count.unwrap_or(u64::MAX);
     let mut out_err: Option<std::io::Error> = None;
     let mut records: Vec<Value> = Vec::new();
+    // Datagrams synthesised for --write-pcap from a byte stream.
     let mut pcap_ts_index: u64 = 0;
     let mut pcap_group: Vec<u8> = Vec::with_capacity(7 * PACKET_LEN);
     let synth_src: SocketAddrV4 = "127.0.0.1:5501".parse().expect("literal address");
@@ -423,11 +424,13 @@ pub fn capture(
                             if let Some(pc) = rec.pcap.as_mut() {
                                 pcap_group.extend_from_slice(p);
                                 if pcap_group.len() == 7 * PACKET_LEN {
-                                    let t = start_unix + pcap_ts_index as f64 * 1504.0 / synth_rate;
+                                    // A datagram's time is its first packet's.
+                                    let t = start_unix
+                                        + (pcap_ts_index * 7) as f64 * 1504.0 / synth_rate;
                                     pc.datagram(t, synth_src, synth_dst, &pcap_group)?;
                                     pcap_group.clear();
+                                    pcap_ts_index += 1;
                                 }
-                                pcap_ts_index += 1;
                             }
                         }
                     }
@@ -511,7 +514,7 @@ pub fn capture(
     }
     if let Some(pc) = rec.pcap.as_mut() {
         if !pcap_group.is_empty() {
-            let t = start_unix + pcap_ts_index as f64 * 1504.0 / synth_rate;
+            let t = start_unix + (pcap_ts_index * 7) as f64 * 1504.0 / synth_rate;
             pc.datagram(t, synth_src, synth_dst, &pcap_group)?;
         }
     }
