@@ -250,7 +250,7 @@ pub fn compare(
         .iter()
         .filter(|(_, s)| matches!(s.kind, Kind::Emm { .. }))
         .collect();
-    on_air.sort_by_key(|(_, s)| s.first_packet);
+    on_air.sort_by(|(a, x), (b, y)| (x.first_packet, a).cmp(&(y.first_packet, b)));
     let distinct = on_air.len();
     for (bytes, s) in on_air {
         if live.contains_key(bytes.as_ref()) {

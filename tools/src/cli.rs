@@ -400,40 +400,39 @@ pub fn capture(
                     }
                 }
                 ChunkKind::Stream => {
-                    let mut err = None;
+                    let mut err: Option<anyhow::Error> = None;
                     let mut stop = false;
-                    let mut pkts: Vec<[u8; PACKET_LEN]> = Vec::new();
                     resync.push(&c.data, &mut |p| {
-                        let mut a = [0u8; PACKET_LEN];
-                        a.copy_from_slice(p);
-                        pkts.push(a);
-                    });
-                    for p in &pkts {
                         if stop {
-                            break;
+                            return;
                         }
-                        match push(&mut probe, p, None, rec) {
+                        match push(&mut probe, p, None, &mut *rec) {
                             Ok(true) => {}
-                            Ok(false) => stop = true,
+                            Ok(false) => {
+                                stop = true;
+                                return;
+                            }
                             Err(e) => {
                                 err = Some(e);
                                 stop = true;
+                                return;
                             }
                         }
-                        if !stop {
-                            if let Some(pc) = rec.pcap.as_mut() {
-                                pcap_group.extend_from_slice(p);
-                                if pcap_group.len() == 7 * PACKET_LEN {
-                                    // A datagram's time is its first packet's.
-                                    let t = start_unix
-                                        + (pcap_ts_index * 7) as f64 * 1504.0 / synth_rate;
-                                    pc.datagram(t, synth_src, synth_dst, &pcap_group)?;
-                                    pcap_group.clear();
-                                    pcap_ts_index += 1;
+                        if let Some(pc) = rec.pcap.as_mut() {
+                            pcap_group.extend_from_slice(p);
+                            if pcap_group.len() == 7 * PACKET_LEN {
+                                // A datagram's time is its first packet's.
+                                let t =
+                                    start_unix + (pcap_ts_index * 7) as f64 * 1504.0 / synth_rate;
+                                if let Err(e) = pc.datagram(t, synth_src, synth_dst, &pcap_group) {
+                                    err = Some(e);
+                                    stop = true;
                                 }
+                                pcap_group.clear();
+                                pcap_ts_index += 1;
                             }
                         }
-                    }
+                    });
                     if let Some(e) = err {
                         return Err(e);
                     }

@@ -437,13 +437,19 @@ impl Probe {
                     seen.times.push(t);
                 }
             }
-            matches!(
+            let retry = matches!(
                 &seen.kind,
                 Kind::Emm {
                     outcome: Outcome::NoKey(_),
                     ..
                 }
-            ) && seen.keys_generation != generation
+            ) && seen.keys_generation != generation;
+            if !retry && !self.cfg.repeats {
+                // The hot path: a repetition, one hash look-up.
+                count_kind(&mut self.counters, &seen.kind);
+                return;
+            }
+            retry
         } else {
             let kind = self.classify(&s);
             let seen = Seen {
@@ -489,22 +495,8 @@ impl Probe {
     }
 
     fn count_occurrence(&mut self, s: &Bytes) {
-        let Some(seen) = self.sections.get(s) else {
-            return;
-        };
-        let c = &mut self.counters;
-        match &seen.kind {
-            Kind::Cat => c.cat_sections += 1,
-            Kind::Other { .. } => c.other_sections += 1,
-            Kind::Emm { mode, outcome, .. } => {
-                c.emm_sections[mode_index(mode)] += 1;
-                match outcome {
-                    Outcome::NoKey(_) => c.no_key += 1,
-                    Outcome::MacFail(_) => c.mac_errors += 1,
-                    Outcome::Malformed(_) => c.malformed += 1,
-                    Outcome::Opened { .. } => c.opened += 1,
-                }
-            }
+        if let Some(seen) = self.sections.get(s) {
+            count_kind(&mut self.counters, &seen.kind);
         }
     }
 
@@ -739,7 +731,7 @@ impl Probe {
                 emms.push((b, s));
             }
         }
-        emms.sort_by_key(|(_, s)| s.first_packet);
+        emms.sort_by(|(a, x), (b, y)| (x.first_packet, a).cmp(&(y.first_packet, b)));
         let timed = self.first_time.is_some();
         let unit = if timed { "ms" } else { "packets" };
         let cyc = |s: &Seen| -> Value {
@@ -847,6 +839,22 @@ impl Probe {
             "per_emm": per_emm,
             "per_emm_truncated": emms.len() > per_emm_limit,
         })
+    }
+}
+
+fn count_kind(c: &mut Counters, kind: &Kind) {
+    match kind {
+        Kind::Cat => c.cat_sections += 1,
+        Kind::Other { .. } => c.other_sections += 1,
+        Kind::Emm { mode, outcome, .. } => {
+            c.emm_sections[mode_index(mode)] += 1;
+            match outcome {
+                Outcome::NoKey(_) => c.no_key += 1,
+                Outcome::MacFail(_) => c.mac_errors += 1,
+                Outcome::Malformed(_) => c.malformed += 1,
+                Outcome::Opened { .. } => c.opened += 1,
+            }
+        }
     }
 }
 

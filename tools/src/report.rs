@@ -59,7 +59,11 @@ fn command_str(c: &Value) -> String {
             fields.push(format!("{k}: {shown}"));
         }
     }
-    format!("{} {}", ty.to_uppercase(), fields.join(", "))
+    if fields.is_empty() {
+        ty.to_uppercase()
+    } else {
+        format!("{} {}", ty.to_uppercase(), fields.join(", "))
+    }
 }
 
 pub struct Printer<W: Write> {

@@ -38,7 +38,9 @@ fn run(bytes: &[u8], chunk: usize) -> (Probe, Vec<Value>) {
         p.push_packet(x, None, &mut |v| recs.push(v));
     }
     // A packet of the wrong length is counted, not a panic.
-    p.push_packet(&bytes[..bytes.len().min(100)], Some(1.0), &mut |v| recs.push(v));
+    p.push_packet(&bytes[..bytes.len().min(100)], Some(1.0), &mut |v| {
+        recs.push(v)
+    });
     let s = p.summary(true, 10);
     assert_eq!(s["type"], "summary");
     (p, recs)
