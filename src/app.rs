@@ -234,8 +234,16 @@ async fn start_role(
             Ok((Some(crate::encryptor::routes(enc)), None))
         }
         Role::Cycler => Ok((None, Some(Box::pin(crate::cycler::run(shared.clone()))))),
+        Role::Sms => {
+            shared.readiness.started(role);
+            Ok((Some(crate::sms::routes(shared.clone())), None))
+        }
+        Role::Emmg => {
+            shared.readiness.started(role);
+            Ok((None, Some(Box::pin(crate::emmg::run(shared.clone())))))
+        }
         // Roles are wired in as they are built; until then a role only reports ready.
-        _ => {
+        Role::Scheduler => {
             shared.readiness.started(role);
             Ok((None, None))
         }

@@ -17,14 +17,16 @@
 
 use aes::cipher::generic_array::GenericArray;
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit, KeyIvInit, StreamCipher};
-use aes::Aes128;
+use aes::{Aes128Dec, Aes128Enc};
 use cmac::{Cmac, Mac};
 use rand::{CryptoRng, RngCore};
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// AES-128-CTR with the whole 128-bit block as a big-endian counter (§3.3).
-type Aes128Ctr = ctr::Ctr128BE<Aes128>;
+type Aes128Ctr = ctr::Ctr128BE<Aes128Enc>;
+/// AES-128-CMAC (encryption-only key schedule: CMAC never decrypts).
+type Aes128Cmac = Cmac<Aes128Enc>;
 
 /// Length of every key in the hierarchy.
 pub const KEY_LEN: usize = 16;
@@ -59,14 +61,8 @@ pub const MAX_SECTION_BYTES_LIMIT: usize = 4096;
 /// Length of a key sealed at rest (§4 and `docs/format.md`): 8 + 8 + 37 + 16 + 16 + 4.
 pub const AT_REST_BLOB_LEN: usize = SECTION_OVERHEAD + 8 + KEY_LEN;
 
-/// CRC-32/MPEG-2 (poly 0x04C11DB7, init 0xFFFFFFFF, no reflection, no final xor).
-const CRC32_MPEG2: crc::Crc<u32, crc::Table<16>> =
-    crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_MPEG_2);
-
-/// CRC-32/MPEG-2 of `bytes` ("123456789" gives 0x0376E6E7).
-pub fn crc32_mpeg2(bytes: &[u8]) -> u32 {
-    CRC32_MPEG2.checksum(bytes)
-}
+/// CRC-32/MPEG-2 of `bytes`: the carousel crate's one CRC engine.
+pub use carousel::crc::crc32_mpeg2;
 
 /// Length of the address (§3.2) that follows the header for `table_id`, or
 /// `None` when casd does not use that table_id.
@@ -183,7 +179,7 @@ pub fn kdf_ctr_cmac(
         .ok()
         .and_then(|n| n.checked_mul(8))
         .ok_or(KdfLengthError { bytes: out.len() })?;
-    let prf = <Cmac<Aes128> as KeyInit>::new(GenericArray::from_slice(key.expose()));
+    let prf = <Aes128Cmac as KeyInit>::new(GenericArray::from_slice(key.expose()));
     kdf_with_prf(&prf, label, context, l_bits, out);
     Ok(())
 }
@@ -200,7 +196,7 @@ pub fn kdf_ctr_cmac_fixed(
     if out.len() > (u32::MAX as usize) / 8 {
         return Err(KdfLengthError { bytes: out.len() });
     }
-    let prf = <Cmac<Aes128> as KeyInit>::new(GenericArray::from_slice(key.expose()));
+    let prf = <Aes128Cmac as KeyInit>::new(GenericArray::from_slice(key.expose()));
     for (i, chunk) in out.chunks_mut(16).enumerate() {
         let mut m = prf.clone();
         m.update(&(i as u32 + 1).to_be_bytes());
@@ -212,15 +208,33 @@ pub fn kdf_ctr_cmac_fixed(
 }
 
 /// Core of the KDF with an already keyed PRF (the key schedule is done once).
-fn kdf_with_prf(prf: &Cmac<Aes128>, label: &[u8], context: &[u8], l_bits: u32, out: &mut [u8]) {
+fn kdf_with_prf(prf: &Aes128Cmac, label: &[u8], context: &[u8], l_bits: u32, out: &mut [u8]) {
+    // Short inputs (all of casd's) are assembled once on the stack and fed to
+    // CMAC in one update; long ones are streamed.
+    const STACK: usize = 96;
+    let fixed_len = label.len() + 1 + context.len() + 4;
+    let mut buf = [0u8; STACK];
+    let on_stack = 4 + fixed_len <= STACK;
+    if on_stack {
+        buf[4..4 + label.len()].copy_from_slice(label);
+        let c = 4 + label.len() + 1;
+        buf[c..c + context.len()].copy_from_slice(context);
+        buf[c + context.len()..4 + fixed_len].copy_from_slice(&l_bits.to_be_bytes());
+    }
     for (i, chunk) in out.chunks_mut(16).enumerate() {
         let mut m = prf.clone();
         // i < out.len()/16 + 1 <= u32::MAX / 8, so the counter never wraps.
-        m.update(&(i as u32 + 1).to_be_bytes());
-        m.update(label);
-        m.update(&[0x00]);
-        m.update(context);
-        m.update(&l_bits.to_be_bytes());
+        let counter = (i as u32 + 1).to_be_bytes();
+        if on_stack {
+            buf[..4].copy_from_slice(&counter);
+            m.update(&buf[..4 + fixed_len]);
+        } else {
+            m.update(&counter);
+            m.update(label);
+            m.update(&[0x00]);
+            m.update(context);
+            m.update(&l_bits.to_be_bytes());
+        }
         let block = Zeroizing::new(<[u8; 16]>::from(m.finalize().into_bytes()));
         chunk.copy_from_slice(&block[..chunk.len()]);
     }
@@ -229,7 +243,7 @@ fn kdf_with_prf(prf: &Cmac<Aes128>, label: &[u8], context: &[u8], l_bits: u32, o
 /// `DUK(device) = KDF(PMK_v, "CAS-DUK", device_id as u64, L = 128)` (§2).
 pub fn derive_duk(pmk: &Key128, device_id: u64) -> Key128 {
     let mut out = Key128([0u8; KEY_LEN]);
-    let prf = <Cmac<Aes128> as KeyInit>::new(GenericArray::from_slice(pmk.expose()));
+    let prf = <Aes128Cmac as KeyInit>::new(GenericArray::from_slice(pmk.expose()));
     kdf_with_prf(&prf, LABEL_DUK, &device_id.to_be_bytes(), 128, &mut out.0);
     out
 }
@@ -237,11 +251,14 @@ pub fn derive_duk(pmk: &Key128, device_id: u64) -> Key128 {
 /// `K_wrap || K_mac = KDF(address_root, "CAS-EMM-KEK", table_id || address, L = 256)` (§2).
 pub fn derive_emm_keys(address_root: &Key128, table_id: u8, address: &[u8]) -> (Key128, Key128) {
     let okm = derive_emm_okm(address_root, table_id, address);
-    let mut k_wrap = Key128([0u8; KEY_LEN]);
-    let mut k_mac = Key128([0u8; KEY_LEN]);
-    k_wrap.0.copy_from_slice(&okm[..16]);
-    k_mac.0.copy_from_slice(&okm[16..]);
-    (k_wrap, k_mac)
+    (key_from_okm(&okm, 0), key_from_okm(&okm, 16))
+}
+
+/// The 16 bytes of `okm` from `offset` (0 for K_wrap, 16 for K_mac).
+fn key_from_okm(okm: &[u8; 32], offset: usize) -> Key128 {
+    let mut k = Key128([0u8; KEY_LEN]);
+    k.0.copy_from_slice(&okm[offset..offset + KEY_LEN]);
+    k
 }
 
 fn derive_emm_okm(address_root: &Key128, table_id: u8, address: &[u8]) -> Zeroizing<[u8; 32]> {
@@ -251,9 +268,22 @@ fn derive_emm_okm(address_root: &Key128, table_id: u8, address: &[u8]) -> Zeroiz
     let n = address.len().min(MAX_ADDRESS_LEN);
     context[1..1 + n].copy_from_slice(&address[..n]);
     let mut okm = Zeroizing::new([0u8; 32]);
-    let prf = <Cmac<Aes128> as KeyInit>::new(GenericArray::from_slice(address_root.expose()));
+    let prf = <Aes128Cmac as KeyInit>::new(GenericArray::from_slice(address_root.expose()));
     kdf_with_prf(&prf, LABEL_EMM_KEK, &context[..1 + n], 256, &mut okm[..]);
     okm
+}
+
+/// KDF label of key fingerprints.
+pub const LABEL_FINGERPRINT: &[u8] = b"CAS-KEY-FINGERPRINT";
+
+/// A public, one-way identifier of a key (e.g. to check that the root key
+/// in the key file is the one that sealed the `keys` rows): 16 lowercase hex
+/// digits of `KDF(key, "CAS-KEY-FINGERPRINT", empty context, L = 64)`.
+pub fn key_fingerprint(key: &Key128) -> String {
+    let mut out = [0u8; 8];
+    let prf = <Aes128Cmac as KeyInit>::new(GenericArray::from_slice(key.expose()));
+    kdf_with_prf(&prf, LABEL_FINGERPRINT, &[], 64, &mut out);
+    hex::encode(out)
 }
 
 // ---------------------------------------------------------------------------
@@ -365,8 +395,11 @@ pub struct SectionKeys {
     table_id: u8,
     address: [u8; MAX_ADDRESS_LEN],
     address_len: usize,
-    wrap: Aes128,
-    mac: Cmac<Aes128>,
+    /// Raw K_wrap, kept for the decryption key schedule of `open` (sealing
+    /// only encrypts, so it uses the cheaper encryption-only schedule).
+    k_wrap: Key128,
+    wrap: Aes128Enc,
+    mac: Aes128Cmac,
 }
 
 impl core::fmt::Debug for SectionKeys {
@@ -390,14 +423,16 @@ impl SectionKeys {
             });
         }
         let okm = derive_emm_okm(address_root, table_id, address);
-        let wrap = Aes128::new(GenericArray::from_slice(&okm[..16]));
-        let mac = <Cmac<Aes128> as KeyInit>::new(GenericArray::from_slice(&okm[16..]));
+        let k_wrap = key_from_okm(&okm, 0);
+        let wrap = Aes128Enc::new(GenericArray::from_slice(&okm[..16]));
+        let mac = <Aes128Cmac as KeyInit>::new(GenericArray::from_slice(&okm[16..]));
         let mut addr = [0u8; MAX_ADDRESS_LEN];
         addr[..address.len()].copy_from_slice(address);
         Ok(SectionKeys {
             table_id,
             address: addr,
             address_len: address.len(),
+            k_wrap,
             wrap,
             mac,
         })
@@ -567,7 +602,7 @@ impl SectionKeys {
         }
         let mut dek = Key128([0u8; KEY_LEN]);
         dek.0.copy_from_slice(view.wrapped_dek);
-        self.wrap
+        Aes128Dec::new(GenericArray::from_slice(self.k_wrap.expose()))
             .decrypt_block(GenericArray::from_mut_slice(&mut dek.0));
         let mut plaintext = Zeroizing::new(view.ciphertext.to_vec());
         let mut ctr = Aes128Ctr::new(
@@ -815,8 +850,9 @@ fn at_rest_keys(root: &Key128, row_id: u64) -> SectionKeys {
         table_id: TABLE_ID_AT_REST,
         address: addr,
         address_len: 8,
-        wrap: Aes128::new(GenericArray::from_slice(&okm[..16])),
-        mac: <Cmac<Aes128> as KeyInit>::new(GenericArray::from_slice(&okm[16..])),
+        k_wrap: key_from_okm(&okm, 0),
+        wrap: Aes128Enc::new(GenericArray::from_slice(&okm[..16])),
+        mac: <Aes128Cmac as KeyInit>::new(GenericArray::from_slice(&okm[16..])),
     }
 }
 
@@ -908,6 +944,18 @@ mod tests {
         let s = format!("{k:?}");
         assert_eq!(s, "Key128(<redacted>)");
         assert!(!s.to_lowercase().contains("ab"));
+    }
+
+    #[test]
+    fn fingerprint_is_stable_and_distinct() {
+        let a = Key128::from_bytes([1; 16]);
+        let fa = key_fingerprint(&a);
+        assert_eq!(fa.len(), 16);
+        assert_eq!(fa, key_fingerprint(&a.clone()));
+        assert_ne!(fa, key_fingerprint(&Key128::from_bytes([2; 16])));
+        let mut expect = [0u8; 8];
+        kdf_ctr_cmac(&a, LABEL_FINGERPRINT, &[], &mut expect).unwrap();
+        assert_eq!(fa, hex::encode(expect));
     }
 
     #[test]

@@ -289,6 +289,31 @@ impl Follower {
             .query_first("SELECT COALESCE(MAX(id), 0) FROM carousel_events")
             .await?;
         self.watermark = wm.unwrap_or(0);
+        // A transaction still open now may hold an id below the watermark:
+        // every id missing among the events of the last HOLE_TIMEOUT is a
+        // hole to watch (ids older than that window are settled).
+        let settled: Option<u64> = c
+            .exec_first(
+                "SELECT COALESCE(MAX(id), 0) FROM carousel_events WHERE created_at <= UTC_TIMESTAMP(6) - INTERVAL ? SECOND",
+                (HOLE_TIMEOUT.as_secs(),),
+            )
+            .await?;
+        let from = settled.unwrap_or(0) + 1;
+        if from <= self.watermark {
+            let present: Vec<u64> = c
+                .exec(
+                    "SELECT id FROM carousel_events WHERE id >= ? AND id <= ?",
+                    (from, self.watermark),
+                )
+                .await?;
+            let present: std::collections::HashSet<u64> = present.into_iter().collect();
+            let now = Instant::now();
+            for id in from..=self.watermark {
+                if !present.contains(&id) && self.holes.len() < MAX_HOLES {
+                    self.holes.insert(id, now);
+                }
+            }
+        }
         let mut after = 0u64;
         let mut n = 0u64;
         loop {

@@ -199,3 +199,27 @@ async fn on_air_continues_while_the_database_is_away() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_transaction_open_across_the_start_is_not_missed() {
+    let t = TestDb::new().await;
+    let enc = encryptor(&t.db).await;
+    let mut c = t.db.conn().await.unwrap();
+    let (a, sec_a) = seal(&mut c, &enc, "open across start").await;
+    let (b, sec_b) = seal(&mut c, &enc, "committed before start").await;
+    let mut c1 = t.db.conn().await.unwrap();
+    let mut tx1 = c1.start_transaction(Default::default()).await.unwrap();
+    store(&mut tx1, a, &sec_a, "2033-01-01 00:00:00").await;
+    store(&mut c, b, &sec_b, "2033-01-01 00:00:00").await;
+    // The cycler loads now: B's event is above A's, A is invisible.
+    let mut cap = Capture::bind(0x0101).await;
+    let (stop, task, _) = start(&t.url, &cap).await;
+    assert!(cap.until(LIMIT, |s| s == &sec_b[..]).await.is_some());
+    tx1.commit().await.unwrap();
+    assert!(
+        cap.until(LIMIT, |s| s == &sec_a[..]).await.is_some(),
+        "an EMM committed after the load, below the watermark, was never played"
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
