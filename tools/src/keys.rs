@@ -206,6 +206,11 @@ impl KeySet {
             path: p.clone(),
             why: e.to_string(),
         })?;
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            if let Some(vectors) = v.get("vectors").and_then(|x| x.as_array()) {
+                return self.load_vectors(&p, vectors);
+            }
+        }
         let f: KeyFile = serde_json::from_str(&text).map_err(|e| KeyError::File {
             path: p.clone(),
             // serde_json's message names the position and field, not the value.
@@ -233,6 +238,43 @@ impl KeySet {
                 .version
                 .ok_or_else(|| bad(ctx(format!("glk[{i}]")), "version is required"))?;
             self.add_glk(v, parse_key_hex(&ctx(format!("glk[{i}]")), &e.key)?);
+        }
+        Ok(())
+    }
+
+    /// The keys of a test-vector file (`tests/vectors/emm-v1.json`): each
+    /// vector's `keys` object may hold `pmk`+`pmk_version`,
+    /// `duk`+`device_id`, `gk`+`gk_version`+`group_id`, `glk`+`glk_version`
+    /// (other entries, such as the at-rest root key, are ignored).
+    fn load_vectors(&mut self, p: &str, vectors: &[serde_json::Value]) -> Result<(), KeyError> {
+        let num = |k: &serde_json::Value, f: &str| k.get(f).and_then(|x| x.as_u64());
+        for (i, v) in vectors.iter().enumerate() {
+            let Some(k) = v.get("keys") else { continue };
+            let what = |f: &str| format!("key file {p}: vectors[{i}].keys.{f}");
+            let hexkey = |f: &str| -> Result<Option<Key128>, KeyError> {
+                match k.get(f).and_then(|x| x.as_str()) {
+                    Some(h) => parse_key_hex(&what(f), h).map(Some),
+                    None => Ok(None),
+                }
+            };
+            let u32_of = |f: &str| -> Result<u32, KeyError> {
+                num(k, f)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| bad(what(f), "missing or not a u32"))
+            };
+            if let Some(key) = hexkey("pmk")? {
+                self.add_pmk(Some(u32_of("pmk_version")?), key);
+            }
+            if let Some(key) = hexkey("duk")? {
+                let d = num(k, "device_id").ok_or_else(|| bad(what("device_id"), "missing"))?;
+                self.add_duk(d, key);
+            }
+            if let Some(key) = hexkey("gk")? {
+                self.add_gk(u32_of("group_id")?, u32_of("gk_version")?, key);
+            }
+            if let Some(key) = hexkey("glk")? {
+                self.add_glk(u32_of("glk_version")?, key);
+            }
         }
         Ok(())
     }
