@@ -11,3 +11,4 @@ pub mod db;
 pub mod http;
 pub mod shutdown;
 pub mod testing;
+pub mod tls;
