@@ -504,15 +504,16 @@ async fn authenticate_layer(mut req: Request, next: Next) -> Response {
             resp
         }
         Err(e) => {
-            let rate_limited = matches!(e, AuthError::RateLimited(_));
-            let unauthorized = !rate_limited && e != AuthError::Unavailable;
+            // RFC 6750 §3: no error code when no credentials were sent.
+            let challenge = match e {
+                AuthError::Missing => Some("Bearer realm=\"casd\""),
+                AuthError::RateLimited(_) | AuthError::Unavailable => None,
+                _ => Some("Bearer realm=\"casd\", error=\"invalid_token\""),
+            };
             let mut resp = ApiError::from(e).into_response();
-            if unauthorized {
-                // RFC 6750 §3.
-                resp.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"casd\", error=\"invalid_token\""),
-                );
+            if let Some(c) = challenge {
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(c));
             }
             resp
         }
