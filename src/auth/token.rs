@@ -372,6 +372,18 @@ mod tests {
     }
 
     #[test]
+    fn openssl_made_key_is_accepted() {
+        // `openssl genpkey -algorithm ed25519` (a throwaway test key).
+        let pem = "-----BEGIN PRIVATE KEY-----\n\
+                   MC4CAQAwBQYDK2VwBCIEIBaJZHLGPgEulzLAmw7LwhMsICO2LXUmLtDW/gI5Y+HR\n\
+                   -----END PRIVATE KEY-----\n";
+        let k = SigningKey::from_pkcs8_pem(pem).unwrap();
+        assert_eq!(k.kid(), "D6YMUV-ukGEsJ-Zk7VxGCim96eMCpj_vS-NLQ0Xnom4");
+        let (t, _) = k.mint(&settings(), "x", &[Scope::Admin], unix_now());
+        assert!(verify(&t, &public(&k), &settings(), unix_now()).is_ok());
+    }
+
+    #[test]
     fn kid_is_the_rfc7638_thumbprint() {
         // RFC 8037 appendix A.3: the thumbprint of the A.2 public key.
         let x = B64
