@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Role};
 use crate::db::Db;
+use crate::encryptor::{Encryptor, LocalEncryptor};
 use crate::http::{self, Readiness};
+use crate::keystore::KeyStore;
 
 /// Everything a role needs from the process it runs in.
 #[derive(Clone)]
@@ -33,6 +35,10 @@ pub struct Shared {
     /// (every route is already behind it via `auth::protect`; roles use it
     /// for e.g. `auth.settings()`).
     pub auth: crate::auth::Auth,
+    /// The Encryptor the EMMG and Scheduler call: local when the encryptor
+    /// role runs in this process, remote otherwise; `None` when no role here
+    /// needs one.
+    pub encryptor: Option<std::sync::Arc<dyn Encryptor>>,
 }
 
 /// How long roles get to finish in-flight work after shutdown is asked.
@@ -52,6 +58,28 @@ pub async fn open_db(cfg: &Config) -> anyhow::Result<Db> {
         )
     })?;
     Ok(db)
+}
+
+/// Loads the root key from the configured key source and opens the key
+/// store; creates PMK v1 / GLK v1 on a fresh store.
+pub async fn open_keystore(cfg: &Config, db: &Db) -> anyhow::Result<KeyStore> {
+    use hw::key_source::{FileKeySource, KeySource};
+    let source = FileKeySource::load(&cfg.keys.root_key_file)
+        .map_err(|e| anyhow::anyhow!("{e} (keys.root_key_file; `casd keys init` creates it)"))?;
+    let root = source.root_key().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ks = KeyStore::open(db.clone(), crate::crypto::Key128::from_bytes(*root))
+        .await
+        .context("opening the key store")?;
+    let created = ks.init().await.context("initialising the key store")?;
+    for k in created {
+        tracing::info!(kind = %k, "created first key version");
+    }
+    Ok(ks)
+}
+
+async fn open_local_encryptor(cfg: &Config, db: &Db) -> anyhow::Result<LocalEncryptor> {
+    let ks = open_keystore(cfg, db).await?;
+    Ok(LocalEncryptor::new(ks, cfg.cas.max_section_bytes))
 }
 
 /// Runs `roles` until `shutdown` is cancelled.
@@ -87,6 +115,18 @@ pub async fn run(
             tracing::warn!("POST /oauth/token will answer 503 until this is fixed: {e}");
         }
     }
+    let local_encryptor = if roles.contains(&Role::Encryptor) {
+        Some(open_local_encryptor(&cfg, &db).await?)
+    } else {
+        None
+    };
+    let encryptor: Option<std::sync::Arc<dyn Encryptor>> = match &local_encryptor {
+        Some(l) => Some(std::sync::Arc::new(l.clone())),
+        None if roles.contains(&Role::Emmg) || roles.contains(&Role::Scheduler) => {
+            anyhow::bail!("the emmg and scheduler roles need the encryptor role in the same process (remote encryptor not configured)")
+        }
+        None => None,
+    };
     let shared = Shared {
         cfg: std::sync::Arc::new(cfg),
         db: db.clone(),
@@ -95,6 +135,7 @@ pub async fn run(
         work_ready: Default::default(),
         emms_ready: Default::default(),
         auth: auth.clone(),
+        encryptor,
     };
 
     let mut router: Router = http::health_routes(db.clone(), readiness.clone());
@@ -134,6 +175,7 @@ pub async fn run(
         )),
         None => tokio::spawn(http::serve(listener, router, shutdown.clone())),
     };
+    let watchdog = start_watchdog(readiness.clone(), shutdown.clone());
 
     // A role task that fails brings the process down (systemd restarts it);
     // otherwise we wait for the shutdown signal.
@@ -162,6 +204,9 @@ pub async fn run(
         tracing::warn!("roles did not finish within {DRAIN_TIMEOUT:?}; stopping anyway");
     }
     db.close().await;
+    if let Some(w) = watchdog {
+        let _ = w.stopping();
+    }
     tracing::info!("stopped");
     match failure {
         Some(e) => Err(e),
@@ -169,14 +214,68 @@ pub async fn run(
     }
 }
 
+/// systemd integration when run under `Type=notify` (NOTIFY_SOCKET set):
+/// READY=1 once every role reports ready, WATCHDOG=1 at half the
+/// configured interval from the runtime (a stalled runtime stops the pings
+/// and systemd restarts the process), STOPPING=1 at shutdown.
+fn start_watchdog(
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> Option<std::sync::Arc<dyn hw::Watchdog>> {
+    let wd: std::sync::Arc<dyn hw::Watchdog> = match hw::watchdog::SystemdWatchdog::from_env() {
+        Ok(Some(w)) => std::sync::Arc::new(w),
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!("systemd notify socket unusable: {e}");
+            return None;
+        }
+    };
+    let w = wd.clone();
+    tokio::spawn(async move {
+        let tick = w
+            .ping_interval()
+            .map(|i| i / 2)
+            .unwrap_or(Duration::from_secs(5));
+        let mut ready_sent = false;
+        loop {
+            if !ready_sent && readiness.pending().is_empty() {
+                ready_sent = w.ready().is_ok();
+            }
+            if w.ping_interval().is_some() {
+                let _ = w.ping();
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(if ready_sent { tick } else { tick.min(Duration::from_millis(200)) }) => {}
+            }
+        }
+    });
+    Some(wd)
+}
+
 type RoleTask = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
 
 /// Starts one role: its routes (if it serves any) and its background task.
+/// Roles without a task are ready at once; a role with a task marks itself
+/// ready when it is (the Cycler after loading the carousel).
 async fn start_role(
     role: Role,
     shared: &Shared,
 ) -> anyhow::Result<(Option<Router>, Option<RoleTask>)> {
-    // Roles are wired in as they are built; until then a role only reports ready.
-    shared.readiness.started(role);
-    Ok((None, None))
+    match role {
+        Role::Encryptor => {
+            let enc = shared
+                .encryptor
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("encryptor role without a key store"))?;
+            shared.readiness.started(role);
+            Ok((Some(crate::encryptor::routes(enc)), None))
+        }
+        Role::Cycler => Ok((None, Some(Box::pin(crate::cycler::run(shared.clone()))))),
+        // Roles are wired in as they are built; until then a role only reports ready.
+        _ => {
+            shared.readiness.started(role);
+            Ok((None, None))
+        }
+    }
 }

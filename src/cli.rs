@@ -44,6 +44,11 @@ pub enum Command {
     },
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Key store commands (root key file, key versions).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -124,6 +129,26 @@ pub enum AuthCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Create the root key file (mode 0600) if it does not exist, migrate,
+    /// and create the first PMK and GLK versions.
+    Init {
+        /// Succeed quietly when the root key file already exists.
+        #[arg(long)]
+        if_missing: bool,
+    },
+    /// List key versions (never key material).
+    Status,
+    /// Root key rotation: create a new root key file and re-seal every key
+    /// row under it in one transaction. Then point keys.root_key_file at it.
+    RotateRoot {
+        /// Path of the new root key file (must not exist yet).
+        #[arg(long)]
+        new_key_file: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum ConfigCommand {
     /// Parse and validate the configuration; print a summary (no secrets).
     Check,
@@ -194,6 +219,7 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
         }
         Command::Clients { command } => clients_command(command, &cfg).await,
         Command::Auth { command } => auth_command(command, &cfg).await,
+        Command::Keys { command } => keys_command(command, &cfg).await,
         Command::Config {
             command: ConfigCommand::Check,
         } => {
@@ -352,6 +378,73 @@ async fn auth_command(command: AuthCommand, cfg: &Config) -> anyhow::Result<()> 
     .await;
     db.close().await;
     result
+}
+
+async fn keys_command(command: KeysCommand, cfg: &Config) -> anyhow::Result<()> {
+    use hw::key_source::{FileKeySource, KeySource};
+    let path = &cfg.keys.root_key_file;
+    match command {
+        KeysCommand::Init { if_missing } => {
+            if path.exists() {
+                if !if_missing {
+                    anyhow::bail!("root key file {} already exists (keys.root_key_file); use --if-missing to accept it", path.display());
+                }
+            } else {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                FileKeySource::create_new(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+                println!(
+                    "created root key file {} (mode 0600); back it up offline",
+                    path.display()
+                );
+            }
+            let db = crate::app::open_db(cfg).await?;
+            db.migrate().await?;
+            let ks = crate::app::open_keystore(cfg, &db).await?;
+            println!("key store ready (root generation {})", ks.root_version());
+            db.close().await;
+            Ok(())
+        }
+        KeysCommand::Status => {
+            let db = crate::app::open_db(cfg).await?;
+            let mut c = db.conn().await?;
+            use mysql_async::prelude::*;
+            let rows: Vec<(String, u32, u32, String, String)> = c
+                .query("SELECT kind, group_id, version, state, DATE_FORMAT(activates_at, '%Y-%m-%dT%H:%i:%SZ') FROM `keys` ORDER BY kind, group_id, version")
+                .await?;
+            println!(
+                "{:<8} {:>8} {:>8} {:<9} activates_at",
+                "kind", "group", "version", "state"
+            );
+            for (k, g, v, st, at) in rows {
+                println!("{k:<8} {g:>8} {v:>8} {st:<9} {at}");
+            }
+            drop(c);
+            db.close().await;
+            Ok(())
+        }
+        KeysCommand::RotateRoot { new_key_file } => {
+            let db = crate::app::open_db(cfg).await?;
+            let ks = crate::app::open_keystore(cfg, &db).await?;
+            let new =
+                FileKeySource::create_new(&new_key_file).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let new_root = new.root_key().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let n = ks
+                .rewrap(
+                    &crate::crypto::Key128::from_bytes(*new_root),
+                    ks.root_version() + 1,
+                )
+                .await?;
+            println!(
+                "re-sealed {n} key rows under {}; set keys.root_key_file = \"{}\" and restart the encryptor; keep the old file until then",
+                new_key_file.display(),
+                new_key_file.display()
+            );
+            db.close().await;
+            Ok(())
+        }
+    }
 }
 
 /// stderr logging through a non-blocking writer; the guard flushes on drop

@@ -99,3 +99,196 @@ impl Drop for TestDb {
         .join();
     }
 }
+
+/// A TCP proxy on 127.0.0.1 in front of the test MariaDB that a test can
+/// cut (every connection reset, the port closed) and restore on the same
+/// port: "the database went away" without touching the shared server.
+pub struct TcpProxy {
+    pub addr: std::net::SocketAddr,
+    target: std::net::SocketAddr,
+    stop: std::sync::Mutex<Option<tokio_util::sync::CancellationToken>>,
+}
+
+impl TcpProxy {
+    /// Starts a proxy to `target`.
+    pub async fn start(target: std::net::SocketAddr) -> TcpProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let p = TcpProxy {
+            addr,
+            target,
+            stop: std::sync::Mutex::new(None),
+        };
+        p.serve(listener);
+        p
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let token = tokio_util::sync::CancellationToken::new();
+        let target = self.target;
+        let t = token.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = t.cancelled() => return,
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => return },
+                };
+                let t = t.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = t.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                    // Dropping both streams resets the client's connection.
+                });
+            }
+        });
+        *self.stop.lock().expect("proxy lock") = Some(token);
+    }
+
+    /// Cuts every connection and stops listening.
+    pub fn cut(&self) {
+        if let Some(t) = self.stop.lock().expect("proxy lock").take() {
+            t.cancel();
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn restore(&self) {
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .expect("rebind proxy port");
+        self.serve(listener);
+    }
+
+    /// `url` (a mysql:// URL) with its host:port replaced by the proxy's.
+    pub fn url_via(&self, url: &str) -> String {
+        let at = url.rfind('@').map(|i| i + 1).unwrap_or("mysql://".len());
+        let rest = &url[at..];
+        let path = rest.find('/').map(|i| &rest[i..]).unwrap_or("");
+        format!("{}{}{}", &url[..at], self.addr, path)
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+/// host:port of the test MariaDB.
+pub fn server_addr() -> std::net::SocketAddr {
+    let url = server_url();
+    let at = url.rfind('@').map(|i| i + 1).unwrap_or("mysql://".len());
+    let hostport = url[at..].split('/').next().unwrap_or("");
+    hostport
+        .parse()
+        .expect("test database URL must use an IP:port")
+}
+
+/// A configuration for tests: plain HTTP, logs under a fresh temp dir, one
+/// output to `destination` at 2 Mbit/s, fast-lane bursts 20 ms apart.
+pub fn config(db_url: &str, destination: std::net::SocketAddr) -> crate::config::Config {
+    let dir = std::env::temp_dir().join(format!(
+        "casd-test-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let text = format!(
+        "[database]\nurl = \"{db_url}\"\nconnect_timeout_s = 2\n\
+         [api]\nplain_http = true\nrequest_log = \"{dir}/requests.jsonl\"\n\
+         [keys]\nroot_key_file = \"{dir}/root.key\"\n\
+         [emmg]\npoll_interval_ms = 50\n\
+         [cycler]\npoll_interval_ms = 20\nburst_interval_ms = 20\nlog_file = \"{dir}/carousel.jsonl\"\n\
+         [[cycler.outputs]]\nname = \"test\"\ndestination = \"{destination}\"\nbitrate = 2000000\n",
+        dir = dir.display()
+    );
+    crate::config::Config::from_toml_str(
+        &text,
+        std::path::Path::new("test.toml"),
+        std::iter::empty(),
+    )
+    .expect("test config")
+}
+
+/// Receives the carousel's UDP output on 127.0.0.1 and reassembles the
+/// sections of one PID, counting CC and CRC errors.
+pub struct Capture {
+    pub socket: tokio::net::UdpSocket,
+    depack: carousel::Depacketizer,
+    pending: std::collections::VecDeque<bytes::Bytes>,
+    pub datagrams: u64,
+    pub errors: Vec<carousel::StreamError>,
+    pub discontinuities: u64,
+    /// Bytes of RTP header to skip at the start of each datagram.
+    pub rtp_header: usize,
+}
+
+impl Capture {
+    pub async fn bind(pid: u16) -> Capture {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind capture");
+        Capture {
+            socket,
+            depack: carousel::Depacketizer::new(carousel::Pid::new(pid).expect("pid")),
+            pending: Default::default(),
+            datagrams: 0,
+            errors: Vec::new(),
+            discontinuities: 0,
+            rtp_header: 0,
+        }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.socket.local_addr().expect("capture addr")
+    }
+
+    /// The next EMM section on air, or `None` if nothing arrives within
+    /// `limit` (a guard against a hung test, not a synchronisation).
+    pub async fn next_section(&mut self, limit: Duration) -> Option<bytes::Bytes> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut buf = vec![0u8; 2048];
+        loop {
+            if let Some(s) = self.pending.pop_front() {
+                return Some(s);
+            }
+            let n = tokio::time::timeout_at(deadline, self.socket.recv(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            self.datagrams += 1;
+            let payload = buf.get(self.rtp_header..n).unwrap_or(&[]);
+            for pkt in payload.chunks(188) {
+                for ev in self.depack.push(pkt) {
+                    match ev {
+                        carousel::Event::Section(s) => self.pending.push_back(s),
+                        carousel::Event::Discontinuity => self.discontinuities += 1,
+                        carousel::Event::Error(e) => self.errors.push(e),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads sections until `pred` holds for one (returned), or `limit`.
+    pub async fn until(
+        &mut self,
+        limit: Duration,
+        mut pred: impl FnMut(&[u8]) -> bool,
+    ) -> Option<bytes::Bytes> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let s = self.next_section(left).await?;
+            if pred(&s) {
+                return Some(s);
+            }
+        }
+    }
+}

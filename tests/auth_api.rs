@@ -472,3 +472,64 @@ async fn previous_signing_key_verifies_until_retired() {
     );
     assert!(h.contains_key("retry-after"));
 }
+
+/// Every route the real app serves, with the scope it needs, and the roles
+/// to start so that it is served. EXTEND THIS as routes land (SMS commands:
+/// `sms:write`; `GET /requests/…`, `GET /devices/…`: `sms:read`).
+fn app_routes() -> (Vec<casd::config::Role>, Vec<RouteCase>) {
+    use casd::config::Role;
+    use serde_json::json;
+    (
+        vec![Role::Encryptor],
+        vec![
+            RouteCase::new(Method::POST, "/encryptor/v1/seal", Scope::Encrypt)
+                .body(json!({"jobs": []})),
+            RouteCase::new(Method::POST, "/encryptor/v1/current-key", Scope::Encrypt)
+                .body(json!("global")),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn every_app_route_refuses_bad_tokens_and_missing_scopes() {
+    let t = TestDb::new().await;
+    let key_file = temp_key_file();
+    let dir = key_file.parent().unwrap().to_owned();
+    std::fs::create_dir_all(&dir).unwrap();
+    hw::key_source::FileKeySource::create_new(dir.join("root.key")).unwrap();
+    let d = dir.display();
+    let cfg = casd::config::Config::from_toml_str(
+        &format!(
+            "[database]\nurl = \"{}\"\n[api]\nplain_http = true\nrequest_log = \"{d}/req.jsonl\"\n\
+             [keys]\nroot_key_file = \"{d}/root.key\"\n[cycler]\nlog_file = \"{d}/car.jsonl\"\n\
+             [auth]\nsigning_key_file = \"{d}/token-signing.pem\"\n",
+            t.url
+        ),
+        std::path::Path::new("t.toml"),
+        std::iter::empty(),
+    )
+    .unwrap();
+    let (roles, routes) = app_routes();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(casd::app::run(cfg, roles, listener, shutdown.clone()));
+    let http = reqwest::Client::new();
+    let base = format!("http://{addr}");
+    let mut up = false;
+    for _ in 0..400 {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+            if r.status() == 200 {
+                up = true;
+                break;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(up, "readyz never 200");
+    let issuer = TestIssuer::new(&t.db).await;
+    testing::check_route_matrix(&http, &base, &issuer, &routes).await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -33,5 +33,12 @@ pub mod ts;
 
 pub use cat::{build_cat, CaDescriptor, Cat};
 
+pub use mux::{CatConfig, Mux, MuxConfig, MuxConfigError, RtpConfig};
+pub use output::{MemoryOutput, MulticastInterface, Output, UdpConfig, UdpOutput};
+pub use pacing::Pacer;
+pub use player::{
+    AsyncOutput, AsyncUdpOutput, Carousel, PlayRecord, PlayerConfig, PlayerHandle, PlayerStats,
+};
+pub use schedule::{Class, Emm, InsertError, Lane, Played, Schedule, ScheduleConfig};
 pub use section::{LongHeader, Section, SectionError, TableId};
 pub use ts::{Depacketizer, Event, PacketRef, Packetizer, Pid, StreamError};

@@ -1,0 +1,172 @@
+//! Real-time play-out figures for docs/carousel.md:
+//!
+//!     cargo bench -p carousel --bench udp_playout            # 60 s per jitter run
+//!     JITTER_SECONDS=10 cargo bench -p carousel --bench udp_playout
+//!
+//! - Sustained UDP output rate on loopback: a player with a bitrate cap far
+//!   above what the machine can send (CBR, 7 packets per datagram) for 5 s,
+//!   against a baseline raw loop sending the same 1316-byte datagrams on a
+//!   tokio UDP socket as fast as it can, in the same run; reported as a ratio.
+//! - Inter-datagram jitter at 1 and 10 Mbit/s (CBR, 7 packets/datagram):
+//!   the receiver timestamps every datagram; jitter = |arrival interval −
+//!   nominal interval|, p50/p99/max over JITTER_SECONDS (default 60 s).
+//!   Also the long-run rate measured at the receiver vs. the target.
+//!
+//! Without `--bench` (cargo test --all-targets) it runs a short smoke pass.
+
+use std::time::{Duration, Instant};
+
+use carousel::mux::{MuxConfig, MAX_PACKETS_PER_DATAGRAM};
+use carousel::player::{AsyncUdpOutput, Carousel, PlayerConfig};
+use carousel::schedule::ScheduleConfig;
+use carousel::{UdpConfig, UdpOutput};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+const DATAGRAM: usize = 188 * MAX_PACKETS_PER_DATAGRAM;
+
+async fn receiver() -> (UdpSocket, std::net::SocketAddr) {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let sock = socket2::SockRef::from(&s);
+    let _ = sock.set_recv_buffer_size(8 << 20);
+    s.set_nonblocking(true).unwrap();
+    let addr = s.local_addr().unwrap();
+    (UdpSocket::from_std(s).unwrap(), addr)
+}
+
+/// Receives for `dur`; returns arrival instants (if `keep`) and the count/bytes.
+async fn receive(sock: &UdpSocket, dur: Duration, keep: bool) -> (Vec<Instant>, u64, u64) {
+    let mut buf = vec![0u8; 2048];
+    let mut times = Vec::new();
+    let (mut n, mut bytes) = (0u64, 0u64);
+    let end = tokio::time::Instant::now() + dur;
+    while let Ok(Ok(len)) = tokio::time::timeout_at(end, sock.recv(&mut buf)).await {
+        if keep {
+            times.push(Instant::now());
+        }
+        n += 1;
+        bytes += len as u64;
+    }
+    (times, n, bytes)
+}
+
+fn player_config(bitrate: u64) -> PlayerConfig {
+    PlayerConfig {
+        name: "bench".into(),
+        mux: MuxConfig {
+            bitrate,
+            cbr: true,
+            ..MuxConfig::default()
+        },
+        schedule: ScheduleConfig::default(),
+        clock_anchor_unix_ms: None,
+    }
+}
+
+async fn play(bitrate: u64, dur: Duration, keep: bool) -> (Vec<Instant>, u64, u64) {
+    let (rx, addr) = receiver().await;
+    let out = AsyncUdpOutput::new(UdpOutput::open(&UdpConfig::new(addr)).unwrap()).unwrap();
+    let stop = CancellationToken::new();
+    let h = Carousel::new()
+        .spawn_player(player_config(bitrate), out, None, stop.clone())
+        .unwrap();
+    let r = receive(&rx, dur, keep).await;
+    stop.cancel();
+    h.join().await;
+    r
+}
+
+async fn raw_loop(dur: Duration) -> u64 {
+    let (rx, addr) = receiver().await;
+    let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    tx.connect(addr).await.unwrap();
+    let stop = CancellationToken::new();
+    let s2 = stop.clone();
+    let sender = tokio::spawn(async move {
+        let d = [0x47u8; DATAGRAM];
+        let mut sent = 0u64;
+        while !s2.is_cancelled() {
+            if tx.send(&d).await.is_ok() {
+                sent += 1;
+            }
+            if sent.is_multiple_of(64) {
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    let (_, _, bytes) = receive(&rx, dur, false).await;
+    stop.cancel();
+    let _ = sender.await;
+    bytes
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn jitter(bitrate: u64, dur: Duration) {
+    let (times, n, bytes) = play(bitrate, dur, true).await;
+    let nominal = DATAGRAM as f64 * 8.0 / bitrate as f64; // seconds
+    let mut dev: Vec<f64> = times
+        .windows(2)
+        .map(|w| ((w[1] - w[0]).as_secs_f64() - nominal).abs() * 1e3)
+        .collect();
+    dev.sort_by(|a, b| a.total_cmp(b));
+    let span = times
+        .last()
+        .zip(times.first())
+        .map(|(l, f)| (*l - *f).as_secs_f64())
+        .unwrap_or(0.0);
+    let rate = if span > 0.0 {
+        (bytes as f64 - DATAGRAM as f64) * 8.0 / span
+    } else {
+        0.0
+    };
+    println!(
+        "jitter {:>6.1} Mbit/s over {:>4.0} s: {n} datagrams, nominal interval {:.3} ms, |deviation| p50 {:.3} ms p99 {:.3} ms max {:.3} ms; received rate {:.4} Mbit/s ({:+.3}% vs target)",
+        bitrate as f64 / 1e6,
+        dur.as_secs_f64(),
+        nominal * 1e3,
+        pct(&dev, 0.5),
+        pct(&dev, 0.99),
+        dev.last().copied().unwrap_or(f64::NAN),
+        rate / 1e6,
+        (rate / bitrate as f64 - 1.0) * 100.0
+    );
+}
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (rate_s, jitter_s) = if bench {
+            let j = std::env::var("JITTER_SECONDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(60);
+            (5, j)
+        } else {
+            (1, 1)
+        };
+        let d = Duration::from_secs(rate_s);
+        let raw = raw_loop(d).await as f64 * 8.0 / d.as_secs_f64();
+        let (_, _, bytes) = play(5_000_000_000, d, false).await;
+        let ours = bytes as f64 * 8.0 / d.as_secs_f64();
+        println!(
+            "udp output on loopback: player {:.0} Mbit/s, raw send loop {:.0} Mbit/s, ratio {:.2}",
+            ours / 1e6,
+            raw / 1e6,
+            ours / raw
+        );
+        for bitrate in [1_000_000u64, 10_000_000] {
+            jitter(bitrate, Duration::from_secs(jitter_s)).await;
+        }
+    });
+}

@@ -1,0 +1,267 @@
+//! The tokio play-out runner under paused time: simulated hours run in
+//! seconds and the clock only moves when every task waits.
+
+mod common;
+
+use std::time::Duration;
+
+use carousel::mux::{MuxConfig, RtpConfig, RTP_HEADER_LEN};
+use carousel::player::{Carousel, PlayRecord, PlayerConfig};
+use carousel::schedule::{Class, Lane, ScheduleConfig};
+use carousel::ts::Pid;
+use carousel::MemoryOutput;
+use common::{demux, emm, id_of};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const ANCHOR_MS: u64 = 1_700_000_000_000;
+
+fn config(name: &str, bitrate: u64, cbr: bool) -> PlayerConfig {
+    PlayerConfig {
+        name: name.into(),
+        mux: MuxConfig {
+            bitrate,
+            cbr,
+            ..MuxConfig::default()
+        },
+        schedule: ScheduleConfig {
+            burst_count: 3,
+            burst_interval: 200,
+        },
+        clock_anchor_unix_ms: Some(ANCHOR_MS),
+    }
+}
+
+async fn long_run(bitrate: u64, span: Duration) {
+    let carousel = Carousel::new();
+    let out = MemoryOutput::counting();
+    let cancel = CancellationToken::new();
+    let player = carousel
+        .spawn_player(
+            config("cbr", bitrate, true),
+            out.clone(),
+            None,
+            cancel.clone(),
+        )
+        .unwrap();
+    // A few EMMs so the stream is a real mix of EMM, CAT and null packets.
+    for id in 0..50 {
+        carousel
+            .add(emm(id, Class::Background, u64::MAX, 180))
+            .await
+            .unwrap();
+    }
+    // In paused time this sleep is the measurement window, not a wait for
+    // another task: the clock advances exactly to `span`.
+    tokio::time::sleep(span).await;
+    cancel.cancel();
+    let stats = player.join().await;
+    let ideal = bitrate as f64 * span.as_secs_f64() / 8.0;
+    let err = (stats.ts_bytes as f64 - ideal).abs() / ideal;
+    assert!(
+        err < 0.001,
+        "{bitrate} bit/s over {span:?}: {} bytes vs {ideal}, error {err:e}",
+        stats.ts_bytes
+    );
+    assert_eq!(out.bytes(), stats.ts_bytes);
+    assert!(stats.sections > 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn player_holds_64_kbit_for_three_hours() {
+    long_run(64_000, Duration::from_secs(3 * 3600)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn player_holds_1_mbit_for_a_quarter_hour() {
+    long_run(1_000_000, Duration::from_secs(900)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn player_holds_20_mbit_for_half_a_minute() {
+    long_run(20_000_000, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_outputs_share_the_emm_set_with_their_own_state() {
+    let carousel = Carousel::new();
+    let cancel = CancellationToken::new();
+    let (rec_tx, mut rec_rx) = mpsc::channel::<PlayRecord>(100_000);
+    let a_out = MemoryOutput::new();
+    let b_out = MemoryOutput::new();
+    let a = carousel
+        .spawn_player(
+            config("a", 200_000, false),
+            a_out.clone(),
+            Some(rec_tx.clone()),
+            cancel.clone(),
+        )
+        .unwrap();
+    let mut b_cfg = config("b", 100_000, true);
+    b_cfg.mux.emm_pid = Pid::new(0x0200).unwrap();
+    b_cfg.mux.pack_sections = false;
+    b_cfg.mux.packets_per_datagram = 3;
+    b_cfg.mux.rtp = Some(RtpConfig::random());
+    let b = carousel
+        .spawn_player(b_cfg, b_out.clone(), Some(rec_tx), cancel.clone())
+        .unwrap();
+    assert_eq!(carousel.players(), 2);
+
+    for id in 1..=20 {
+        let class = Class::ALL[(id % 3) as usize];
+        carousel
+            .add(emm(id, class, ANCHOR_MS + 60_000, 120))
+            .await
+            .unwrap();
+    }
+    // A broken section is refused up front.
+    let mut bad = emm(99, Class::Urgent, u64::MAX, 120);
+    bad.section = bytes::Bytes::from_static(b"\x82\xf0\x00");
+    assert!(carousel.add(bad).await.is_err());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    carousel.remove(5).await;
+    tokio::time::sleep(Duration::from_secs(70)).await; // past not_after
+    cancel.cancel();
+    let (sa, sb) = (a.join().await, b.join().await);
+    assert_eq!(sa.live, 0, "expired EMMs dropped");
+    assert_eq!(sb.live, 0);
+
+    let mut recs = Vec::new();
+    while let Ok(r) = rec_rx.try_recv() {
+        recs.push(r);
+    }
+    for (name, stats) in [("a", sa), ("b", sb)] {
+        let mine: Vec<&PlayRecord> = recs.iter().filter(|r| &*r.output == name).collect();
+        assert_eq!(
+            mine.len() as u64,
+            stats.sections,
+            "{name}: one record per section played"
+        );
+        for id in 1..=20u64 {
+            let plays: Vec<&&PlayRecord> = mine.iter().filter(|r| r.emm_id == id).collect();
+            // Fast lane first: 3 bursts, then the cycle.
+            let lanes: Vec<Lane> = plays.iter().take(4).map(|r| r.lane).collect();
+            assert_eq!(
+                lanes[..3],
+                [1, 2, 3].map(|repetition| Lane::Burst { repetition }),
+                "{name} EMM {id}"
+            );
+            assert_eq!(lanes[3], Lane::Cycle);
+            assert!(plays
+                .windows(2)
+                .take(2)
+                .all(|w| w[1].at_unix_ms - w[0].at_unix_ms >= 200));
+            assert!(
+                plays.iter().all(|r| r.at_unix_ms <= ANCHOR_MS + 60_000),
+                "played after not_after"
+            );
+            if id == 5 {
+                assert!(
+                    plays.iter().all(|r| r.at_unix_ms <= ANCHOR_MS + 10_000),
+                    "played after remove"
+                );
+            }
+        }
+    }
+
+    // Each output's stream is clean: no CC error, all sections good, CAT present.
+    let ts_a: Vec<u8> = a_out.datagrams().concat();
+    let (emms, cats, errors) = demux(&ts_a, Pid::DEFAULT_EMM);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(emms.len() as u64, sa.sections);
+    assert!(
+        cats.len() >= 80 * 1000 / 400 - 1,
+        "{} CATs in 80 s",
+        cats.len()
+    );
+    let ts_b: Vec<u8> = b_out
+        .datagrams()
+        .iter()
+        .flat_map(|d| {
+            assert_eq!(d.len(), RTP_HEADER_LEN + 3 * 188);
+            d[RTP_HEADER_LEN..].to_vec()
+        })
+        .collect();
+    let (emms_b, _, errors) = demux(&ts_b, Pid::new(0x0200).unwrap());
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(emms_b.len() as u64, sb.sections);
+    assert!(emms_b.iter().all(|s| (1..=20).contains(&id_of(s))));
+    // RTP sequence numbers are consecutive.
+    let seqs: Vec<u16> = b_out
+        .datagrams()
+        .iter()
+        .map(|d| u16::from_be_bytes([d[2], d[3]]))
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0].wrapping_add(1)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_record_channel_drops_records_not_play_out() {
+    let carousel = Carousel::new();
+    let cancel = CancellationToken::new();
+    let (tx, _rx) = mpsc::channel(4); // never read
+    let out = MemoryOutput::counting();
+    let mut cfg = config("x", 500_000, false);
+    cfg.schedule.burst_count = 0; // busy from the first instant
+    let p = carousel
+        .spawn_player(cfg, out.clone(), Some(tx), cancel.clone())
+        .unwrap();
+    for id in 0..10 {
+        carousel
+            .add(emm(id, Class::Change, u64::MAX, 150))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    cancel.cancel();
+    let s = p.join().await;
+    assert!(s.sections > 1000);
+    assert_eq!(s.records_dropped, s.sections - 4);
+    // The cap is respected (non-CBR, always busy): within 0.1 % of 500 kbit/s.
+    let ideal = 500_000.0 * 60.0 / 8.0;
+    assert!(
+        (out.bytes() as f64 - ideal).abs() / ideal < 0.001,
+        "{}",
+        out.bytes()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_output_sends_only_the_cat_and_new_emms_go_out_at_once() {
+    let carousel = Carousel::new();
+    let cancel = CancellationToken::new();
+    let out = MemoryOutput::new();
+    let (tx, mut rx) = mpsc::channel(1000);
+    let mut cfg = config("idle", 1_000_000, false);
+    cfg.schedule.burst_count = 1;
+    let p = carousel
+        .spawn_player(cfg, out.clone(), Some(tx), cancel.clone())
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle = out.datagrams();
+    assert!(
+        idle.iter().all(|d| d.len() == 188),
+        "only single CAT packets while idle"
+    );
+    assert!(
+        (25..=26).contains(&idle.len()),
+        "{} CATs in 10 s",
+        idle.len()
+    );
+    // An EMM that expires right away: played once from the fast lane, then gone.
+    carousel
+        .add(emm(7, Class::Urgent, ANCHOR_MS + 10_000, 100))
+        .await
+        .unwrap();
+    let r = rx.recv().await.unwrap();
+    assert_eq!((r.emm_id, r.lane), (7, Lane::Burst { repetition: 1 }));
+    assert_eq!(
+        r.at_unix_ms,
+        ANCHOR_MS + 10_000,
+        "played the instant it arrived"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cancel.cancel();
+    let s = p.join().await;
+    assert_eq!(s.live, 0);
+}

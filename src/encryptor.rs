@@ -1,0 +1,350 @@
+//! The Encryptor role: the only holder of keys. It seals EMMs (and hands out
+//! key *versions*) for the EMMG and the Scheduler.
+//!
+//! One trait, [`Encryptor`], two implementations: [`LocalEncryptor`] (same
+//! process: a direct call, no HTTP) and `RemoteEncryptor` (another process:
+//! the REST endpoint below). Callers hold an `Arc<dyn Encryptor>` and do not
+//! know which one they have.
+//!
+//! REST (scope `encrypt`):
+//! - `POST /encryptor/v1/seal` `{"jobs": [SealJob, …]}` (at most
+//!   [`MAX_BATCH`]) → `{"results": [{"section": hex, "key_version": n} |
+//!   {"error": {"code", "message"}}, …]}` in job order;
+//! - `POST /encryptor/v1/current-key` `{"kind": "group", "group_id": 7}` →
+//!   the [`KeyMeta`] of the version to use now (a group's first key is
+//!   created on demand).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::api_error::ApiError;
+use crate::auth::{Caller, Scope};
+use crate::crypto::{self, Key128};
+use crate::emm::{self, Address, CommandSpec, EmmId, KeyRef, SealInput};
+use crate::keystore::{KeyKind, KeyMeta, KeyStore, KeyStoreError};
+
+/// Largest batch one call may carry.
+pub const MAX_BATCH: usize = 1000;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One EMM to seal. Key-delivery commands carry versions, never key bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealJob {
+    pub emm_id: u64,
+    pub issued_at: u32,
+    pub not_after: u32,
+    pub address: Address,
+    /// Version of the address root (PMK for unique, GK for group, GLK for
+    /// global); `None` = the version to use now.
+    #[serde(default)]
+    pub key_version: Option<u32>,
+    pub commands: Vec<CommandSpec>,
+}
+
+/// A sealed EMM: the complete section, CRC included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sealed {
+    #[serde(with = "hex_bytes")]
+    pub section: Vec<u8>,
+    pub key_version: u32,
+}
+
+/// Why one job of a batch was refused (the others still go through).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "code", content = "message", rename_all = "snake_case")]
+pub enum SealJobError {
+    /// The named key version does not exist.
+    #[error("{0}")]
+    UnknownKey(String),
+    /// The EMM does not fit `max_section_bytes`.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The commands cannot be encoded (or a key command in a non-unique EMM).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Why a whole call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EncryptorError {
+    /// The database or the Encryptor process is not there; retry later.
+    #[error("encryptor unavailable: {0}")]
+    Unavailable(String),
+    /// A request the Encryptor refuses as a whole.
+    #[error("encryptor refused the request: {0}")]
+    Refused(String),
+    /// Something that retrying will not fix (e.g. the root key does not open the store).
+    #[error("encryptor failure: {0}")]
+    Internal(String),
+}
+
+pub type SealResults = Vec<Result<Sealed, SealJobError>>;
+
+/// What the EMMG and Scheduler need from the Encryptor.
+pub trait Encryptor: Send + Sync {
+    /// Seals every job; per-job refusals are in the results, in job order.
+    fn seal_batch(&self, jobs: Vec<SealJob>) -> BoxFuture<'_, Result<SealResults, EncryptorError>>;
+    /// The version of `kind` to use now (a group's first key is created).
+    fn current_key(&self, kind: KeyKind) -> BoxFuture<'_, Result<KeyMeta, EncryptorError>>;
+}
+
+impl From<KeyStoreError> for EncryptorError {
+    fn from(e: KeyStoreError) -> Self {
+        match e {
+            KeyStoreError::Db(d) if d.is_unavailable() => {
+                EncryptorError::Unavailable(d.to_string())
+            }
+            other => EncryptorError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// The in-process Encryptor.
+#[derive(Clone, Debug)]
+pub struct LocalEncryptor {
+    keys: KeyStore,
+    max_section_bytes: usize,
+}
+
+impl LocalEncryptor {
+    pub fn new(keys: KeyStore, max_section_bytes: usize) -> Self {
+        LocalEncryptor {
+            keys,
+            max_section_bytes,
+        }
+    }
+
+    pub fn keystore(&self) -> &KeyStore {
+        &self.keys
+    }
+
+    /// The address root of `job` and the version used.
+    async fn address_root(
+        &self,
+        job: &SealJob,
+    ) -> Result<Result<(Key128, u32), SealJobError>, EncryptorError> {
+        let kind = match &job.address {
+            Address::Unique { .. } => KeyKind::Pmk,
+            Address::Group { group_id, .. } => KeyKind::Group(*group_id),
+            Address::Global => KeyKind::Global,
+        };
+        let version = match job.key_version {
+            Some(v) => v,
+            None => self.keys.current(kind).await?.version,
+        };
+        let key = match self.keys.key(kind, version).await {
+            Ok(k) => k,
+            Err(KeyStoreError::UnknownVersion { kind, version }) => {
+                return Ok(Err(SealJobError::UnknownKey(format!(
+                    "{kind} version {version} does not exist"
+                ))))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let root = match &job.address {
+            Address::Unique { device_id } => crypto::derive_duk(&key, device_id.get()),
+            _ => (*key).clone(),
+        };
+        Ok(Ok((root, version)))
+    }
+
+    async fn seal_one(&self, job: SealJob) -> Result<Result<Sealed, SealJobError>, EncryptorError> {
+        let (root, key_version) = match self.address_root(&job).await? {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        // Fetch the keys that key-delivery commands carry, then resolve
+        // synchronously.
+        let mut delivered = Vec::new();
+        for spec in &job.commands {
+            if let Some(r) = spec.key_ref() {
+                let (kind, version) = match r {
+                    KeyRef::Group {
+                        group_id,
+                        key_version,
+                    } => (KeyKind::Group(group_id), key_version),
+                    KeyRef::Global { key_version } => (KeyKind::Global, key_version),
+                };
+                match self.keys.key(kind, version).await {
+                    Ok(k) => delivered.push((r, k)),
+                    Err(KeyStoreError::UnknownVersion { kind, version }) => {
+                        return Ok(Err(SealJobError::UnknownKey(format!(
+                            "{kind} version {version} does not exist"
+                        ))))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let commands = emm::resolve_commands(&job.commands, |r| {
+            delivered
+                .iter()
+                .find(|(k, _)| *k == r)
+                .map(|(_, key)| (**key).clone())
+                .ok_or(())
+        });
+        let Ok(commands) = commands else {
+            return Ok(Err(SealJobError::Invalid("key lookup failed".into())));
+        };
+        let input = SealInput {
+            emm_id: EmmId(job.emm_id),
+            issued_at: job.issued_at,
+            not_after: job.not_after,
+            address: job.address,
+            key_version,
+            commands,
+        };
+        let sealed = emm::seal_emm(
+            &input,
+            &root,
+            self.max_section_bytes,
+            &mut rand::thread_rng(),
+        );
+        Ok(match sealed {
+            Ok(section) => Ok(Sealed {
+                section,
+                key_version,
+            }),
+            Err(emm::SealEmmError::Seal(e @ crypto::SealError::TooLarge { .. })) => {
+                Err(SealJobError::TooLarge(e.to_string()))
+            }
+            Err(e) => Err(SealJobError::Invalid(e.to_string())),
+        })
+    }
+}
+
+impl Encryptor for LocalEncryptor {
+    fn seal_batch(&self, jobs: Vec<SealJob>) -> BoxFuture<'_, Result<SealResults, EncryptorError>> {
+        Box::pin(async move {
+            if jobs.len() > MAX_BATCH {
+                return Err(EncryptorError::Refused(format!(
+                    "at most {MAX_BATCH} jobs per call"
+                )));
+            }
+            let mut out = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                out.push(self.seal_one(job).await?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn current_key(&self, kind: KeyKind) -> BoxFuture<'_, Result<KeyMeta, EncryptorError>> {
+        Box::pin(async move { Ok(self.keys.current(kind).await?) })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealRequest {
+    pub jobs: Vec<SealJob>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SealResultJson {
+    Ok(Sealed),
+    Err { error: SealJobError },
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SealResponse {
+    pub results: Vec<SealResultJson>,
+}
+
+impl From<EncryptorError> for ApiError {
+    fn from(e: EncryptorError) -> Self {
+        match e {
+            EncryptorError::Unavailable(_) => ApiError::unavailable("key store"),
+            EncryptorError::Refused(m) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m)
+            }
+            EncryptorError::Internal(m) => {
+                tracing::error!("encryptor: {m}");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+/// Parses a JSON body into `T`, mapping serde's complaint to a 400 that
+/// names the field.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            e.into_inner().to_string(),
+        )
+        .field(path)
+    })
+}
+
+/// The Encryptor's REST routes.
+pub fn routes(enc: Arc<dyn Encryptor>) -> Router {
+    Router::new()
+        .route("/encryptor/v1/seal", post(seal_handler))
+        .route("/encryptor/v1/current-key", post(current_key_handler))
+        .with_state(enc)
+}
+
+async fn seal_handler(
+    State(enc): State<Arc<dyn Encryptor>>,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> Result<Json<SealResponse>, ApiError> {
+    caller.require(Scope::Encrypt)?;
+    let req: SealRequest = parse_json(&body)?;
+    if req.jobs.len() > MAX_BATCH {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("at most {MAX_BATCH} jobs per call"),
+        )
+        .field("jobs"));
+    }
+    let results = enc.seal_batch(req.jobs).await?;
+    Ok(Json(SealResponse {
+        results: results
+            .into_iter()
+            .map(|r| match r {
+                Ok(s) => SealResultJson::Ok(s),
+                Err(error) => SealResultJson::Err { error },
+            })
+            .collect(),
+    }))
+}
+
+async fn current_key_handler(
+    State(enc): State<Arc<dyn Encryptor>>,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> Result<Json<KeyMeta>, ApiError> {
+    caller.require(Scope::Encrypt)?;
+    let kind: KeyKind = parse_json(&body)?;
+    Ok(Json(enc.current_key(kind).await?))
+}
+
+/// Hex encoding for byte fields in JSON.
+pub mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+}
