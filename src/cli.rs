@@ -242,6 +242,17 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
                     "plain http"
                 }
             );
+            println!(
+                "  auth: issuer {}, audience {}, tokens {} s, {}",
+                cfg.auth.issuer,
+                cfg.auth.audience,
+                cfg.auth.token_lifetime_s,
+                if cfg.auth.token_endpoint {
+                    format!("issues tokens with {}", cfg.auth.signing_key_file.display())
+                } else {
+                    "verifies only".to_owned()
+                }
+            );
             for o in &cfg.cycler.outputs {
                 println!(
                     "  output {}: udp://{} pid 0x{:04X} {} bit/s",

@@ -391,11 +391,22 @@ async fn over_the_client_rate_gives_429_with_retry_after() {
 #[tokio::test]
 async fn bodies_over_the_limit_get_413_with_the_spec_body() {
     let s = start(|_| {}).await;
+    let issuer = TestIssuer::new(&s.t.db).await;
+    let token = issuer.token("big", &[Scope::SmsRead]).await;
     let big = "x".repeat(70 * 1024);
+    // Without a token the body is not even looked at.
+    let r = reqwest::Client::new()
+        .post(format!("{}{}", s.base, probe_path(Scope::SmsRead)))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     // Declared length, on a protected and on a public route.
     for path in [probe_path(Scope::SmsRead), "/oauth/token".into()] {
         let r = reqwest::Client::new()
             .post(format!("{}{path}", s.base))
+            .bearer_auth(&token)
             .body(big.clone())
             .send()
             .await

@@ -470,17 +470,19 @@ fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
     Ok(token)
 }
 
-/// Wraps every route of a process: body limit (413), then, outside
-/// [`PUBLIC_PATHS`], bearer token + enabled client + rate limit (401/429/503)
-/// with the resulting [`Caller`] in the request extensions.
+/// Wraps every route of a process: outside [`PUBLIC_PATHS`], bearer token,
+/// enabled client and rate limit (401/429/503) with the resulting
+/// [`Caller`] in the request extensions; then the body limit (413). The
+/// token is checked first so that no body of an unauthenticated caller is
+/// read.
 pub fn protect(router: Router, auth: Auth, body_limit: usize) -> Router {
     router
-        .layer(axum::middleware::from_fn(authenticate_layer))
-        .layer(axum::Extension(auth))
         .layer(axum::middleware::from_fn_with_state(
             body_limit,
             limit::body_limit,
         ))
+        .layer(axum::middleware::from_fn(authenticate_layer))
+        .layer(axum::Extension(auth))
 }
 
 async fn authenticate_layer(mut req: Request, next: Next) -> Response {
