@@ -544,3 +544,72 @@ async fn every_app_route_refuses_bad_tokens_and_missing_scopes() {
     task.await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[derive(Clone, Default)]
+struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn secrets_and_tokens_never_reach_the_log() {
+    let buf = LogBuf::default();
+    let w = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || w.clone())
+        .finish();
+    // Current-thread test runtime: the server's tasks log on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let s = start(|_| {}).await;
+    let secret = testing::create_client(&s.t.db, "smsL", &[Scope::SmsRead], 100).await;
+    let (st, _, v) = token_request(
+        &s,
+        Some(basic("smsL", secret.expose())),
+        "grant_type=client_credentials",
+    )
+    .await;
+    assert_eq!(st, 200);
+    let token = v["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        get(&s, &probe_path(Scope::SmsRead), &token).await.status(),
+        200
+    );
+    let tampered = format!("{}x", &token[..token.len() - 1]);
+    assert_eq!(
+        get(&s, &probe_path(Scope::SmsRead), &tampered)
+            .await
+            .status(),
+        401
+    );
+    let (st, _, _) = token_request(
+        &s,
+        Some(basic("smsL", "a-wrong-secret")),
+        "grant_type=client_credentials",
+    )
+    .await;
+    assert_eq!(st, 401);
+
+    let log = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+    assert!(
+        log.contains("access token issued"),
+        "log not captured: {log}"
+    );
+    assert!(log.contains("token request refused"), "{log}");
+    let signature = token.rsplit('.').next().unwrap();
+    for (what, s) in [
+        ("secret", secret.expose()),
+        ("wrong secret", "a-wrong-secret"),
+        ("token signature", signature),
+        ("tampered token", &tampered[tampered.len() - 20..]),
+    ] {
+        assert!(!log.contains(s), "{what} in the log:\n{log}");
+    }
+}
