@@ -142,11 +142,19 @@ pub async fn run(
     if shared.cfg.auth.token_endpoint {
         router = router.merge(crate::auth::endpoint::routes(auth.clone()));
     }
+    // Routes whose handlers check the caller themselves and record refused
+    // requests (the SMS role) go behind `auth::attach`; all others behind
+    // `auth::protect`.
+    let mut self_checking: Router = Router::new();
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
     for role in &roles {
         let (routes, task) = start_role(*role, &shared).await?;
         if let Some(r) = routes {
-            router = router.merge(r);
+            if *role == Role::Sms {
+                self_checking = self_checking.merge(r);
+            } else {
+                router = router.merge(r);
+            }
         }
         if let Some(t) = task {
             tasks.spawn(t);
@@ -163,9 +171,11 @@ pub async fn run(
         }
     }
 
-    // Body limit on every route; bearer token, enabled client and rate
-    // limit on every route but /healthz, /readyz and /oauth/token.
-    let router = crate::auth::protect(router, auth, shared.cfg.api.body_limit);
+    // Bearer token, enabled client and rate limit on every route but
+    // /healthz, /readyz and /oauth/token; the body limit everywhere (the
+    // SMS routes apply it themselves).
+    let router = crate::auth::protect(router, auth.clone(), shared.cfg.api.body_limit)
+        .merge(crate::auth::attach(self_checking, auth));
     let server = match tls {
         Some(tls) => tokio::spawn(crate::tls::serve_tls(
             listener,
@@ -272,8 +282,16 @@ async fn start_role(
             Ok((Some(crate::encryptor::routes(enc)), None))
         }
         Role::Cycler => Ok((None, Some(Box::pin(crate::cycler::run(shared.clone()))))),
+        Role::Sms => {
+            shared.readiness.started(role);
+            Ok((Some(crate::sms::routes(shared.clone())), None))
+        }
+        Role::Emmg => {
+            shared.readiness.started(role);
+            Ok((None, Some(Box::pin(crate::emmg::run(shared.clone())))))
+        }
         // Roles are wired in as they are built; until then a role only reports ready.
-        _ => {
+        Role::Scheduler => {
             shared.readiness.started(role);
             Ok((None, None))
         }

@@ -14,6 +14,7 @@
 //!   the [`KeyMeta`] of the version to use now (a group's first key is
 //!   created on demand).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -131,6 +132,7 @@ impl LocalEncryptor {
     async fn address_root(
         &self,
         job: &SealJob,
+        current: &mut HashMap<KeyKind, u32>,
     ) -> Result<Result<(Key128, u32), SealJobError>, EncryptorError> {
         let kind = match &job.address {
             Address::Unique { .. } => KeyKind::Pmk,
@@ -139,7 +141,14 @@ impl LocalEncryptor {
         };
         let version = match job.key_version {
             Some(v) => v,
-            None => self.keys.current(kind).await?.version,
+            None => match current.get(&kind) {
+                Some(v) => *v,
+                None => {
+                    let v = self.keys.current(kind).await?.version;
+                    current.insert(kind, v);
+                    v
+                }
+            },
         };
         let key = match self.keys.key(kind, version).await {
             Ok(k) => k,
@@ -157,8 +166,12 @@ impl LocalEncryptor {
         Ok(Ok((root, version)))
     }
 
-    async fn seal_one(&self, job: SealJob) -> Result<Result<Sealed, SealJobError>, EncryptorError> {
-        let (root, key_version) = match self.address_root(&job).await? {
+    async fn seal_one(
+        &self,
+        job: SealJob,
+        current: &mut HashMap<KeyKind, u32>,
+    ) -> Result<Result<Sealed, SealJobError>, EncryptorError> {
+        let (root, key_version) = match self.address_root(&job, current).await? {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
@@ -231,8 +244,10 @@ impl Encryptor for LocalEncryptor {
                 )));
             }
             let mut out = Vec::with_capacity(jobs.len());
+            // "The version to use now" is looked up once per family per batch.
+            let mut current = HashMap::new();
             for job in jobs {
-                out.push(self.seal_one(job).await?);
+                out.push(self.seal_one(job, &mut current).await?);
             }
             Ok(out)
         })

@@ -199,6 +199,7 @@ pub fn config(db_url: &str, destination: std::net::SocketAddr) -> crate::config:
         std::process::id(),
         rand::random::<u32>()
     ));
+    let _ = std::fs::create_dir_all(&dir);
     let text = format!(
         "[database]\nurl = \"{db_url}\"\nconnect_timeout_s = 2\n\
          [api]\nplain_http = true\nrequest_log = \"{dir}/requests.jsonl\"\n\
@@ -291,4 +292,10 @@ impl Capture {
             }
         }
     }
+}
+
+/// An `Authorization` header value accepted by routes served with
+/// `auth::protect`/`auth::attach` on `db` (client `bench`, every scope).
+pub async fn bench_bearer(db: &Db) -> String {
+    crate::auth::testing::bench_bearer(db).await
 }

@@ -152,6 +152,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
         if let Some(c) = parts.extensions.get::<Caller>() {
             return Ok(c.clone());
         }
+        if let Some(Refusal(e)) = parts.extensions.get::<Refusal>() {
+            return Err(e.clone());
+        }
         if parts.extensions.get::<Auth>().is_none() {
             // Fail closed, loudly: a router that was never wrapped.
             tracing::error!(
@@ -198,7 +201,7 @@ impl From<AuthError> for ApiError {
                 "over this client's rate limit; retry later",
             )
             .retry_after(s),
-            AuthError::Unavailable => ApiError::unavailable("client registry"),
+            AuthError::Unavailable => ApiError::unavailable("token verification (database)"),
         }
     }
 }
@@ -353,14 +356,12 @@ impl Auth {
         let header = token::check_header(token)?;
         let keys = &self.inner.keys;
         let refresh = self.inner.settings.key_refresh;
-        if keys.needs_load() {
-            self.refresh_logged().await;
-        } else if keys.is_stale(refresh) {
+        if keys.is_stale(refresh) {
             // Reload in the background; this request uses the current set.
             let me = self.clone();
             if keys.begin_background_refresh() {
                 tokio::spawn(async move {
-                    me.refresh_logged().await;
+                    let _ = me.refresh_logged().await;
                     me.inner.keys.end_background_refresh();
                 });
             }
@@ -370,19 +371,30 @@ impl Auth {
             None => {
                 // A key published since our last load (rotation elsewhere);
                 // at most one such reload per second.
-                if keys.may_refresh_on_miss(Instant::now()) {
-                    self.refresh_logged().await;
+                let _one_at_a_time = keys.miss_lock.lock().await;
+                if keys.get(&header.kid).is_none() && keys.may_refresh_on_miss(Instant::now()) {
+                    let _ = self.refresh_logged().await;
                 }
-                keys.get(&header.kid)
-                    .ok_or(AuthError::Invalid("unknown signing key"))?
+                match keys.get(&header.kid) {
+                    Some(k) => k,
+                    // The key table could not be read: we cannot tell a
+                    // good token from a bad one.
+                    None if keys.last_load_failed() => return Err(AuthError::Unavailable),
+                    None => return Err(AuthError::Invalid("unknown signing key")),
+                }
             }
         };
         token::verify(token, &key, &self.inner.settings, token::unix_now())
     }
 
-    async fn refresh_logged(&self) {
-        if let Err(e) = self.refresh_keys().await {
-            tracing::warn!("cannot reload token verification keys: {e}");
+    /// False when the key set could not be read.
+    async fn refresh_logged(&self) -> bool {
+        match self.refresh_keys().await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!("cannot reload token verification keys: {e}");
+                false
+            }
         }
     }
 
@@ -477,12 +489,72 @@ fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
 /// read.
 pub fn protect(router: Router, auth: Auth, body_limit: usize) -> Router {
     router
+        // Unknown paths are behind the layer too (401 before 404), also
+        // after this router is merged with others.
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(
             body_limit,
             limit::body_limit,
         ))
         .layer(axum::middleware::from_fn(authenticate_layer))
         .layer(axum::Extension(auth))
+}
+
+/// For routers whose every handler takes `Result<Caller, ApiError>`, checks
+/// it first, and records refused requests itself (the SMS role: sms-api.md
+/// "Records"): the same check as [`protect`], but a refusal (401/429/503) is
+/// handed to the handler through the extractor instead of answered here.
+/// No body limit either: such handlers apply `api.body_limit` themselves,
+/// after the caller check. Everything else goes behind [`protect`].
+pub fn attach(router: Router, auth: Auth) -> Router {
+    router
+        .layer(axum::middleware::from_fn(attach_layer))
+        .layer(axum::Extension(auth))
+}
+
+/// A refused authentication, for the extractor of an [`attach`]ed route.
+#[derive(Clone)]
+struct Refusal(ApiError);
+
+async fn attach_layer(mut req: Request, next: Next) -> Response {
+    let Some(auth) = req.extensions().get::<Auth>().cloned() else {
+        return ApiError::internal().into_response();
+    };
+    let mut challenge = None;
+    match auth.authenticate(req.headers()).await {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+        }
+        Err(e) => {
+            challenge = challenge_for(&e);
+            req.extensions_mut().insert(Refusal(e.into()));
+        }
+    }
+    let mut resp = next.run(req).await;
+    add_challenge(&mut resp, challenge);
+    resp
+}
+
+/// RFC 6750 §3: no error code when no credentials were sent.
+fn challenge_for(e: &AuthError) -> Option<&'static str> {
+    match e {
+        AuthError::Missing => Some("Bearer realm=\"casd\""),
+        AuthError::RateLimited(_) | AuthError::Unavailable => None,
+        _ => Some("Bearer realm=\"casd\", error=\"invalid_token\""),
+    }
+}
+
+fn add_challenge(resp: &mut Response, challenge: Option<&'static str>) {
+    let value = match resp.status() {
+        StatusCode::UNAUTHORIZED => challenge,
+        StatusCode::FORBIDDEN => Some("Bearer realm=\"casd\", error=\"insufficient_scope\""),
+        _ => None,
+    };
+    if let Some(v) = value {
+        resp.headers_mut()
+            .entry(header::WWW_AUTHENTICATE)
+            .or_insert(HeaderValue::from_static(v));
+    }
 }
 
 async fn authenticate_layer(mut req: Request, next: Next) -> Response {
@@ -496,27 +568,13 @@ async fn authenticate_layer(mut req: Request, next: Next) -> Response {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
             let mut resp = next.run(req).await;
-            if resp.status() == StatusCode::FORBIDDEN {
-                resp.headers_mut()
-                    .entry(header::WWW_AUTHENTICATE)
-                    .or_insert(HeaderValue::from_static(
-                        "Bearer realm=\"casd\", error=\"insufficient_scope\"",
-                    ));
-            }
+            add_challenge(&mut resp, None);
             resp
         }
         Err(e) => {
-            // RFC 6750 §3: no error code when no credentials were sent.
-            let challenge = match e {
-                AuthError::Missing => Some("Bearer realm=\"casd\""),
-                AuthError::RateLimited(_) | AuthError::Unavailable => None,
-                _ => Some("Bearer realm=\"casd\", error=\"invalid_token\""),
-            };
+            let challenge = challenge_for(&e);
             let mut resp = ApiError::from(e).into_response();
-            if let Some(c) = challenge {
-                resp.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(c));
-            }
+            add_challenge(&mut resp, challenge);
             resp
         }
     }

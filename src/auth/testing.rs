@@ -47,6 +47,7 @@ pub struct TestIssuer {
     pub key: SigningKey,
     pub settings: AuthSettings,
     db: Db,
+    published: bool,
 }
 
 impl TestIssuer {
@@ -62,12 +63,27 @@ impl TestIssuer {
             key,
             settings,
             db: db.clone(),
+            published: true,
+        }
+    }
+
+    /// A key that is not published (for a server whose database is down:
+    /// its tokens are well-formed, and nothing is written anywhere).
+    pub fn unpublished(db: &Db) -> TestIssuer {
+        TestIssuer {
+            key: SigningKey::generate(),
+            settings: AuthSettings::default(),
+            db: db.clone(),
+            published: false,
         }
     }
 
     /// A valid token for `client_id` with `scopes`; creates the client
     /// (enabled, those scopes, 1000 req/s) if it does not exist.
     pub async fn token(&self, client_id: &str, scopes: &[Scope]) -> String {
+        if !self.published {
+            return self.mint(client_id, scopes, token::unix_now());
+        }
         let mut c = self.db.conn().await.expect("test db connection");
         let exists: Option<u64> = c
             .exec_first(
@@ -179,6 +195,17 @@ impl TestIssuer {
         out.push(("typ JWT", format!("{input}.{sig}")));
         out
     }
+}
+
+/// `Authorization` value for benches and tests that serve routes directly:
+/// a client `bench` with every scope and a rate no bench reaches.
+pub async fn bench_bearer(db: &Db) -> String {
+    let issuer = TestIssuer::new(db).await;
+    create_client(db, "bench", &Scope::ALL, 1_000_000).await;
+    format!(
+        "Bearer {}",
+        issuer.mint("bench", &Scope::ALL, token::unix_now())
+    )
 }
 
 /// A valid token for `client_id` with `scopes`, from a new key published

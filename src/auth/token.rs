@@ -237,12 +237,18 @@ pub fn verify(
 pub struct KeySet {
     state: RwLock<KeyState>,
     refreshing: AtomicBool,
+    /// Held while a request reloads the set for an unknown kid, so that
+    /// concurrent requests wait for that load instead of failing.
+    pub(crate) miss_lock: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
 struct KeyState {
     keys: HashMap<String, PublicKey>,
+    /// Last load attempt, successful or not.
     loaded_at: Option<Instant>,
+    /// Whether that attempt read the table.
+    last_ok: bool,
     last_miss_refresh: Option<Instant>,
 }
 
@@ -251,10 +257,12 @@ impl KeySet {
         self.state.read().ok()?.keys.get(kid).cloned()
     }
 
-    pub fn needs_load(&self) -> bool {
+    /// True when the last load failed (database unreachable) or none was
+    /// made: an unknown kid then means "cannot tell", not "bad token".
+    pub fn last_load_failed(&self) -> bool {
         self.state
             .read()
-            .map(|s| s.loaded_at.is_none())
+            .map(|s| s.loaded_at.is_none() || !s.last_ok)
             .unwrap_or(true)
     }
 
@@ -297,6 +305,7 @@ impl KeySet {
                 // Keep the old set; try again after the refresh period.
                 if let Ok(mut s) = self.state.write() {
                     s.loaded_at = Some(Instant::now());
+                    s.last_ok = false;
                 }
                 return Err(e);
             }
@@ -319,6 +328,7 @@ impl KeySet {
         if let Ok(mut s) = self.state.write() {
             s.keys = keys;
             s.loaded_at = Some(Instant::now());
+            s.last_ok = true;
         }
         Ok(n)
     }

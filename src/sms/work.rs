@@ -1,0 +1,75 @@
+//! The work item payload: what the SMS-CAS interface hands the EMMG in
+//! `work_items.payload` (JSON, tagged by `kind`, which is also
+//! `work_items.kind`). It is the validated command plus what the
+//! interface decided while committing it (the slot given, the OSM's
+//! not_after); state the EMMG must send *as it is when the EMM is made*
+//! (the entitlement set, key versions) is read by the EMMG itself.
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{DeviceId, ProductId, Target};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Work {
+    AddDevice {
+        device_id: DeviceId,
+        group_id: u32,
+        slot: u8,
+        pmk_version: u32,
+        /// The device existed (disabled) and was enabled again.
+        reenabled: bool,
+    },
+    RemoveDevice {
+        device_id: DeviceId,
+        /// The slot it held (now freed).
+        group_id: Option<u32>,
+        slot: Option<u8>,
+    },
+    AddEntitlement {
+        device_id: DeviceId,
+        product_id: ProductId,
+        start: u32,
+        end: u32,
+    },
+    RemoveEntitlement {
+        device_id: DeviceId,
+        product_id: ProductId,
+        /// False when the device held no active entitlement for it (the
+        /// ENTITLEMENT_REMOVE is sent anyway: a receiver may hold a stale one).
+        was_active: bool,
+    },
+    GenerateOsm {
+        target: Target,
+        text: String,
+        duration_s: u16,
+        forced: bool,
+        /// expires_at as given, or the default lifetime from acceptance.
+        not_after: u32,
+    },
+}
+
+impl Work {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Work::AddDevice { .. } => "adddevice",
+            Work::RemoveDevice { .. } => "removedevice",
+            Work::AddEntitlement { .. } => "addentitlement",
+            Work::RemoveEntitlement { .. } => "removeentitlement",
+            Work::GenerateOsm { .. } => "generateosm",
+        }
+    }
+    pub fn device_id(&self) -> Option<DeviceId> {
+        match self {
+            Work::AddDevice { device_id, .. }
+            | Work::RemoveDevice { device_id, .. }
+            | Work::AddEntitlement { device_id, .. }
+            | Work::RemoveEntitlement { device_id, .. } => Some(*device_id),
+            Work::GenerateOsm {
+                target: Target::Device(d),
+                ..
+            } => Some(*d),
+            Work::GenerateOsm { .. } => None,
+        }
+    }
+}
