@@ -490,15 +490,30 @@ async fn previous_signing_key_verifies_until_retired() {
 fn app_routes() -> (Vec<casd::config::Role>, Vec<RouteCase>) {
     use casd::config::Role;
     use serde_json::json;
-    (
-        vec![Role::Encryptor],
-        vec![
-            RouteCase::new(Method::POST, "/encryptor/v1/seal", Scope::Encrypt)
-                .body(json!({"jobs": []})),
-            RouteCase::new(Method::POST, "/encryptor/v1/current-key", Scope::Encrypt)
-                .body(json!("global")),
-        ],
-    )
+    let mut routes = vec![
+        RouteCase::new(Method::POST, "/encryptor/v1/seal", Scope::Encrypt)
+            .body(json!({"jobs": []})),
+        RouteCase::new(Method::POST, "/encryptor/v1/current-key", Scope::Encrypt)
+            .body(json!("global")),
+        RouteCase::new(Method::GET, "/requests/1", Scope::SmsRead),
+        RouteCase::new(Method::GET, "/devices/1", Scope::SmsRead),
+    ];
+    for (i, path) in [
+        "/adddevice",
+        "/removedevice",
+        "/addentitlement",
+        "/removeentitlement",
+        "/generateosm",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        routes.push(
+            RouteCase::new(Method::POST, path, Scope::SmsWrite)
+                .body(json!({"transaction_id": format!("matrix-{i}"), "device_id": 1})),
+        );
+    }
+    (vec![Role::Encryptor, Role::Sms], routes)
 }
 
 #[tokio::test]
