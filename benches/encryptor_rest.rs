@@ -128,16 +128,24 @@ fn main() {
         })
         .await;
 
-        let router = casd::encryptor::routes(enc.clone()).route(
-            "/echo",
-            axum::routing::post(|body: axum::body::Bytes| async move { body }),
+        // As app::run serves it: behind the auth layer (16 MiB body limit
+        // for the 1000-job batches; the trivial baseline route is outside).
+        let auth = casd::auth::Auth::new(
+            t.db.clone(),
+            casd::auth::AuthSettings { signing_key_file: None, ..Default::default() },
+        );
+        let router = casd::auth::protect(casd::encryptor::routes(enc.clone()), auth, 16 << 20).merge(
+            axum::Router::new().route(
+                "/echo",
+                axum::routing::post(|body: axum::body::Bytes| async move { body }),
+            ),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = tokio_util::sync::CancellationToken::new();
         tokio::spawn(casd::http::serve(listener, router, stop.clone()));
         let http = reqwest::Client::new();
-        let token = casd::testing::bench_bearer();
+        let token = casd::testing::bench_bearer(&t.db).await;
         let url = format!("http://{addr}/encryptor/v1/seal");
         let body = serde_json::to_vec(&serde_json::json!({ "jobs": batch })).unwrap();
         let (h, u, tk) = (http.clone(), url.clone(), token.clone());

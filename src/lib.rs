@@ -21,3 +21,4 @@ pub mod reqlog;
 pub mod shutdown;
 pub mod sms;
 pub mod testing;
+pub mod tls;

@@ -294,8 +294,8 @@ impl Capture {
     }
 }
 
-/// An `Authorization` header value accepted by the routes in tests and
-/// benches that serve them directly.
-pub fn bench_bearer() -> String {
-    "Bearer dev:bench".to_string()
+/// An `Authorization` header value accepted by routes served with
+/// `auth::protect`/`auth::attach` on `db` (client `bench`, every scope).
+pub async fn bench_bearer(db: &Db) -> String {
+    crate::auth::testing::bench_bearer(db).await
 }
