@@ -312,16 +312,40 @@ async fn allocate_slot(
 /// every concurrent `SKIP LOCKED` allocation). Two processes creating the
 /// same group at once: the second one's IGNORE skips the rows.
 async fn create_next_group(conn: &mut Conn) -> Result<(), SmsError> {
-    let next: Option<u32> = conn
-        .query_first("SELECT COALESCE(MAX(group_id), 0) + 1 FROM group_slots")
+    // Serialised by a named lock, and only when no slot is free any more:
+    // two commands that both found every slot taken must not create two
+    // groups (groups fill in order; an empty extra group is waste).
+    let got: Option<Option<i64>> = conn
+        .query_first("SELECT GET_LOCK(CONCAT('casd.newgroup.', DATABASE()), 10)")
         .await?;
-    let next = next.unwrap_or(1);
-    let values: Vec<String> = (0..256).map(|s| format!("({next},{s},NULL)")).collect();
-    conn.query_drop(format!(
-        "INSERT IGNORE INTO group_slots (group_id, slot, device_id) VALUES {}",
-        values.join(",")
-    ))
-    .await?;
+    if got.flatten() != Some(1) {
+        return Err(SmsError::Db(DbError::Unreachable(
+            "could not take the group creation lock".into(),
+        )));
+    }
+    let result = async {
+        let free: Option<u8> = conn
+            .query_first("SELECT 1 FROM group_slots WHERE device_id IS NULL LIMIT 1")
+            .await?;
+        if free.is_none() {
+            let next: Option<u32> = conn
+                .query_first("SELECT COALESCE(MAX(group_id), 0) + 1 FROM group_slots")
+                .await?;
+            let next = next.unwrap_or(1);
+            let values: Vec<String> = (0..256).map(|s| format!("({next},{s},NULL)")).collect();
+            conn.query_drop(format!(
+                "INSERT IGNORE INTO group_slots (group_id, slot, device_id) VALUES {}",
+                values.join(",")
+            ))
+            .await?;
+        }
+        Ok::<(), mysql_async::Error>(())
+    }
+    .await;
+    let _: Option<Option<i64>> = conn
+        .query_first("SELECT RELEASE_LOCK(CONCAT('casd.newgroup.', DATABASE()))")
+        .await?;
+    result?;
     Ok(())
 }
 
