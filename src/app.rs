@@ -77,6 +77,20 @@ pub async fn open_keystore(cfg: &Config, db: &Db) -> anyhow::Result<KeyStore> {
     Ok(ks)
 }
 
+/// The Encryptor of another process (`peers.encryptor_url`), called with
+/// this process's client credentials (`peers.client`).
+fn remote_encryptor(cfg: &Config) -> anyhow::Result<crate::encryptor::RemoteEncryptor> {
+    let url = cfg.peers.encryptor_url.as_deref().ok_or_else(|| {
+        anyhow::anyhow!("the emmg and scheduler roles need the encryptor: run it in this process, or set peers.encryptor_url and peers.client")
+    })?;
+    let client = cfg.peers.client.clone().ok_or_else(|| {
+        anyhow::anyhow!("peers.client: client credentials are needed to call peers.encryptor_url")
+    })?;
+    let tokens = crate::auth::client::TokenClient::new(client)
+        .map_err(|e| anyhow::anyhow!("peers.client: {e}"))?;
+    Ok(crate::encryptor::RemoteEncryptor::new(url, tokens))
+}
+
 async fn open_local_encryptor(cfg: &Config, db: &Db) -> anyhow::Result<LocalEncryptor> {
     let ks = open_keystore(cfg, db).await?;
     Ok(LocalEncryptor::new(ks, cfg.cas.max_section_bytes))
@@ -123,7 +137,7 @@ pub async fn run(
     let encryptor: Option<std::sync::Arc<dyn Encryptor>> = match &local_encryptor {
         Some(l) => Some(std::sync::Arc::new(l.clone())),
         None if roles.contains(&Role::Emmg) || roles.contains(&Role::Scheduler) => {
-            anyhow::bail!("the emmg and scheduler roles need the encryptor role in the same process (remote encryptor not configured)")
+            Some(std::sync::Arc::new(remote_encryptor(&cfg)?))
         }
         None => None,
     };

@@ -138,6 +138,24 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// How this process reaches roles running in other processes.
+    #[serde(default)]
+    pub peers: PeersConfig,
+}
+
+/// Roles in other processes, reached over HTTP(S) with OAuth client
+/// credentials. Only needed when a role here depends on one that runs
+/// elsewhere (the EMMG and the Scheduler call the Encryptor).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PeersConfig {
+    /// Base URL of the Encryptor role, e.g. `https://enc.example:8443`.
+    #[serde(default)]
+    pub encryptor_url: Option<String>,
+    /// This process's client credentials for calling its peers (the
+    /// Encryptor needs scope `encrypt`).
+    #[serde(default)]
+    pub client: Option<crate::auth::client::ClientCredentialsConfig>,
 }
 
 fn default_roles() -> Vec<Role> {

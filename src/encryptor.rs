@@ -363,3 +363,114 @@ pub mod hex_bytes {
         hex::decode(s).map_err(serde::de::Error::custom)
     }
 }
+
+/// The Encryptor in another process, over its REST endpoint. A peer that is
+/// down (connection refused, 5xx, 429, token endpoint unreachable) is
+/// `Unavailable`: the EMMG leaves its work queued in MySQL and retries with
+/// back-off. A 401 drops the cached token and is retried once.
+pub struct RemoteEncryptor {
+    base: String,
+    tokens: crate::auth::client::TokenClient,
+}
+
+impl std::fmt::Debug for RemoteEncryptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteEncryptor")
+            .field("base", &self.base)
+            .finish()
+    }
+}
+
+impl RemoteEncryptor {
+    pub fn new(base: &str, tokens: crate::auth::client::TokenClient) -> Self {
+        RemoteEncryptor {
+            base: base.trim_end_matches('/').to_owned(),
+            tokens,
+        }
+    }
+
+    async fn call<T: serde::de::DeserializeOwned + Send>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<T, EncryptorError> {
+        let url = format!("{}{path}", self.base);
+        for attempt in 0..2 {
+            let req = self
+                .tokens
+                .http()
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.clone());
+            let req = self.tokens.authorize(req).await.map_err(|e| {
+                if e.is_transient() {
+                    EncryptorError::Unavailable(e.to_string())
+                } else {
+                    EncryptorError::Internal(e.to_string())
+                }
+            })?;
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| EncryptorError::Unavailable(format!("{url}: {e}")))?;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && attempt == 0 {
+                self.tokens.invalidate().await;
+                continue;
+            }
+            if status.is_success() {
+                return resp.json::<T>().await.map_err(|e| {
+                    EncryptorError::Unavailable(format!("{url}: reply cut or malformed: {e}"))
+                });
+            }
+            let text = resp.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| status.to_string());
+            return Err(
+                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                    EncryptorError::Unavailable(format!("{url}: {status}: {message}"))
+                } else {
+                    EncryptorError::Refused(format!("{url}: {status}: {message}"))
+                },
+            );
+        }
+        Err(EncryptorError::Internal(format!(
+            "{url}: token refused twice"
+        )))
+    }
+}
+
+impl Encryptor for RemoteEncryptor {
+    fn seal_batch(&self, jobs: Vec<SealJob>) -> BoxFuture<'_, Result<SealResults, EncryptorError>> {
+        Box::pin(async move {
+            let n = jobs.len();
+            let body = serde_json::to_vec(&SealRequest { jobs })
+                .map_err(|e| EncryptorError::Internal(e.to_string()))?;
+            let resp: SealResponse = self.call("/encryptor/v1/seal", body).await?;
+            if resp.results.len() != n {
+                return Err(EncryptorError::Internal(format!(
+                    "encryptor answered {} results for {n} jobs",
+                    resp.results.len()
+                )));
+            }
+            Ok(resp
+                .results
+                .into_iter()
+                .map(|r| match r {
+                    SealResultJson::Ok(s) => Ok(s),
+                    SealResultJson::Err { error } => Err(error),
+                })
+                .collect())
+        })
+    }
+
+    fn current_key(&self, kind: KeyKind) -> BoxFuture<'_, Result<KeyMeta, EncryptorError>> {
+        Box::pin(async move {
+            let body =
+                serde_json::to_vec(&kind).map_err(|e| EncryptorError::Internal(e.to_string()))?;
+            self.call("/encryptor/v1/current-key", body).await
+        })
+    }
+}

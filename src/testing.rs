@@ -219,8 +219,15 @@ pub fn config(db_url: &str, destination: std::net::SocketAddr) -> crate::config:
 
 /// Receives the carousel's UDP output on 127.0.0.1 and reassembles the
 /// sections of one PID, counting CC and CRC errors.
+///
+/// A thread of its own drains the socket into an unbounded queue as
+/// datagrams arrive, so that a test busy elsewhere (posting commands,
+/// waiting on a process) never lets the kernel's receive buffer overflow:
+/// a CC error reported here is one the sender made, not one the test caused.
 pub struct Capture {
-    pub socket: tokio::net::UdpSocket,
+    addr: std::net::SocketAddr,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     depack: carousel::Depacketizer,
     pending: std::collections::VecDeque<bytes::Bytes>,
     pub datagrams: u64,
@@ -232,11 +239,31 @@ pub struct Capture {
 
 impl Capture {
     pub async fn bind(pid: u16) -> Capture {
-        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("bind capture");
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind capture");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("capture timeout");
+        let addr = socket.local_addr().expect("capture addr");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = stop.clone();
+        std::thread::Builder::new()
+            .name("capture".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 2048];
+                while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(n) = socket.recv(&mut buf) {
+                        if tx.send(buf[..n].to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+            .expect("capture thread");
         Capture {
-            socket,
+            addr,
+            rx,
+            stop,
             depack: carousel::Depacketizer::new(carousel::Pid::new(pid).expect("pid")),
             pending: Default::default(),
             datagrams: 0,
@@ -247,24 +274,22 @@ impl Capture {
     }
 
     pub fn addr(&self) -> std::net::SocketAddr {
-        self.socket.local_addr().expect("capture addr")
+        self.addr
     }
 
     /// The next EMM section on air, or `None` if nothing arrives within
     /// `limit` (a guard against a hung test, not a synchronisation).
     pub async fn next_section(&mut self, limit: Duration) -> Option<bytes::Bytes> {
         let deadline = tokio::time::Instant::now() + limit;
-        let mut buf = vec![0u8; 2048];
         loop {
             if let Some(s) = self.pending.pop_front() {
                 return Some(s);
             }
-            let n = tokio::time::timeout_at(deadline, self.socket.recv(&mut buf))
+            let d = tokio::time::timeout_at(deadline, self.rx.recv())
                 .await
-                .ok()?
-                .ok()?;
+                .ok()??;
             self.datagrams += 1;
-            let payload = buf.get(self.rtp_header..n).unwrap_or(&[]);
+            let payload = d.get(self.rtp_header..).unwrap_or(&[]);
             for pkt in payload.chunks(188) {
                 for ev in self.depack.push(pkt) {
                     match ev {
@@ -291,6 +316,12 @@ impl Capture {
                 return Some(s);
             }
         }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

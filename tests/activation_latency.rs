@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v.get(((v.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN)
+    v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,7 +35,10 @@ async fn activation_latency_p50_p99() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let secs: u64 = std::env::var("CASD_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let secs: u64 = std::env::var("CASD_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     let t = TestDb::new().await;
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let dest = sock.local_addr().unwrap();
@@ -48,7 +53,12 @@ async fn activation_latency_p50_p99() {
     let task = tokio::spawn(casd::app::run(cfg, roles, listener, stop.clone()));
     let bearer = format!(
         "Bearer {}",
-        casd::auth::testing::token_for(&t.db, "lat", &[casd::auth::Scope::SmsWrite, casd::auth::Scope::SmsRead]).await
+        casd::auth::testing::token_for(
+            &t.db,
+            "lat",
+            &[casd::auth::Scope::SmsWrite, casd::auth::Scope::SmsRead]
+        )
+        .await
     );
     let http = reqwest::Client::new();
     while !matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == 200) {
@@ -59,7 +69,8 @@ async fn activation_latency_p50_p99() {
     // by a receiving thread as datagrams arrive.
     let seen: Arc<Mutex<HashMap<(u64, u16), Instant>>> = Default::default();
     let s2 = seen.clone();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let recv_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let rs = recv_stop.clone();
     let receiver = std::thread::spawn(move || {
@@ -69,10 +80,18 @@ async fn activation_latency_p50_p99() {
             let now = Instant::now();
             for p in buf[..n].chunks(188) {
                 // A section start in this packet: payload_unit_start, EMM PID.
-                if p.len() < 188 || p[0] != 0x47 || p[1] & 0x40 == 0 || (u16::from(p[1] & 0x1F) << 8 | u16::from(p[2])) != 0x0101 {
+                if p.len() < 188
+                    || p[0] != 0x47
+                    || p[1] & 0x40 == 0
+                    || (u16::from(p[1] & 0x1F) << 8 | u16::from(p[2])) != 0x0101
+                {
                     continue;
                 }
-                let mut i = 4 + if p[3] & 0x20 != 0 { 1 + p[4] as usize } else { 0 };
+                let mut i = 4 + if p[3] & 0x20 != 0 {
+                    1 + p[4] as usize
+                } else {
+                    0
+                };
                 let Some(&ptr) = p.get(i) else { continue };
                 i += 1 + ptr as usize;
                 // Sections starting in this packet (back to back).
@@ -90,7 +109,13 @@ async fn activation_latency_p50_p99() {
     let post = |path: &'static str, body: serde_json::Value| {
         let (http, base, bearer) = (http.clone(), base.clone(), bearer.clone());
         async move {
-            let r = http.post(format!("{base}{path}")).header("authorization", bearer).json(&body).send().await.unwrap();
+            let r = http
+                .post(format!("{base}{path}"))
+                .header("authorization", bearer)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 200);
             let at = Instant::now();
             let v: serde_json::Value = r.json().await.unwrap();
@@ -98,7 +123,11 @@ async fn activation_latency_p50_p99() {
         }
     };
     for d in 1..=200u64 {
-        post("/adddevice", json!({"transaction_id": format!("add-{d}"), "device_id": d})).await;
+        post(
+            "/adddevice",
+            json!({"transaction_id": format!("add-{d}"), "device_id": d}),
+        )
+        .await;
     }
 
     let mut n = 0u64;
@@ -126,9 +155,28 @@ async fn activation_latency_p50_p99() {
         for (device, (rid, at)) in &acked {
             let deadline = Instant::now() + Duration::from_secs(30);
             let found = loop {
-                let v: serde_json::Value = http.get(format!("{base}/requests/{rid}")).header("authorization", &bearer).send().await.unwrap().json().await.unwrap();
-                let ids: Vec<u64> = v["emm_ids"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default();
-                let first = ids.iter().filter_map(|id| seen.lock().unwrap().get(&(*device, (*id % 65536) as u16)).copied()).min();
+                let v: serde_json::Value = http
+                    .get(format!("{base}/requests/{rid}"))
+                    .header("authorization", &bearer)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let ids: Vec<u64> = v["emm_ids"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+                    .unwrap_or_default();
+                let first = ids
+                    .iter()
+                    .filter_map(|id| {
+                        seen.lock()
+                            .unwrap()
+                            .get(&(*device, (*id % 65536) as u16))
+                            .copied()
+                    })
+                    .min();
                 if let Some(f) = first {
                     break Some(f);
                 }

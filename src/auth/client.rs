@@ -196,11 +196,15 @@ impl TokenClient {
             enc(&self.cfg.client_id),
             enc(self.cfg.client_secret.expose())
         ));
-        let mut body = form_urlencoded::Serializer::new(String::new());
-        body.append_pair("grant_type", "client_credentials");
-        if let Some(s) = &self.cfg.scope {
-            body.append_pair("scope", s);
-        }
+        // Built before the first await: the serializer is not Send.
+        let body = {
+            let mut body = form_urlencoded::Serializer::new(String::new());
+            body.append_pair("grant_type", "client_credentials");
+            if let Some(s) = &self.cfg.scope {
+                body.append_pair("scope", s);
+            }
+            body.finish()
+        };
         let resp = self
             .http
             .post(&self.cfg.token_url)
@@ -212,7 +216,7 @@ impl TokenClient {
                 reqwest::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
             )
-            .body(body.finish())
+            .body(body)
             .send()
             .await
             .map_err(|e| TokenClientError::Unreachable(e.without_url().to_string()))?;

@@ -1,0 +1,317 @@
+//! The five roles as five separate `casd` processes on loopback, talking
+//! HTTPS with OAuth client credentials: the same SMS-to-air check as the
+//! all-in-one test, then the Encryptor process stopped while commands keep
+//! coming (they are accepted and wait in MySQL) and restarted (the work
+//! completes and reaches the air).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use casd::auth::client::{ClientCredentialsConfig, TokenClient};
+use casd::auth::{clients, Scope};
+use casd::config::Secret;
+use casd::crypto::{derive_duk, Key128};
+use casd::keystore::{KeyKind, KeyStore};
+use casd::receiver::{Outcome, Receiver};
+use casd::testing::{Capture, TestDb};
+use serde_json::json;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn make_certs(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "casd test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    leaf.distinguished_name.push(DnType::CommonName, "casd");
+    let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc {
+    role: &'static str,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn start(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_casd"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(["run", "--roles", self.role])
+            .env("CASD_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start casd");
+        self.child = Some(child);
+    }
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn wait_ready(http: &reqwest::Client, port: u16, p: &mut Proc) {
+    for _ in 0..3000 {
+        if let Ok(r) = http
+            .get(format!("https://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+        {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(p.running(), "{} exited during start-up", p.role);
+        tokio::time::sleep(Duration::from_millis(10)).await; // polling another process
+    }
+    panic!("{} never ready", p.role);
+}
+
+async fn air_until(
+    cap: &mut Capture,
+    rx: &mut HashMap<u64, Receiver>,
+    what: &str,
+    done: impl Fn(&HashMap<u64, Receiver>) -> bool,
+) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as u32;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !done(rx) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let s = cap
+            .next_section(left)
+            .await
+            .unwrap_or_else(|| panic!("never on air: {what}"));
+        for r in rx.values_mut() {
+            if let Outcome::Rejected(e) = r.accept(&s, now) {
+                panic!("receiver {} rejected a section: {e}", r.device_id);
+            }
+        }
+    }
+    assert!(cap.errors.is_empty(), "stream errors: {:?}", cap.errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_processes_over_tls_sms_to_air_and_encryptor_outage() {
+    let t = TestDb::new().await;
+    let dir = std::env::temp_dir().join(format!("casd-split-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    make_certs(&dir);
+    let d = dir.display().to_string();
+    let mut cap = Capture::bind(0x0101).await;
+    let ports: HashMap<&str, u16> = ["sms", "emmg", "encryptor", "cycler", "scheduler"]
+        .into_iter()
+        .map(|r| (r, free_port()))
+        .collect();
+
+    // One-time set-up, as an operator would: keys, token signing key, clients.
+    hw::FileKeySource::create_new(dir.join("root.key")).unwrap();
+    casd::auth::keys::init_signing_key(&t.db, &dir.join("token.pem"))
+        .await
+        .unwrap();
+    let emmg_secret = clients::create(
+        &t.db,
+        "emmg",
+        &[Scope::Encrypt],
+        10_000,
+        clients::HashCost::Fast,
+    )
+    .await
+    .unwrap();
+    let sched_secret = clients::create(
+        &t.db,
+        "scheduler",
+        &[Scope::Encrypt],
+        10_000,
+        clients::HashCost::Fast,
+    )
+    .await
+    .unwrap();
+    let sms_secret = clients::create(
+        &t.db,
+        "billing",
+        &[Scope::SmsWrite, Scope::SmsRead],
+        10_000,
+        clients::HashCost::Fast,
+    )
+    .await
+    .unwrap();
+
+    let token_url = format!("https://127.0.0.1:{}/oauth/token", ports["sms"]);
+    let peers = |id: &str, secret: &str| {
+        format!(
+            "[peers]\nencryptor_url = \"https://127.0.0.1:{}\"\n[peers.client]\ntoken_url = \"{token_url}\"\nclient_id = \"{id}\"\nclient_secret = \"{secret}\"\nca_file = \"{d}/ca.pem\"\n",
+            ports["encryptor"]
+        )
+    };
+    let mut procs: HashMap<&str, Proc> = HashMap::new();
+    for role in ["encryptor", "sms", "emmg", "cycler", "scheduler"] {
+        let token_endpoint = role == "sms";
+        let extra = match role {
+            "emmg" => peers("emmg", emmg_secret.expose()),
+            "scheduler" => peers("scheduler", sched_secret.expose()),
+            _ => String::new(),
+        };
+        let text = format!(
+            "[database]\nurl = \"{url}\"\n[api]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{d}/cert.pem\"\ntls_key = \"{d}/key.pem\"\nrequest_log = \"{d}/{role}-req.jsonl\"\n\
+             [keys]\nroot_key_file = \"{d}/root.key\"\n[emmg]\npoll_interval_ms = 20\n\
+             [cycler]\nlog_file = \"{d}/car.jsonl\"\nburst_interval_ms = 20\npoll_interval_ms = 10\n[[cycler.outputs]]\nname = \"t\"\ndestination = \"{dest}\"\nbitrate = 4000000\n\
+             [auth]\ntoken_endpoint = {token_endpoint}\nsigning_key_file = \"{d}/token.pem\"\n{extra}",
+            url = t.url,
+            port = ports[role],
+            dest = cap.addr(),
+        );
+        let config = dir.join(format!("{role}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let mut p = Proc {
+            role,
+            config,
+            child: None,
+        };
+        p.start();
+        procs.insert(role, p);
+    }
+    let sms_client = TokenClient::new(ClientCredentialsConfig {
+        token_url: token_url.clone(),
+        client_id: "billing".into(),
+        client_secret: Secret::new(sms_secret.expose()),
+        scope: None,
+        ca_file: Some(dir.join("ca.pem")),
+    })
+    .unwrap();
+    let https = sms_client.http().clone();
+    for role in ["encryptor", "sms", "emmg", "cycler", "scheduler"] {
+        wait_ready(&https, ports[role], procs.get_mut(role).unwrap()).await;
+    }
+
+    let base = format!("https://127.0.0.1:{}", ports["sms"]);
+    let mut n = 0;
+    let mut post = |path: &'static str, mut body: serde_json::Value| {
+        n += 1;
+        body["transaction_id"] = json!(format!("split-{n}"));
+        let (c, url) = (&sms_client, format!("{base}{path}"));
+        async move {
+            let r = c
+                .authorize(c.http().post(url))
+                .await
+                .unwrap()
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                r.status(),
+                200,
+                "{path}: {}",
+                r.text().await.unwrap_or_default()
+            );
+        }
+    };
+
+    let ks = KeyStore::open(t.db.clone(), {
+        use hw::KeySource;
+        Key128::from(
+            hw::FileKeySource::load(dir.join("root.key"))
+                .unwrap()
+                .root_key()
+                .unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    // The Encryptor process made PMK v1 at start-up.
+    let pmk = ks.key(KeyKind::Pmk, 1).await.unwrap();
+    let mut rx: HashMap<u64, Receiver> = [501u64, 502]
+        .into_iter()
+        .map(|d| (d, Receiver::new(d, derive_duk(&pmk, d))))
+        .collect();
+
+    post("/adddevice", json!({"device_id": 501})).await;
+    post("/adddevice", json!({"device_id": 502})).await;
+    post("/addentitlement", json!({"device_id": 501, "product_id": 3, "start": 1_700_000_000u32, "end": 1_900_000_000u32})).await;
+    post(
+        "/generateosm",
+        json!({"all": true, "text": "split hello", "duration_s": 3}),
+    )
+    .await;
+    air_until(&mut cap, &mut rx, "commands through five processes", |rx| {
+        rx[&501].enabled == Some(true)
+            && rx[&502].enabled == Some(true)
+            && rx[&501].entitlements.contains_key(&3)
+            && rx
+                .values()
+                .all(|r| r.osms.iter().any(|o| o.text == "split hello"))
+    })
+    .await;
+
+    // The Encryptor goes away; the SMS keeps accepting, the work waits.
+    procs.get_mut("encryptor").unwrap().stop();
+    for p in 10..30u32 {
+        post("/addentitlement", json!({"device_id": 502, "product_id": p, "start": 1_700_000_000u32, "end": 1_900_000_000u32})).await;
+    }
+    let pending: Option<u64> = {
+        use mysql_async::prelude::*;
+        let mut c = t.db.conn().await.unwrap();
+        c.query_first("SELECT COUNT(*) FROM work_items WHERE state = 'pending'")
+            .await
+            .unwrap()
+    };
+    assert!(
+        pending.unwrap() > 0,
+        "work should wait while the Encryptor is down"
+    );
+    assert!(!rx[&502].entitlements.contains_key(&29));
+
+    let enc = procs.get_mut("encryptor").unwrap();
+    enc.start();
+    wait_ready(
+        &https,
+        ports["encryptor"],
+        procs.get_mut("encryptor").unwrap(),
+    )
+    .await;
+    air_until(&mut cap, &mut rx, "work queued during the outage", |rx| {
+        (10..30).all(|p| rx[&502].entitlements.contains_key(&p))
+    })
+    .await;
+    for p in procs.values_mut() {
+        assert!(p.running(), "{} died", p.role);
+    }
+}
