@@ -60,11 +60,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order. A test checks this list against `migrations/`.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../migrations/0001_init.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "scheduler",
+        sql: include_str!("../migrations/0004_scheduler.sql"),
+    },
+];
 
 /// A handle on the database: one pool, cloned into every role.
 #[derive(Clone)]
