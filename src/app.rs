@@ -154,6 +154,9 @@ pub async fn run(
     // otherwise we wait for the shutdown signal.
     let mut failure = None;
     tokio::select! {
+        // Shutdown first: roles end by themselves once it is asked, and
+        // that is not a failure.
+        biased;
         _ = shutdown.cancelled() => {}
         Some(res) = tasks.join_next() => {
             failure = Some(match res {
