@@ -31,6 +31,10 @@ pub struct Shared {
     /// Rung by the EMMG (and Scheduler) after committing carousel changes,
     /// so a Cycler in this process reads `carousel_events` at once.
     pub emms_ready: std::sync::Arc<tokio::sync::Notify>,
+    /// Token verification, client status and rate limits of this process
+    /// (every route is already behind it via `auth::protect`; roles use it
+    /// for e.g. `auth.settings()`).
+    pub auth: crate::auth::Auth,
     /// The Encryptor the EMMG and Scheduler call: local when the encryptor
     /// role runs in this process, remote otherwise; `None` when no role here
     /// needs one.
@@ -104,6 +108,24 @@ pub async fn run(
         }
     }
     let readiness = Readiness::new(&roles);
+    // TLS files are read before anything listens: a bad path stops start-up.
+    let tls = match (&cfg.api.tls_cert, &cfg.api.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::load_server_config(cert, key)?),
+        _ => None,
+    };
+    let auth = crate::auth::Auth::new(
+        db.clone(),
+        crate::auth::AuthSettings::from_config(&cfg.auth),
+    );
+    match auth.refresh_keys().await {
+        Ok(n) => tracing::debug!(keys = n, "token verification keys loaded"),
+        Err(e) => tracing::warn!("cannot load token verification keys yet: {e}"),
+    }
+    if cfg.auth.token_endpoint {
+        if let Err(e) = crate::auth::keys::load_signing_key(&cfg.auth.signing_key_file) {
+            tracing::warn!("POST /oauth/token will answer 503 until this is fixed: {e}");
+        }
+    }
     let local_encryptor = if roles.contains(&Role::Encryptor) {
         Some(open_local_encryptor(&cfg, &db).await?)
     } else {
@@ -123,15 +145,27 @@ pub async fn run(
         shutdown: shutdown.clone(),
         work_ready: Default::default(),
         emms_ready: Default::default(),
+        auth: auth.clone(),
         encryptor,
     };
 
     let mut router: Router = http::health_routes(db.clone(), readiness.clone());
+    if shared.cfg.auth.token_endpoint {
+        router = router.merge(crate::auth::endpoint::routes(auth.clone()));
+    }
+    // Routes whose handlers check the caller themselves and record refused
+    // requests (the SMS role) go behind `auth::attach`; all others behind
+    // `auth::protect`.
+    let mut self_checking: Router = Router::new();
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
     for role in &roles {
         let (routes, task) = start_role(*role, &shared).await?;
         if let Some(r) = routes {
-            router = router.merge(r);
+            if *role == Role::Sms {
+                self_checking = self_checking.merge(r);
+            } else {
+                router = router.merge(r);
+            }
         }
         if let Some(t) = task {
             tasks.spawn(t);
@@ -140,14 +174,28 @@ pub async fn run(
 
     let addr = listener.local_addr()?;
     let names: Vec<&str> = roles.iter().map(|r| r.name()).collect();
-    tracing::info!(%addr, roles = %names.join(","), database = %db.display(), "casd running");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, %scheme, roles = %names.join(","), database = %db.display(), "casd running");
     for o in &shared.cfg.cycler.outputs {
         if roles.contains(&Role::Cycler) {
             tracing::info!(output = %o.name, destination = %o.destination, pid = o.pid, bitrate = o.bitrate, "carousel output");
         }
     }
 
-    let server = tokio::spawn(http::serve(listener, router, shutdown.clone()));
+    // Bearer token, enabled client and rate limit on every route but
+    // /healthz, /readyz and /oauth/token; the body limit everywhere (the
+    // SMS routes apply it themselves).
+    let router = crate::auth::protect(router, auth.clone(), shared.cfg.api.body_limit)
+        .merge(crate::auth::attach(self_checking, auth));
+    let server = match tls {
+        Some(tls) => tokio::spawn(crate::tls::serve_tls(
+            listener,
+            router,
+            tls,
+            shutdown.clone(),
+        )),
+        None => tokio::spawn(http::serve(listener, router, shutdown.clone())),
+    };
     let watchdog = start_watchdog(readiness.clone(), shutdown.clone());
 
     // A role task that fails brings the process down (systemd restarts it);

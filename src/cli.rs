@@ -59,6 +59,16 @@ pub enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
+    /// OAuth clients (who may ask for access tokens): create, list, rotate-secret, disable, enable.
+    Clients {
+        #[command(subcommand)]
+        command: ClientsCommand,
+    },
+    /// Token signing keys: init-key, rotate-signing-key, keys, retire-key.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -84,6 +94,68 @@ pub enum JobsCommand {
         /// Seconds to wait for the run to end (0 = do not wait).
         #[arg(long, default_value_t = 600)]
         wait: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientsCommand {
+    /// Register a client; prints its secret once (only a hash is kept).
+    Create {
+        #[arg(long)]
+        id: String,
+        /// Comma-separated: sms:write, sms:read, emm:generate, encrypt, admin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<crate::auth::Scope>,
+        /// Requests per second (default auth.default_rate_per_s).
+        #[arg(long)]
+        rate: Option<u32>,
+    },
+    /// List clients (never their secrets).
+    List,
+    /// Replace a client's secret; prints the new one once. The old secret
+    /// stops working at once; tokens already issued run until they expire.
+    RotateSecret {
+        #[arg(long)]
+        id: String,
+    },
+    /// Disable a client: no new tokens, and its tokens stop working at
+    /// their next check (within auth.client_cache_ms).
+    Disable {
+        #[arg(long)]
+        id: String,
+    },
+    /// Enable a disabled client.
+    Enable {
+        #[arg(long)]
+        id: String,
+    },
+    /// Change a client's scopes and/or rate.
+    Update {
+        #[arg(long)]
+        id: String,
+        #[arg(long, value_delimiter = ',')]
+        scopes: Option<Vec<crate::auth::Scope>>,
+        #[arg(long)]
+        rate: Option<u32>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuthCommand {
+    /// Create the token signing key file (auth.signing_key_file) if missing
+    /// and publish its public key.
+    InitKey,
+    /// New signing key; the previous one keeps verifying for one token
+    /// lifetime (plus leeway), then retires.
+    RotateSigningKey,
+    /// List the published verification keys.
+    Keys,
+    /// Stop a key from verifying anything (compromised key): now, or after --in-s seconds.
+    RetireKey {
+        #[arg(long)]
+        kid: String,
+        #[arg(long, default_value_t = 0)]
+        in_s: u64,
     },
 }
 
@@ -179,6 +251,8 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             db.close().await;
             Ok(())
         }
+        Command::Clients { command } => clients_command(command, &cfg).await,
+        Command::Auth { command } => auth_command(command, &cfg).await,
         Command::Keys { command } => keys_command(command, &cfg).await,
         Command::Jobs { command } => jobs_command(command, &cfg).await,
         Command::Config {
@@ -203,6 +277,17 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
                     "plain http"
                 }
             );
+            println!(
+                "  auth: issuer {}, audience {}, tokens {} s, {}",
+                cfg.auth.issuer,
+                cfg.auth.audience,
+                cfg.auth.token_lifetime_s,
+                if cfg.auth.token_endpoint {
+                    format!("issues tokens with {}", cfg.auth.signing_key_file.display())
+                } else {
+                    "verifies only".to_owned()
+                }
+            );
             for o in &cfg.cycler.outputs {
                 println!(
                     "  output {}: udp://{} pid 0x{:04X} {} bit/s",
@@ -212,6 +297,133 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn clients_command(command: ClientsCommand, cfg: &Config) -> anyhow::Result<()> {
+    use crate::auth::clients::{self, HashCost};
+    use crate::auth::Scope;
+    let db = crate::app::open_db(cfg).await?;
+    let result = async {
+        match command {
+            ClientsCommand::Create { id, scopes, rate } => {
+                let rate = rate.unwrap_or(cfg.auth.default_rate_per_s);
+                let secret = clients::create(&db, &id, &scopes, rate, HashCost::Standard).await?;
+                let mut scopes = scopes;
+                scopes.sort();
+                scopes.dedup();
+                eprintln!(
+                    "client `{id}` created: scopes {}, {rate} requests/s. Its secret is shown \
+                     this once; only its hash is stored.",
+                    Scope::join(&scopes)
+                );
+                println!("client_id={id}");
+                println!("client_secret={}", secret.expose());
+            }
+            ClientsCommand::List => {
+                println!(
+                    "{:<24} {:<8} {:>7}  {:<20}  {:<20}  scopes",
+                    "client_id", "state", "rate/s", "created", "updated"
+                );
+                for c in clients::list(&db).await? {
+                    println!(
+                        "{:<24} {:<8} {:>7}  {:<20}  {:<20}  {}",
+                        c.client_id,
+                        if c.enabled { "enabled" } else { "disabled" },
+                        c.rate_per_s,
+                        c.created_at,
+                        c.updated_at,
+                        Scope::join(&c.scopes)
+                    );
+                }
+            }
+            ClientsCommand::RotateSecret { id } => {
+                let secret = clients::rotate_secret(&db, &id, HashCost::Standard).await?;
+                eprintln!(
+                    "client `{id}` has a new secret, shown this once; the old one no longer works."
+                );
+                println!("client_id={id}");
+                println!("client_secret={}", secret.expose());
+            }
+            ClientsCommand::Disable { id } => {
+                clients::set_enabled(&db, &id, false).await?;
+                println!(
+                    "client `{id}` disabled; its tokens stop working within {} ms",
+                    cfg.auth.client_cache_ms
+                );
+            }
+            ClientsCommand::Enable { id } => {
+                clients::set_enabled(&db, &id, true).await?;
+                println!("client `{id}` enabled");
+            }
+            ClientsCommand::Update { id, scopes, rate } => {
+                if scopes.is_none() && rate.is_none() {
+                    anyhow::bail!("nothing to update: give --scopes and/or --rate");
+                }
+                if let Some(s) = scopes {
+                    clients::set_scopes(&db, &id, &s).await?;
+                }
+                if let Some(r) = rate {
+                    clients::set_rate(&db, &id, r).await?;
+                }
+                println!("client `{id}` updated");
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    db.close().await;
+    result
+}
+
+async fn auth_command(command: AuthCommand, cfg: &Config) -> anyhow::Result<()> {
+    use crate::auth::keys;
+    let db = crate::app::open_db(cfg).await?;
+    let path = &cfg.auth.signing_key_file;
+    let result = async {
+        match command {
+            AuthCommand::InitKey => {
+                let (kid, created) = keys::init_signing_key(&db, path).await?;
+                if created {
+                    println!("created token signing key {kid} in {}", path.display());
+                } else {
+                    println!("token signing key {kid} in {} already exists; published", path.display());
+                }
+            }
+            AuthCommand::RotateSigningKey => {
+                let after = cfg.auth.token_lifetime_s + cfg.auth.leeway_s;
+                let r = keys::rotate_signing_key(&db, path, after).await?;
+                println!("new token signing key {} in {}", r.current, path.display());
+                if let Some(p) = r.previous {
+                    println!("previous key {p} verifies for {after} s more, then retires");
+                }
+            }
+            AuthCommand::Keys => {
+                let now = crate::auth::token::unix_now();
+                println!("{:<44}  {:<6}  {:<20}  state", "kid", "alg", "created");
+                for k in keys::list_keys(&db).await? {
+                    let state = match k.retires_at {
+                        None => "current".to_owned(),
+                        Some(t) if t > now => format!("retiring in {} s", t - now),
+                        Some(_) => "retired".to_owned(),
+                    };
+                    println!("{:<44}  {:<6}  {:<20}  {state}", k.kid, k.alg, k.created_at);
+                }
+            }
+            AuthCommand::RetireKey { kid, in_s } => {
+                if !keys::retire_key(&db, &kid, in_s).await? {
+                    anyhow::bail!("no key `{kid}`");
+                }
+                println!(
+                    "key {kid} retires in {in_s} s; verifiers drop it within auth.key_refresh_s ({} s)",
+                    cfg.auth.key_refresh_s
+                );
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    db.close().await;
+    result
 }
 
 async fn keys_command(command: KeysCommand, cfg: &Config) -> anyhow::Result<()> {

@@ -136,6 +136,8 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 fn default_roles() -> Vec<Role> {
@@ -598,6 +600,91 @@ impl Default for LogConfig {
     }
 }
 
+/// OAuth 2.0 client credentials and JWT access tokens (docs/security.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `iss` of the tokens this process issues and the only issuer it accepts.
+    #[serde(default = "default_auth_name")]
+    pub issuer: String,
+    /// `aud` of the tokens issued and the only audience accepted.
+    #[serde(default = "default_auth_name")]
+    pub audience: String,
+    /// Seconds an access token lives.
+    #[serde(default = "default_token_lifetime_s")]
+    pub token_lifetime_s: u64,
+    /// Seconds of clock skew tolerated when checking `exp`/`nbf`.
+    #[serde(default = "default_leeway_s")]
+    pub leeway_s: u64,
+    /// Serve `POST /oauth/token` from this process (needs `signing_key_file`).
+    #[serde(default = "yes")]
+    pub token_endpoint: bool,
+    /// Ed25519 private key (PKCS#8 PEM, mode 0600) signing the tokens.
+    #[serde(default = "default_signing_key_file")]
+    pub signing_key_file: PathBuf,
+    /// Milliseconds a client's enabled flag/scopes/rate are cached (0 = check every request).
+    #[serde(default = "default_client_cache_ms")]
+    pub client_cache_ms: u64,
+    /// Seconds between reloads of the public key set (`jwt_keys`).
+    #[serde(default = "default_key_refresh_s")]
+    pub key_refresh_s: u64,
+    /// Requests per second for clients created without `--rate`.
+    #[serde(default = "default_rate_per_s")]
+    pub default_rate_per_s: u32,
+    /// Failed token requests allowed per client id in a burst...
+    #[serde(default = "default_failed_token_burst")]
+    pub failed_token_burst: u32,
+    /// ...and refilled at this many per minute.
+    #[serde(default = "default_failed_token_per_min")]
+    pub failed_token_per_min: u32,
+}
+
+fn default_auth_name() -> String {
+    "casd".into()
+}
+fn default_token_lifetime_s() -> u64 {
+    600
+}
+fn default_leeway_s() -> u64 {
+    30
+}
+fn default_signing_key_file() -> PathBuf {
+    PathBuf::from("keys/token-signing.pem")
+}
+fn default_client_cache_ms() -> u64 {
+    1000
+}
+fn default_key_refresh_s() -> u64 {
+    30
+}
+fn default_rate_per_s() -> u32 {
+    100
+}
+fn default_failed_token_burst() -> u32 {
+    5
+}
+fn default_failed_token_per_min() -> u32 {
+    10
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            issuer: default_auth_name(),
+            audience: default_auth_name(),
+            token_lifetime_s: default_token_lifetime_s(),
+            leeway_s: default_leeway_s(),
+            token_endpoint: true,
+            signing_key_file: default_signing_key_file(),
+            client_cache_ms: default_client_cache_ms(),
+            key_refresh_s: default_key_refresh_s(),
+            default_rate_per_s: default_rate_per_s(),
+            failed_token_burst: default_failed_token_burst(),
+            failed_token_per_min: default_failed_token_per_min(),
+        }
+    }
+}
+
 impl Config {
     /// Reads `path`, applies the process environment, validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -771,6 +858,37 @@ impl Config {
             if let Err(m) = crate::scheduler::Schedule::parse(v) {
                 return Err(key_err(k, m));
             }
+        }
+        let a = &self.auth;
+        if a.issuer.is_empty() || a.issuer.len() > 128 {
+            return Err(key_err("auth.issuer", "must be 1..=128 characters"));
+        }
+        if a.audience.is_empty() || a.audience.len() > 128 {
+            return Err(key_err("auth.audience", "must be 1..=128 characters"));
+        }
+        if !(30..=86_400).contains(&a.token_lifetime_s) {
+            return Err(key_err(
+                "auth.token_lifetime_s",
+                "must be between 30 and 86400",
+            ));
+        }
+        if a.leeway_s > 300 {
+            return Err(key_err("auth.leeway_s", "must be at most 300"));
+        }
+        if a.client_cache_ms > 60_000 {
+            return Err(key_err("auth.client_cache_ms", "must be at most 60000"));
+        }
+        if !(1..=3600).contains(&a.key_refresh_s) {
+            return Err(key_err("auth.key_refresh_s", "must be between 1 and 3600"));
+        }
+        if a.default_rate_per_s == 0 {
+            return Err(key_err("auth.default_rate_per_s", "must be at least 1"));
+        }
+        if a.failed_token_burst == 0 {
+            return Err(key_err("auth.failed_token_burst", "must be at least 1"));
+        }
+        if a.failed_token_per_min == 0 {
+            return Err(key_err("auth.failed_token_per_min", "must be at least 1"));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(key_err("log.format", "must be \"text\" or \"json\""));

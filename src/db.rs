@@ -67,6 +67,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0001_init.sql"),
     },
     Migration {
+        version: 3,
+        name: "auth",
+        sql: include_str!("../migrations/0003_auth.sql"),
+    },
+    Migration {
         version: 4,
         name: "scheduler",
         sql: include_str!("../migrations/0004_scheduler.sql"),
@@ -96,7 +101,17 @@ impl Db {
         let constraints = PoolConstraints::new(0, pool_max.max(1))
             .ok_or_else(|| DbError::Unreachable("bad pool size".into()))?;
         let builder = OptsBuilder::from_opts(opts)
-            .pool_opts(PoolOpts::default().with_constraints(constraints))
+            .pool_opts(
+                // No COM_RESET_CONNECTION when a connection returns to the
+                // pool: it costs a round trip per checkout and drops the
+                // server-side prepared statements, so every statement would
+                // be prepared again. Safe here: sessions carry no state of
+                // their own (time_zone is set once at connect, transactions
+                // always end in COMMIT or ROLLBACK).
+                PoolOpts::default()
+                    .with_constraints(constraints)
+                    .with_reset_connection(false),
+            )
             // Keep the server's time zone out of our DATETIMEs: all UTC.
             .init(vec!["SET time_zone = '+00:00'"])
             .tcp_nodelay(true)

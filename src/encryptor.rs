@@ -21,6 +21,7 @@
 //! - `POST /encryptor/v1/rotate-root` (scope `admin`) → [`RootRotation`]:
 //!   re-seals every key row under `keys.next_root_key_file`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -217,6 +218,7 @@ impl LocalEncryptor {
     async fn address_root(
         &self,
         job: &SealJob,
+        current: &mut HashMap<KeyKind, u32>,
     ) -> Result<Result<(Key128, u32), SealJobError>, EncryptorError> {
         let kind = match &job.address {
             Address::Unique { .. } => KeyKind::Pmk,
@@ -226,7 +228,14 @@ impl LocalEncryptor {
         let keys = self.keystore();
         let version = match job.key_version {
             Some(v) => v,
-            None => keys.current(kind).await?.version,
+            None => match current.get(&kind) {
+                Some(v) => *v,
+                None => {
+                    let v = keys.current(kind).await?.version;
+                    current.insert(kind, v);
+                    v
+                }
+            },
         };
         let key = match keys.key(kind, version).await {
             Ok(k) => k,
@@ -244,8 +253,12 @@ impl LocalEncryptor {
         Ok(Ok((root, version)))
     }
 
-    async fn seal_one(&self, job: SealJob) -> Result<Result<Sealed, SealJobError>, EncryptorError> {
-        let (root, key_version) = match self.address_root(&job).await? {
+    async fn seal_one(
+        &self,
+        job: SealJob,
+        current: &mut HashMap<KeyKind, u32>,
+    ) -> Result<Result<Sealed, SealJobError>, EncryptorError> {
+        let (root, key_version) = match self.address_root(&job, current).await? {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
@@ -318,8 +331,10 @@ impl Encryptor for LocalEncryptor {
                 )));
             }
             let mut out = Vec::with_capacity(jobs.len());
+            // "The version to use now" is looked up once per family per batch.
+            let mut current = HashMap::new();
             for job in jobs {
-                out.push(self.seal_one(job).await?);
+                out.push(self.seal_one(job, &mut current).await?);
             }
             Ok(out)
         })

@@ -22,3 +22,4 @@ pub mod scheduler;
 pub mod shutdown;
 pub mod sms;
 pub mod testing;
+pub mod tls;

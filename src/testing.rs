@@ -293,3 +293,9 @@ impl Capture {
         }
     }
 }
+
+/// An `Authorization` header value accepted by routes served with
+/// `auth::protect`/`auth::attach` on `db` (client `bench`, every scope).
+pub async fn bench_bearer(db: &Db) -> String {
+    crate::auth::testing::bench_bearer(db).await
+}

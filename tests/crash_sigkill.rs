@@ -83,12 +83,14 @@ async fn sigkill_while_posting_loses_and_doubles_nothing() {
     let accepted: Arc<Mutex<HashMap<u64, u64>>> = Default::default(); // request_id -> device_id
     let stop_posting = tokio_util::sync::CancellationToken::new();
     let mut posters = Vec::new();
+    let bearer = casd::testing::bench_bearer(&t.db).await;
     for w in 0..4u64 {
-        let (http, base, accepted, stop) = (
+        let (http, base, accepted, stop, bearer) = (
             http.clone(),
             base.clone(),
             accepted.clone(),
             stop_posting.clone(),
+            bearer.clone(),
         );
         posters.push(tokio::spawn(async move {
             for i in 0..10_000u64 {
@@ -100,7 +102,7 @@ async fn sigkill_while_posting_loses_and_doubles_nothing() {
                     json!({"transaction_id": format!("crash-{device}"), "device_id": device});
                 let r = http
                     .post(format!("{base}/adddevice"))
-                    .header("authorization", "Bearer dev:sms")
+                    .header("authorization", &bearer)
                     .json(&body)
                     .send()
                     .await;

@@ -21,6 +21,7 @@ struct Sms {
     http: reqwest::Client,
     base: String,
     n: u32,
+    bearer: String,
 }
 
 impl Sms {
@@ -30,7 +31,7 @@ impl Sms {
         let r = self
             .http
             .post(format!("{}{path}", self.base))
-            .header("authorization", "Bearer dev:sms-e2e")
+            .header("authorization", &self.bearer)
             .json(&body)
             .send()
             .await
@@ -89,6 +90,15 @@ async fn every_command_reaches_the_receivers_it_addresses() {
         http: reqwest::Client::new(),
         base: format!("http://{addr}"),
         n: 0,
+        bearer: format!(
+            "Bearer {}",
+            casd::auth::testing::token_for(
+                &t.db,
+                "sms-e2e",
+                &[casd::auth::Scope::SmsWrite, casd::auth::Scope::SmsRead]
+            )
+            .await
+        ),
     };
     // Ready when every role is.
     let mut ready = false;
@@ -130,7 +140,7 @@ async fn every_command_reaches_the_receivers_it_addresses() {
     let dev: Value = sms
         .http
         .get(format!("{}/devices/1001", sms.base))
-        .header("authorization", "Bearer dev:sms-e2e")
+        .header("authorization", &sms.bearer)
         .send()
         .await
         .unwrap()

@@ -158,14 +158,28 @@ async fn rest_endpoint_seals_and_refuses_bad_requests() {
     let t = TestDb::new().await;
     let enc = encryptor(&t).await;
     let ks = enc.keystore().clone();
-    let router = casd::encryptor::routes(Arc::new(enc));
+    // Behind the auth layer as in app::run (1 MiB body limit so the
+    // 1001-job request reaches the handler's own check).
+    let auth = casd::auth::Auth::new(
+        t.db.clone(),
+        casd::auth::AuthSettings {
+            signing_key_file: None,
+            ..Default::default()
+        },
+    );
+    let router = casd::auth::protect(casd::encryptor::routes(Arc::new(enc)), auth, 1 << 20);
+    let issuer = casd::auth::testing::TestIssuer::new(&t.db).await;
+    let bearer = format!(
+        "Bearer {}",
+        issuer.token("emmg", &[casd::auth::Scope::Encrypt]).await
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(casd::http::serve(listener, router, stop.clone()));
     let http = reqwest::Client::new();
     let url = format!("http://{addr}/encryptor/v1/seal");
-    let token = "Bearer dev:emmg";
+    let token = bearer.as_str();
 
     let body = serde_json::json!({"jobs": [job(5, Address::Unique { device_id: dev(9) }, vec![CommandSpec::EntitlementRemove { product_id: 3 }])]});
     let resp = http

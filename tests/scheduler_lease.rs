@@ -23,11 +23,18 @@ fn shared(t: &TestDb) -> Shared {
     let db = Db::new(&t.url, 8, Duration::from_secs(5)).unwrap();
     Shared {
         cfg: Arc::new(cfg),
-        db,
+        db: db.clone(),
         readiness: Default::default(),
         shutdown: CancellationToken::new(),
         work_ready: Default::default(),
         emms_ready: Default::default(),
+        auth: casd::auth::Auth::new(
+            db.clone(),
+            casd::auth::AuthSettings {
+                signing_key_file: None,
+                ..Default::default()
+            },
+        ),
         encryptor: None,
     }
 }

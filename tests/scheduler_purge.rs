@@ -46,6 +46,13 @@ async fn purge_removes_expired_emms_from_air_and_table_and_old_rows_in_batches()
         shutdown: CancellationToken::new(),
         work_ready: Default::default(),
         emms_ready: Default::default(),
+        auth: casd::auth::Auth::new(
+            t.db.clone(),
+            casd::auth::AuthSettings {
+                signing_key_file: None,
+                ..Default::default()
+            },
+        ),
         encryptor: None,
     };
     let mut c = t.db.conn().await.unwrap();

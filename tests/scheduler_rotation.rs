@@ -27,6 +27,8 @@ fn now_unix() -> u32 {
 
 struct Rig {
     t: TestDb,
+    sms_bearer: String,
+    ops_bearer: String,
     cap: Capture,
     http: reqwest::Client,
     base: String,
@@ -74,7 +76,15 @@ impl Rig {
             .await
             .unwrap();
         let pmk = (*ks.key(KeyKind::Pmk, 1).await.unwrap()).clone();
+        use casd::auth::{testing::token_for, Scope};
+        let sms_bearer = format!(
+            "Bearer {}",
+            token_for(&t.db, "sms-rot", &[Scope::SmsWrite, Scope::SmsRead]).await
+        );
+        let ops_bearer = format!("Bearer {}", token_for(&t.db, "ops", &[Scope::Admin]).await);
         Rig {
+            sms_bearer,
+            ops_bearer,
             t,
             cap,
             http,
@@ -99,7 +109,7 @@ impl Rig {
         let r = self
             .http
             .post(format!("{}{path}", self.base))
-            .header("authorization", "Bearer dev:sms-rot")
+            .header("authorization", &self.sms_bearer)
             .json(&body)
             .send()
             .await
@@ -113,7 +123,7 @@ impl Rig {
         let r = self
             .http
             .post(format!("{}/jobs/{job}/run", self.base))
-            .header("authorization", "Bearer dev:ops")
+            .header("authorization", &self.ops_bearer)
             .json(&params)
             .send()
             .await

@@ -40,6 +40,13 @@ async fn rotation_for_many_devices() {
         shutdown: CancellationToken::new(),
         work_ready: Default::default(),
         emms_ready: Default::default(),
+        auth: casd::auth::Auth::new(
+            t.db.clone(),
+            casd::auth::AuthSettings {
+                signing_key_file: None,
+                ..Default::default()
+            },
+        ),
         encryptor: Some(enc.clone()),
     };
     let mut c = t.db.conn().await.unwrap();

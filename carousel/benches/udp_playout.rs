@@ -10,16 +10,24 @@
 //! - Inter-datagram jitter at 1 and 10 Mbit/s (CBR, 7 packets/datagram):
 //!   the receiver timestamps every datagram; jitter = |arrival interval −
 //!   nominal interval|, p50/p99/max over JITTER_SECONDS (default 60 s).
-//!   Also the long-run rate measured at the receiver vs. the target.
+//!   Two timestamps per datagram: `user` = `Instant::now()` when the
+//!   receiving tokio task got it (includes the receiver's own scheduling
+//!   delay), `kernel` = the socket's `SO_TIMESTAMPNS` receive stamp (on
+//!   loopback taken when the sender's `send` hands the packet to the stack,
+//!   so it measures the sender alone). Also the long-run rate measured at the
+//!   receiver vs. the target.
 //!
 //! Without `--bench` (cargo test --all-targets) it runs a short smoke pass.
 
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use carousel::mux::{MuxConfig, MAX_PACKETS_PER_DATAGRAM};
 use carousel::player::{AsyncUdpOutput, Carousel, PlayerConfig};
 use carousel::schedule::ScheduleConfig;
 use carousel::{UdpConfig, UdpOutput};
+use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
@@ -29,20 +37,53 @@ async fn receiver() -> (UdpSocket, std::net::SocketAddr) {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let sock = socket2::SockRef::from(&s);
     let _ = sock.set_recv_buffer_size(8 << 20);
+    setsockopt(&s, sockopt::ReceiveTimestampns, &true).unwrap();
     s.set_nonblocking(true).unwrap();
     let addr = s.local_addr().unwrap();
     (UdpSocket::from_std(s).unwrap(), addr)
 }
 
-/// Receives for `dur`; returns arrival instants (if `keep`) and the count/bytes.
-async fn receive(sock: &UdpSocket, dur: Duration, keep: bool) -> (Vec<Instant>, u64, u64) {
+/// Arrival times of the datagrams, in seconds: user space, kernel stamp.
+#[derive(Default)]
+struct Arrivals {
+    user: Vec<f64>,
+    kernel: Vec<f64>,
+}
+
+/// One datagram with its `SO_TIMESTAMPNS` stamp (seconds, CLOCK_REALTIME).
+async fn recv_stamped(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, Option<f64>)> {
+    let fd = sock.as_raw_fd();
+    sock.async_io(Interest::READABLE, || {
+        let mut iov = [std::io::IoSliceMut::new(buf)];
+        let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+        let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
+            .map_err(std::io::Error::from)?;
+        let stamp = msg.cmsgs().ok().and_then(|mut c| {
+            c.find_map(|m| match m {
+                ControlMessageOwned::ScmTimestampns(t) => {
+                    Some(t.tv_sec() as f64 + t.tv_nsec() as f64 * 1e-9)
+                }
+                _ => None,
+            })
+        });
+        Ok((msg.bytes, stamp))
+    })
+    .await
+}
+
+/// Receives for `dur`; returns arrival times (if `keep`) and the count/bytes.
+async fn receive(sock: &UdpSocket, dur: Duration, keep: bool) -> (Arrivals, u64, u64) {
     let mut buf = vec![0u8; 2048];
-    let mut times = Vec::new();
+    let mut times = Arrivals::default();
+    let t0 = Instant::now();
     let (mut n, mut bytes) = (0u64, 0u64);
     let end = tokio::time::Instant::now() + dur;
-    while let Ok(Ok(len)) = tokio::time::timeout_at(end, sock.recv(&mut buf)).await {
+    while let Ok(Ok((len, stamp))) =
+        tokio::time::timeout_at(end, recv_stamped(sock, &mut buf)).await
+    {
         if keep {
-            times.push(Instant::now());
+            times.user.push((Instant::now() - t0).as_secs_f64());
+            times.kernel.extend(stamp);
         }
         n += 1;
         bytes += len as u64;
@@ -63,7 +104,7 @@ fn player_config(bitrate: u64) -> PlayerConfig {
     }
 }
 
-async fn play(bitrate: u64, dur: Duration, keep: bool) -> (Vec<Instant>, u64, u64) {
+async fn play(bitrate: u64, dur: Duration, keep: bool) -> (Arrivals, u64, u64) {
     let (rx, addr) = receiver().await;
     let out = AsyncUdpOutput::new(UdpOutput::open(&UdpConfig::new(addr)).unwrap()).unwrap();
     let stop = CancellationToken::new();
@@ -107,18 +148,24 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// |interval − nominal| in ms, sorted.
+fn deviations(times: &[f64], nominal: f64) -> Vec<f64> {
+    let mut dev: Vec<f64> = times
+        .windows(2)
+        .map(|w| ((w[1] - w[0]) - nominal).abs() * 1e3)
+        .collect();
+    dev.sort_by(|a, b| a.total_cmp(b));
+    dev
+}
+
 async fn jitter(bitrate: u64, dur: Duration) {
     let (times, n, bytes) = play(bitrate, dur, true).await;
     let nominal = DATAGRAM as f64 * 8.0 / bitrate as f64; // seconds
-    let mut dev: Vec<f64> = times
-        .windows(2)
-        .map(|w| ((w[1] - w[0]).as_secs_f64() - nominal).abs() * 1e3)
-        .collect();
-    dev.sort_by(|a, b| a.total_cmp(b));
     let span = times
+        .user
         .last()
-        .zip(times.first())
-        .map(|(l, f)| (*l - *f).as_secs_f64())
+        .zip(times.user.first())
+        .map(|(l, f)| l - f)
         .unwrap_or(0.0);
     let rate = if span > 0.0 {
         (bytes as f64 - DATAGRAM as f64) * 8.0 / span
@@ -126,16 +173,24 @@ async fn jitter(bitrate: u64, dur: Duration) {
         0.0
     };
     println!(
-        "jitter {:>6.1} Mbit/s over {:>4.0} s: {n} datagrams, nominal interval {:.3} ms, |deviation| p50 {:.3} ms p99 {:.3} ms max {:.3} ms; received rate {:.4} Mbit/s ({:+.3}% vs target)",
+        "jitter {:>6.1} Mbit/s over {:>4.0} s: {n} datagrams, nominal interval {:.3} ms; received rate {:.4} Mbit/s ({:+.3}% vs target)",
         bitrate as f64 / 1e6,
         dur.as_secs_f64(),
         nominal * 1e3,
-        pct(&dev, 0.5),
-        pct(&dev, 0.99),
-        dev.last().copied().unwrap_or(f64::NAN),
         rate / 1e6,
         (rate / bitrate as f64 - 1.0) * 100.0
     );
+    for (what, t) in [("user", &times.user), ("kernel", &times.kernel)] {
+        let dev = deviations(t, nominal);
+        println!(
+            "  {what:>6} stamps ({:>6}): |deviation| p50 {:.3} ms p99 {:.3} ms p99.9 {:.3} ms max {:.3} ms",
+            t.len(),
+            pct(&dev, 0.5),
+            pct(&dev, 0.99),
+            pct(&dev, 0.999),
+            dev.last().copied().unwrap_or(f64::NAN),
+        );
+    }
 }
 
 fn main() {

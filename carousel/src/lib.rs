@@ -37,7 +37,8 @@ pub use mux::{CatConfig, Mux, MuxConfig, MuxConfigError, RtpConfig};
 pub use output::{MemoryOutput, MulticastInterface, Output, UdpConfig, UdpOutput};
 pub use pacing::Pacer;
 pub use player::{
-    AsyncOutput, AsyncUdpOutput, Carousel, PlayRecord, PlayerConfig, PlayerHandle, PlayerStats,
+    AsyncOutput, AsyncUdpOutput, BlockingOutput, Carousel, PlayRecord, PlayerConfig, PlayerHandle,
+    PlayerStats, RealTime, SpawnError,
 };
 pub use schedule::{Class, Emm, InsertError, Lane, Played, Schedule, ScheduleConfig};
 pub use section::{LongHeader, Section, SectionError, TableId};

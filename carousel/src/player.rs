@@ -1,17 +1,29 @@
-//! The play-out runner (the only tokio part of the crate).
+//! The play-out runner (the only part of the crate that knows threads and
+//! tokio).
 //!
 //! A [`Carousel`] is a cloneable handle over the set of live EMMs. Each
-//! output gets a player task ([`Carousel::spawn_player`]) with its own
+//! output gets a player ([`Carousel::spawn_player`]) with its own
 //! [`Schedule`], [`Mux`] (packetizer, CC, CAT, pacer) and output; `add` and
 //! `remove` go to every player over bounded channels, the section bytes are
 //! shared (`Bytes`), not copied. Create the players first, then add the
 //! EMMs: a player spawned later starts with an empty carousel.
 //!
-//! Timing: a player sleeps with `tokio::time::sleep_until` until the instant
-//! the pacer says the next datagram is due (or until a command arrives),
-//! never for a fixed period; when it wakes it sends every datagram that is
-//! due (tokio timers have 1 ms granularity, a 20 Mbit/s output needs about
-//! two datagrams per millisecond).
+//! Timing: a player waits until the instant the pacer says the next
+//! datagram is due (or until a command arrives), never for a fixed period,
+//! and then sends every datagram that is due. Two drivers run the same
+//! player core (`Core`: commands, schedule, mux, records, counters):
+//!
+//! - **Thread** (outputs whose [`AsyncOutput::into_blocking`] gives a
+//!   blocking [`Output`]: [`AsyncUdpOutput`], [`RealTime`]): a dedicated OS
+//!   thread on the monotonic clock, waiting with
+//!   `std::thread::park_timeout` (a futex with an absolute
+//!   `CLOCK_MONOTONIC` deadline, timer slack lowered to 1 µs) and sending
+//!   with blocking `send`. It wakes within tens of microseconds of the due
+//!   instant instead of on tokio's 1 ms timer wheel. Commands and
+//!   cancellation wake it with `Thread::unpark`.
+//! - **Task** (every other [`AsyncOutput`], e.g. [`MemoryOutput`]): a tokio
+//!   task sleeping with `tokio::time::sleep_until`, so it follows paused
+//!   tokio time (the tests simulate hours in seconds).
 //!
 //! The schedule's timeline is milliseconds since the Unix epoch, advanced by
 //! the monotonic clock from an anchor read once at start: `Emm::not_after`
@@ -27,23 +39,39 @@
 
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::Thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::mux::{Mux, MuxConfig, MuxConfigError};
-use crate::output::{MemoryOutput, UdpOutput};
+use crate::output::{MemoryOutput, Output, UdpOutput};
 use crate::schedule::{Emm, Lane, Schedule, ScheduleConfig};
 use crate::section::{Section, SectionError};
+
+/// A blocking output played from a dedicated thread.
+pub type BlockingOutput = Box<dyn Output + Send>;
 
 /// Sends one datagram, asynchronously.
 pub trait AsyncOutput: Send + 'static {
     fn send(&mut self, datagram: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// A blocking sender for the same destination, if this output has one:
+    /// the player then runs on a dedicated OS thread on the real monotonic
+    /// clock with sub-millisecond timing (and never calls
+    /// [`AsyncOutput::send`]). The default keeps the output async: the
+    /// player is a tokio task on tokio time (1 ms timer granularity; follows
+    /// paused time in tests).
+    fn into_blocking(self) -> Result<BlockingOutput, Self>
+    where
+        Self: Sized,
+    {
+        Err(self)
+    }
 }
 
 impl AsyncOutput for MemoryOutput {
@@ -53,29 +81,69 @@ impl AsyncOutput for MemoryOutput {
     }
 }
 
-/// A [`UdpOutput`] on the tokio reactor.
+/// Plays a blocking [`Output`] from a dedicated thread on the real clock
+/// (what [`AsyncUdpOutput`] does), e.g. `RealTime(MemoryOutput::new())`.
+#[derive(Clone, Debug)]
+pub struct RealTime<O>(pub O);
+
+impl<O: Output + Send + 'static> AsyncOutput for RealTime<O> {
+    /// Blocking: only for outputs that never block for long.
+    async fn send(&mut self, datagram: &[u8]) -> io::Result<()> {
+        self.0.send(datagram)
+    }
+    fn into_blocking(self) -> Result<BlockingOutput, Self> {
+        Ok(Box::new(self.0))
+    }
+}
+
+/// Longest a blocking UDP send may wait for socket buffer space before it
+/// counts as a send error (keeps cancellation prompt if the host's queue
+/// is stuck).
+const UDP_SEND_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// A [`UdpOutput`] for the player: played from a dedicated thread with
+/// blocking sends ([`AsyncOutput::into_blocking`]). Used directly as an
+/// [`AsyncOutput`], it puts a duplicate of the socket on the tokio reactor
+/// at the first send.
 #[derive(Debug)]
 pub struct AsyncUdpOutput {
-    socket: tokio::net::UdpSocket,
+    output: UdpOutput,
+    reactor: Option<tokio::net::UdpSocket>,
 }
 
 impl AsyncUdpOutput {
-    /// Must be called inside a tokio runtime.
     pub fn new(output: UdpOutput) -> io::Result<Self> {
-        let socket = output.into_socket();
-        socket.set_nonblocking(true)?;
+        output.socket().set_nonblocking(false)?;
+        output.socket().set_write_timeout(Some(UDP_SEND_TIMEOUT))?;
         Ok(AsyncUdpOutput {
-            socket: tokio::net::UdpSocket::from_std(socket)?,
+            output,
+            reactor: None,
         })
     }
     pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.socket.local_addr()
+        self.output.socket().local_addr()
     }
 }
 
 impl AsyncOutput for AsyncUdpOutput {
     async fn send(&mut self, datagram: &[u8]) -> io::Result<()> {
-        self.socket.send(datagram).await.map(|_| ())
+        let socket = match &mut self.reactor {
+            Some(s) => s,
+            None => {
+                // O_NONBLOCK is shared with the duplicate: from here on the
+                // socket is the reactor's (into_blocking restores it).
+                let dup = self.output.socket().try_clone()?;
+                dup.set_nonblocking(true)?;
+                self.reactor.insert(tokio::net::UdpSocket::from_std(dup)?)
+            }
+        };
+        socket.send(datagram).await.map(|_| ())
+    }
+    fn into_blocking(self) -> Result<BlockingOutput, Self> {
+        drop(self.reactor);
+        // Best effort: new() already made it blocking unless send() was used.
+        let _ = self.output.socket().set_nonblocking(false);
+        Ok(Box::new(self.output))
     }
 }
 
@@ -147,6 +215,15 @@ impl Counters {
     }
 }
 
+/// Why a player could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error(transparent)]
+    Config(#[from] MuxConfigError),
+    #[error("starting the play-out thread: {0}")]
+    Thread(#[source] io::Error),
+}
+
 #[derive(Debug)]
 enum Command {
     Add(Emm),
@@ -159,11 +236,47 @@ const COMMAND_QUEUE: usize = 4096;
 /// Datagrams sent per wake-up before looking at commands and cancellation
 /// again (a stalled clock must not starve them).
 const MAX_DATAGRAMS_PER_WAKE: usize = 256;
+/// Commands applied per wake-up at most (a bulk load must not starve
+/// play-out)...
+const MAX_COMMANDS_PER_WAKE: usize = 256;
+/// ...and after every this many, the thread driver goes back to play-out if
+/// a datagram has become due.
+const COMMANDS_PER_CLOCK_CHECK: usize = 16;
+/// Timer slack of a play-out thread (Linux default: 50 µs).
+const TIMER_SLACK_NS: u64 = 1_000;
+/// Shortest wait of the thread driver when the core says "due now" but
+/// produced nothing (should not happen; keeps such a bug from spinning).
+const MIN_PARK: Duration = Duration::from_micros(50);
+
+/// One player as the [`Carousel`] sees it.
+#[derive(Clone, Debug)]
+struct Link {
+    tx: mpsc::Sender<Command>,
+    /// The play-out thread, woken after each command (thread driver only).
+    thread: Option<Thread>,
+}
+
+impl Link {
+    async fn send(&self, cmd: Command) {
+        // A player that stopped has dropped its receiver: nothing to do.
+        if self.tx.send(cmd).await.is_ok() {
+            if let Some(t) = &self.thread {
+                t.unpark();
+            }
+        }
+    }
+}
 
 /// Cloneable handle over the EMM set shared by every player.
 #[derive(Clone, Debug, Default)]
 pub struct Carousel {
-    players: Arc<Mutex<Vec<mpsc::Sender<Command>>>>,
+    players: Arc<Mutex<Vec<Link>>>,
+}
+
+#[derive(Debug)]
+enum Join {
+    Task(JoinHandle<PlayerStats>),
+    Thread(oneshot::Receiver<PlayerStats>),
 }
 
 /// A running player.
@@ -171,7 +284,7 @@ pub struct Carousel {
 pub struct PlayerHandle {
     name: Arc<str>,
     counters: Arc<Counters>,
-    join: JoinHandle<PlayerStats>,
+    join: Join,
 }
 
 impl PlayerHandle {
@@ -181,13 +294,34 @@ impl PlayerHandle {
     pub fn stats(&self) -> PlayerStats {
         self.counters.snapshot()
     }
+    /// True when the player runs on its own thread (real clock), false for
+    /// a tokio task (tokio time).
+    pub fn is_thread(&self) -> bool {
+        matches!(self.join, Join::Thread(_))
+    }
     /// Waits for the player to stop (after its cancellation token fired)
     /// and returns its final counters.
     pub async fn join(self) -> PlayerStats {
-        match self.join.await {
-            Ok(s) => s,
-            Err(_) => self.counters.snapshot(),
-        }
+        let done = match self.join {
+            Join::Task(j) => j.await.ok(),
+            Join::Thread(rx) => rx.await.ok(),
+        };
+        done.unwrap_or_else(|| self.counters.snapshot())
+    }
+}
+
+/// Stops a play-out thread when dropped: when the cancellation token fires,
+/// and also when the runtime that watches the token shuts down (as a tokio
+/// task player would stop).
+struct StopOnDrop {
+    stop: Arc<AtomicBool>,
+    thread: Thread,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.thread.unpark();
     }
 }
 
@@ -196,26 +330,28 @@ impl Carousel {
         Carousel::default()
     }
 
-    fn senders(&self) -> Vec<mpsc::Sender<Command>> {
+    fn links(&self) -> Vec<Link> {
         let mut players = self.players.lock().unwrap_or_else(PoisonError::into_inner);
-        players.retain(|s| !s.is_closed());
+        players.retain(|l| !l.tx.is_closed());
         players.clone()
     }
 
     /// Number of running players.
     pub fn players(&self) -> usize {
-        self.senders().len()
+        self.links().len()
     }
 
-    /// Starts a player for one output on the current tokio runtime. It
-    /// runs until `cancel` fires.
+    /// Starts a player for one output; must be called inside a tokio
+    /// runtime. It runs until `cancel` fires. An output with a blocking
+    /// form ([`AsyncOutput::into_blocking`], e.g. [`AsyncUdpOutput`]) gets
+    /// a dedicated thread on the real clock; any other a tokio task.
     pub fn spawn_player<O: AsyncOutput>(
         &self,
         config: PlayerConfig,
         output: O,
         records: Option<mpsc::Sender<PlayRecord>>,
         cancel: CancellationToken,
-    ) -> Result<PlayerHandle, MuxConfigError> {
+    ) -> Result<PlayerHandle, SpawnError> {
         let mux = Mux::new(config.mux.clone())?;
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let name: Arc<str> = Arc::from(config.name.as_str());
@@ -225,20 +361,52 @@ impl Carousel {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         });
-        let player = Player {
-            name: name.clone(),
+        let core = Core {
             schedule: Schedule::new(config.schedule),
             mux,
             anchor_ms: anchor,
-            start: Instant::now(),
-            records,
-            counters: counters.clone(),
+            rec: Recorder {
+                name: name.clone(),
+                records,
+                counters: counters.clone(),
+                played: Vec::new(),
+            },
         };
-        let join = tokio::spawn(player.run(output, rx, cancel));
+        let (join, thread) = match output.into_blocking() {
+            Err(output) => {
+                let start = tokio::time::Instant::now();
+                let task = tokio::spawn(run_task(core, output, rx, cancel, start));
+                (Join::Task(task), None)
+            }
+            Ok(output) => {
+                let stop = Arc::new(AtomicBool::new(false));
+                let (done_tx, done_rx) = oneshot::channel();
+                let start = std::time::Instant::now();
+                let clock = move || std::time::Instant::now().saturating_duration_since(start);
+                let flag = stop.clone();
+                let thread = std::thread::Builder::new()
+                    .name(format!("play {}", config.name))
+                    .spawn(move || {
+                        let _ = done_tx.send(run_thread(core, output, rx, &flag, clock));
+                    })
+                    .map_err(SpawnError::Thread)?
+                    .thread()
+                    .clone();
+                let guard = StopOnDrop {
+                    stop,
+                    thread: thread.clone(),
+                };
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    cancel.cancelled().await;
+                });
+                (Join::Thread(done_rx), Some(thread))
+            }
+        };
         self.players
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(tx);
+            .push(Link { tx, thread });
         Ok(PlayerHandle {
             name,
             counters,
@@ -251,131 +419,35 @@ impl Carousel {
     /// in [`PlayerStats::rejected`]).
     pub async fn add(&self, emm: Emm) -> Result<(), SectionError> {
         Section::parse(&emm.section)?;
-        for tx in self.senders() {
-            // A player that stopped has dropped its receiver: nothing to do.
-            let _ = tx.send(Command::Add(emm.clone())).await;
+        for link in self.links() {
+            link.send(Command::Add(emm.clone())).await;
         }
         Ok(())
     }
 
     /// Removes an EMM from every player (unknown ids are ignored).
     pub async fn remove(&self, id: u64) {
-        for tx in self.senders() {
-            let _ = tx.send(Command::Remove(id)).await;
+        for link in self.links() {
+            link.send(Command::Remove(id)).await;
         }
     }
 }
 
-struct Player {
+/// Play-out records and counters of one player.
+struct Recorder {
     name: Arc<str>,
-    schedule: Schedule,
-    mux: Mux,
-    anchor_ms: u64,
-    start: Instant,
     records: Option<mpsc::Sender<PlayRecord>>,
     counters: Arc<Counters>,
+    /// Sections taken for the datagram being built.
+    played: Vec<(u64, u64, Lane)>,
 }
 
-impl Player {
-    fn elapsed(&self) -> Duration {
-        Instant::now().saturating_duration_since(self.start)
-    }
-
-    fn timeline_ms(&self, elapsed: Duration) -> u64 {
-        self.anchor_ms
-            .saturating_add(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-    }
-
-    fn apply(&mut self, cmd: Command) {
-        let now = self.timeline_ms(self.elapsed());
-        match cmd {
-            Command::Add(emm) => {
-                if self.schedule.insert(emm, now).is_err() {
-                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Command::Remove(id) => {
-                self.schedule.remove(id);
-            }
-        }
-        self.counters
-            .live
-            .store(self.schedule.len() as u64, Ordering::Relaxed);
-    }
-
-    async fn run<O: AsyncOutput>(
-        mut self,
-        mut output: O,
-        mut rx: mpsc::Receiver<Command>,
-        cancel: CancellationToken,
-    ) -> PlayerStats {
-        let mut commands_open = true;
-        let mut played = Vec::new();
-        loop {
-            while let Ok(cmd) = rx.try_recv() {
-                self.apply(cmd);
-            }
-            for _ in 0..MAX_DATAGRAMS_PER_WAKE {
-                let elapsed = self.elapsed();
-                let now_ms = self.timeline_ms(elapsed);
-                let schedule = &mut self.schedule;
-                let Some(datagram) = self.mux.next_datagram(elapsed, || {
-                    let p = schedule.next(now_ms)?;
-                    played.push((p.id, p.cycle, p.lane));
-                    Some(p.section)
-                }) else {
-                    break;
-                };
-                if output.send(datagram).await.is_err() {
-                    self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
-                }
-                self.counters.datagrams.fetch_add(1, Ordering::Relaxed);
-                let stats = self.mux.stats();
-                self.counters
-                    .ts_bytes
-                    .store(stats.ts_bytes, Ordering::Relaxed);
-                self.emit(&mut played, now_ms);
-            }
-            self.counters
-                .cycle
-                .store(self.schedule.cycle(), Ordering::Relaxed);
-            self.counters
-                .live
-                .store(self.schedule.len() as u64, Ordering::Relaxed);
-
-            let source_ready = self.schedule.next_due().map(|t| {
-                if t == 0 {
-                    Duration::ZERO
-                } else {
-                    Duration::from_millis(t.saturating_sub(self.anchor_ms))
-                }
-            });
-            let wake = self.mux.next_wakeup(source_ready);
-            let sleep = async {
-                match wake {
-                    Some(w) => tokio::time::sleep_until(self.start + w).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                cmd = rx.recv(), if commands_open => match cmd {
-                    Some(cmd) => self.apply(cmd),
-                    // Every handle dropped: keep playing what we have.
-                    None => commands_open = false,
-                },
-                _ = sleep => {}
-            }
-        }
-        self.counters.snapshot()
-    }
-
-    fn emit(&mut self, played: &mut Vec<(u64, u64, Lane)>, at_unix_ms: u64) {
+impl Recorder {
+    fn emit(&mut self, at_unix_ms: u64) {
         self.counters
             .sections
-            .fetch_add(played.len() as u64, Ordering::Relaxed);
-        for (emm_id, cycle, lane) in played.drain(..) {
+            .fetch_add(self.played.len() as u64, Ordering::Relaxed);
+        for (emm_id, cycle, lane) in self.played.drain(..) {
             let Some(tx) = &self.records else { break };
             let rec = PlayRecord {
                 emm_id,
@@ -395,4 +467,188 @@ impl Player {
             }
         }
     }
+}
+
+/// Everything a player does except waiting and sending, shared by both
+/// drivers. Time is a parameter: the monotonic time elapsed since start,
+/// from whichever clock the driver runs on.
+struct Core {
+    schedule: Schedule,
+    mux: Mux,
+    anchor_ms: u64,
+    rec: Recorder,
+}
+
+impl Core {
+    fn timeline_ms(&self, elapsed: Duration) -> u64 {
+        self.anchor_ms
+            .saturating_add(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    fn apply(&mut self, cmd: Command, elapsed: Duration) {
+        let now = self.timeline_ms(elapsed);
+        match cmd {
+            Command::Add(emm) => {
+                if self.schedule.insert(emm, now).is_err() {
+                    self.rec.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Command::Remove(id) => {
+                self.schedule.remove(id);
+            }
+        }
+        self.rec
+            .counters
+            .live
+            .store(self.schedule.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Applies queued commands, at most [`MAX_COMMANDS_PER_WAKE`], stopping
+    /// early once `clock()` reaches `until` (checked every
+    /// [`COMMANDS_PER_CLOCK_CHECK`]). Returns how many were applied.
+    fn apply_queued(
+        &mut self,
+        rx: &mut mpsc::Receiver<Command>,
+        clock: &impl Fn() -> Duration,
+        until: Option<Duration>,
+    ) -> usize {
+        let mut n = 0;
+        while n < MAX_COMMANDS_PER_WAKE {
+            if n > 0 && n % COMMANDS_PER_CLOCK_CHECK == 0 && until.is_some_and(|u| clock() >= u) {
+                break;
+            }
+            let Ok(cmd) = rx.try_recv() else { break };
+            self.apply(cmd, clock());
+            n += 1;
+        }
+        n
+    }
+
+    /// The datagram due at `elapsed`, if any, pulling sections from the
+    /// schedule and emitting their play-out records. Call
+    /// [`Core::sent`] with the result of sending it.
+    fn next_datagram(&mut self, elapsed: Duration) -> Option<&[u8]> {
+        let now_ms = self.timeline_ms(elapsed);
+        let schedule = &mut self.schedule;
+        let played = &mut self.rec.played;
+        let datagram = self.mux.next_datagram(elapsed, || {
+            let p = schedule.next(now_ms)?;
+            played.push((p.id, p.cycle, p.lane));
+            Some(p.section)
+        })?;
+        self.rec.emit(now_ms);
+        Some(datagram)
+    }
+
+    fn sent(&mut self, result: io::Result<()>) {
+        let c = &self.rec.counters;
+        if result.is_err() {
+            c.send_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        c.datagrams.fetch_add(1, Ordering::Relaxed);
+        c.ts_bytes
+            .store(self.mux.stats().ts_bytes, Ordering::Relaxed);
+    }
+
+    /// Publishes the schedule counters and returns when the next datagram
+    /// may be due (`None`: only a command can make one).
+    fn next_wakeup(&mut self) -> Option<Duration> {
+        let c = &self.rec.counters;
+        c.cycle.store(self.schedule.cycle(), Ordering::Relaxed);
+        c.live.store(self.schedule.len() as u64, Ordering::Relaxed);
+        let source_ready = self.schedule.next_due().map(|t| {
+            if t == 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(t.saturating_sub(self.anchor_ms))
+            }
+        });
+        self.mux.next_wakeup(source_ready)
+    }
+
+    fn stats(&self) -> PlayerStats {
+        self.rec.counters.snapshot()
+    }
+}
+
+/// The tokio task driver: tokio timers (1 ms), tokio time (paused in tests).
+async fn run_task<O: AsyncOutput>(
+    mut core: Core,
+    mut output: O,
+    mut rx: mpsc::Receiver<Command>,
+    cancel: CancellationToken,
+    start: tokio::time::Instant,
+) -> PlayerStats {
+    let clock = || tokio::time::Instant::now().saturating_duration_since(start);
+    let mut commands_open = true;
+    loop {
+        core.apply_queued(&mut rx, &clock, None);
+        for _ in 0..MAX_DATAGRAMS_PER_WAKE {
+            let Some(datagram) = core.next_datagram(clock()) else {
+                break;
+            };
+            let result = output.send(datagram).await;
+            core.sent(result);
+        }
+        let wake = core.next_wakeup();
+        let sleep = async {
+            match wake {
+                Some(w) => tokio::time::sleep_until(start + w).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            cmd = rx.recv(), if commands_open => match cmd {
+                Some(cmd) => core.apply(cmd, clock()),
+                // Every handle dropped: keep playing what we have.
+                None => commands_open = false,
+            },
+            _ = sleep => {}
+        }
+    }
+    core.stats()
+}
+
+/// The thread driver: the real monotonic clock, futex waits with µs
+/// precision, blocking sends. Stops when `stop` is set (and the thread
+/// unparked); commands unpark it too.
+fn run_thread(
+    mut core: Core,
+    mut output: BlockingOutput,
+    mut rx: mpsc::Receiver<Command>,
+    stop: &AtomicBool,
+    clock: impl Fn() -> Duration,
+) -> PlayerStats {
+    // Best effort: timers of this thread fire within 1 µs instead of 50 µs.
+    #[cfg(target_os = "linux")]
+    let _ = nix::sys::prctl::set_timerslack(TIMER_SLACK_NS);
+    while !stop.load(Ordering::Acquire) {
+        let mut sent = false;
+        for _ in 0..MAX_DATAGRAMS_PER_WAKE {
+            let Some(datagram) = core.next_datagram(clock()) else {
+                break;
+            };
+            let result = output.send(datagram);
+            core.sent(result);
+            sent = true;
+        }
+        let wake = core.next_wakeup();
+        // Commands while nothing is due; play-out first once it is.
+        if core.apply_queued(&mut rx, &clock, wake) > 0 {
+            continue;
+        }
+        // Every Carousel handle dropped: try_recv fails, unpark never
+        // comes, the thread keeps playing what it has.
+        match wake {
+            None => std::thread::park(),
+            Some(w) => match w.checked_sub(clock()) {
+                Some(wait) if !wait.is_zero() => std::thread::park_timeout(wait),
+                _ if !sent => std::thread::park_timeout(MIN_PARK),
+                _ => {}
+            },
+        }
+    }
+    core.stats()
 }

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use carousel::mux::{MuxConfig, RtpConfig, RTP_HEADER_LEN};
-use carousel::player::{Carousel, PlayRecord, PlayerConfig};
+use carousel::player::{Carousel, PlayRecord, PlayerConfig, RealTime};
 use carousel::schedule::{Class, Lane, ScheduleConfig};
 use carousel::ts::Pid;
 use carousel::MemoryOutput;
@@ -44,6 +44,7 @@ async fn long_run(bitrate: u64, span: Duration) {
             cancel.clone(),
         )
         .unwrap();
+    assert!(!player.is_thread(), "MemoryOutput plays on tokio time");
     // A few EMMs so the stream is a real mix of EMM, CAT and null packets.
     for id in 0..50 {
         carousel
@@ -264,4 +265,99 @@ async fn idle_output_sends_only_the_cat_and_new_emms_go_out_at_once() {
     cancel.cancel();
     let s = p.join().await;
     assert_eq!(s.live, 0);
+}
+
+/// Waits (real time) until `cond` holds; panics after a generous bound so a
+/// broken player fails the test instead of hanging it. Not a timing check.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..6000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}: not reached within 60 s");
+}
+
+// The thread driver (what UDP outputs use) on the real clock: more adds
+// than the command queue holds (backpressure, nothing lost), removes, a
+// duplicate, records, cancellation and join. No timing is asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_player_takes_every_command_and_stops_on_cancel() {
+    let carousel = Carousel::new();
+    let cancel = CancellationToken::new();
+    let out = MemoryOutput::counting();
+    let (tx, mut rx) = mpsc::channel(1000);
+    let mut cfg = config("rt", 2_000_000, false);
+    cfg.clock_anchor_unix_ms = None;
+    cfg.schedule.burst_count = 0;
+    let p = carousel
+        .spawn_player(cfg, RealTime(out.clone()), Some(tx), cancel.clone())
+        .unwrap();
+    assert!(p.is_thread());
+    assert_eq!(carousel.players(), 1);
+    const N: u64 = 10_000; // > the 4096 command queue
+    for id in 0..N {
+        carousel
+            .add(emm(id, Class::ALL[(id % 3) as usize], u64::MAX, 100))
+            .await
+            .unwrap();
+    }
+    for id in 0..100 {
+        carousel.remove(id).await;
+    }
+    carousel
+        .add(emm(500, Class::Urgent, u64::MAX, 100))
+        .await
+        .unwrap(); // duplicate
+    eventually("every command applied", || {
+        let s = p.stats();
+        s.live == N - 100 && s.rejected == 1
+    })
+    .await;
+    let r = rx.recv().await.unwrap();
+    assert_eq!((&*r.output, r.lane), ("rt", Lane::Cycle));
+    eventually("datagrams sent", || out.count() > 10).await;
+    cancel.cancel();
+    let s = p.join().await;
+    assert_eq!(s.live, N - 100);
+    assert_eq!(s.send_errors, 0);
+    assert_eq!(s.datagrams, out.count());
+    assert_eq!(s.ts_bytes, out.bytes());
+    eventually("the stopped player leaves the carousel", || {
+        carousel.players() == 0
+    })
+    .await;
+}
+
+// A play-out thread also stops when the runtime that watches its
+// cancellation token goes away (as a tokio task player would).
+#[test]
+fn thread_player_stops_with_its_runtime() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let carousel = Carousel::new();
+    let p = rt.block_on(async {
+        carousel
+            .spawn_player(
+                config("rt", 1_000_000, true),
+                RealTime(MemoryOutput::counting()),
+                None,
+                CancellationToken::new(),
+            )
+            .unwrap()
+    });
+    assert_eq!(carousel.players(), 1);
+    drop(rt);
+    for _ in 0..6000 {
+        if carousel.players() == 0 {
+            drop(p);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("play-out thread still running 60 s after its runtime was dropped");
 }

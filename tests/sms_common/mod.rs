@@ -25,11 +25,18 @@ pub fn config(url: &str, log: &std::path::Path) -> Config {
 pub fn shared_for(cfg: Config, db: Db) -> Shared {
     Shared {
         cfg: std::sync::Arc::new(cfg),
-        db,
         readiness: Default::default(),
         shutdown: CancellationToken::new(),
         work_ready: Default::default(),
         emms_ready: Default::default(),
+        auth: casd::auth::Auth::new(
+            db.clone(),
+            casd::auth::AuthSettings {
+                signing_key_file: None,
+                ..Default::default()
+            },
+        ),
+        db,
         encryptor: None,
     }
 }
@@ -41,6 +48,8 @@ pub struct Headend {
     pub client: reqwest::Client,
     pub log: RequestLog,
     pub log_path: PathBuf,
+    /// Signs the tests' tokens (published in the database when it is up).
+    pub issuer: casd::auth::testing::TestIssuer,
 }
 
 impl Headend {
@@ -67,7 +76,19 @@ impl Headend {
         tweak(&mut cfg);
         let shared = shared_for(cfg, db);
         let log = RequestLog::open(&log_path, 1 << 30, 1);
-        let router = casd::sms::routes_with_log(shared.clone(), log.clone());
+        let router = casd::auth::attach(
+            casd::sms::routes_with_log(shared.clone(), log.clone()),
+            shared.auth.clone(),
+        );
+        let issuer = match tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            db_up(&shared.db),
+        )
+        .await
+        {
+            Ok(true) => casd::auth::testing::TestIssuer::new(&shared.db).await,
+            _ => casd::auth::testing::TestIssuer::unpublished(&shared.db),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(casd::http::serve(listener, router, shared.shutdown.clone()));
@@ -78,7 +99,17 @@ impl Headend {
             client: reqwest::Client::new(),
             log,
             log_path,
+            issuer,
         }
+    }
+
+    /// `Authorization: Bearer …` for `client`, every scope (the client is
+    /// created on first use).
+    pub async fn bearer(&self, client: &str) -> String {
+        format!(
+            "Bearer {}",
+            self.issuer.token(client, &casd::auth::Scope::ALL).await
+        )
     }
 
     pub fn db(&self) -> &Db {
@@ -103,7 +134,7 @@ impl Headend {
         let r = self
             .client
             .post(self.url(path))
-            .header("authorization", format!("Bearer dev:{client}"))
+            .header("authorization", self.bearer(client).await)
             .header("content-type", "application/json")
             .body(body.to_owned())
             .send()
@@ -120,7 +151,7 @@ impl Headend {
         let r = self
             .client
             .get(self.url(path))
-            .header("authorization", "Bearer dev:sms1")
+            .header("authorization", self.bearer("sms1").await)
             .send()
             .await
             .unwrap();
@@ -187,4 +218,8 @@ impl Drop for Headend {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+async fn db_up(db: &Db) -> bool {
+    db.ping().await.is_ok()
 }

@@ -1,2 +1,3 @@
-#![forbid(unsafe_code)]
-fn main() {}
+fn main() -> std::process::ExitCode {
+    casd_tools::cli::main()
+}

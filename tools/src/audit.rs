@@ -1,0 +1,381 @@
+//! `casd-probe audit`: what is on air against what the `emms` table says
+//! should be. See docs/tools.md for the rules.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use clap::Args;
+use mysql_async::prelude::*;
+use serde_json::{json, Value};
+
+use crate::cli::{capture, DecodeArgs, InputArgs, Recorders};
+use crate::decode::{Kind, Seen};
+use crate::report::{address_str, Printer};
+
+#[derive(Args, Debug, Clone)]
+pub struct AuditArgs {
+    /// mysql://user:password@host:port/database of the headend.
+    #[arg(
+        long,
+        env = "CASD_PROBE_DB_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub db_url: String,
+    #[command(flatten)]
+    pub input: InputArgs,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
+    /// Every live EMM must be seen at least once in any window of this many
+    /// seconds (default: the capture's duration, i.e. "seen at all").
+    #[arg(long, value_name = "S")]
+    pub max_period: Option<f64>,
+    /// Seconds an EMM may still be seen after it was withdrawn or expired.
+    #[arg(long, value_name = "S", default_value_t = 2.0)]
+    pub grace: f64,
+    /// JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also print the decoded records while capturing.
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+/// One `emms` row as the audit needs it.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub id: u64,
+    pub addressing: String,
+    pub address: u64,
+    pub state: String,
+    pub created: f64,
+    pub not_after: f64,
+}
+
+const PAGE: usize = 2000;
+/// id, addressing, address, state, created_at µs, not_after µs, section.
+type RowTuple = (u64, String, u64, String, i64, i64, Vec<u8>);
+/// The same plus the time of the last 'remove' event (µs).
+type RowTupleRemoved = (u64, String, u64, String, i64, i64, Vec<u8>, Option<i64>);
+const US: &str = "'1970-01-01 00:00:00'";
+
+async fn load(db: &casd::db::Db) -> anyhow::Result<HashMap<Vec<u8>, Row>> {
+    let mut c = db.conn().await?;
+    let mut out = HashMap::new();
+    let mut after = 0u64;
+    loop {
+        let rows: Vec<RowTuple> = c
+            .exec(
+                format!(
+                    "SELECT id, addressing, address, state, TIMESTAMPDIFF(MICROSECOND, {US}, created_at), \
+                     TIMESTAMPDIFF(MICROSECOND, {US}, not_after), encrypted_emm FROM emms \
+                     WHERE state = 'live' AND id > ? ORDER BY id LIMIT {PAGE}"
+                ),
+                (after,),
+            )
+            .await
+            .context("reading emms")?;
+        let n = rows.len();
+        for (id, addressing, address, state, created, not_after, bytes) in rows {
+            after = id;
+            out.insert(
+                bytes,
+                Row {
+                    id,
+                    addressing,
+                    address,
+                    state,
+                    created: created as f64 / 1e6,
+                    not_after: not_after as f64 / 1e6,
+                },
+            );
+        }
+        if n < PAGE {
+            return Ok(out);
+        }
+    }
+}
+
+/// Rows (any state) whose section bytes are among `sections`, with the time
+/// of their last 'remove' carousel event.
+async fn lookup(
+    db: &casd::db::Db,
+    sections: &[&[u8]],
+) -> anyhow::Result<HashMap<Vec<u8>, (Row, Option<f64>)>> {
+    let mut c = db.conn().await?;
+    let mut out = HashMap::new();
+    for batch in sections.chunks(200) {
+        let marks = vec!["?"; batch.len()].join(",");
+        let params: Vec<mysql_async::Value> = batch
+            .iter()
+            .map(|b| mysql_async::Value::from(b.to_vec()))
+            .collect();
+        let rows: Vec<RowTupleRemoved> = c
+            .exec(
+                format!(
+                    "SELECT e.id, e.addressing, e.address, e.state, TIMESTAMPDIFF(MICROSECOND, {US}, e.created_at), \
+                     TIMESTAMPDIFF(MICROSECOND, {US}, e.not_after), e.encrypted_emm, \
+                     (SELECT TIMESTAMPDIFF(MICROSECOND, {US}, MAX(ce.created_at)) FROM carousel_events ce \
+                      WHERE ce.emm_id = e.id AND ce.op = 'remove') \
+                     FROM emms e WHERE e.encrypted_emm IN ({marks})"
+                ),
+                params,
+            )
+            .await
+            .context("looking up sections in emms")?;
+        for (id, addressing, address, state, created, not_after, bytes, removed) in rows {
+            out.insert(
+                bytes,
+                (
+                    Row {
+                        id,
+                        addressing,
+                        address,
+                        state,
+                        created: created as f64 / 1e6,
+                        not_after: not_after as f64 / 1e6,
+                    },
+                    removed.map(|r| r as f64 / 1e6),
+                ),
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn row_json(r: &Row) -> Value {
+    json!({"emm_id": r.id, "addressing": r.addressing, "address": r.address})
+}
+
+fn row_str(r: &Row) -> String {
+    match r.addressing.as_str() {
+        "global" => format!("emm {} (global)", r.id),
+        a => format!("emm {} ({a} {})", r.id, r.address),
+    }
+}
+
+/// The comparison itself, pure: `live` rows, the `known` rows of sections
+/// not among them, what was seen, the capture window (None: no timing).
+pub fn compare(
+    live: &HashMap<Vec<u8>, Row>,
+    known: &HashMap<Vec<u8>, (Row, Option<f64>)>,
+    seen: &HashMap<bytes::Bytes, Seen>,
+    window: Option<(f64, f64)>,
+    max_period: Option<f64>,
+    grace: f64,
+    now: f64,
+) -> Value {
+    let mut problems: Vec<Value> = Vec::new();
+    let mut expected = 0u64;
+    let mut ok = 0u64;
+    let period = max_period.or(window.map(|(a, b)| b - a));
+    let mut ids: Vec<(&Vec<u8>, &Row)> = live.iter().collect();
+    ids.sort_by_key(|(_, r)| r.id);
+    for (bytes, r) in ids {
+        let s = seen.get(bytes.as_slice());
+        if let Some(s) = s {
+            let last = s.last_time.unwrap_or(f64::NEG_INFINITY);
+            let late = match window {
+                Some(_) => last > r.not_after + grace,
+                None => r.not_after < now,
+            };
+            if late {
+                problems.push(json!({"kind": "expired_on_air", "row": row_json(r),
+                    "detail": format!("{} expired at {:.3} but was on air until {:.3}", row_str(r), r.not_after, last)}));
+            }
+        }
+        match (window, period) {
+            (Some((t0, t1)), Some(p)) => {
+                let ws = t0.max(r.created);
+                let we = t1.min(r.not_after);
+                if we <= ws {
+                    continue; // not due on air during the capture
+                }
+                let times: Vec<f64> = s
+                    .map(|s| {
+                        s.times
+                            .iter()
+                            .copied()
+                            .filter(|t| *t >= ws && *t <= we + grace)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if times.is_empty() {
+                    if we - ws >= p.min(t1 - t0) - 1e-9 {
+                        expected += 1;
+                        problems.push(json!({"kind": "missing", "row": row_json(r),
+                            "detail": format!("{} is live but was not on air during {:.3} s of capture", row_str(r), we - ws)}));
+                    }
+                    continue;
+                }
+                expected += 1;
+                let mut gap: f64 = times[0] - ws;
+                let mut at = ws;
+                for w in times.windows(2) {
+                    if w[1] - w[0] > gap {
+                        gap = w[1] - w[0];
+                        at = w[0];
+                    }
+                }
+                let tail = we - times[times.len() - 1];
+                if tail > gap {
+                    gap = tail;
+                    at = times[times.len() - 1];
+                }
+                if gap > p {
+                    problems.push(json!({"kind": "late", "row": row_json(r), "gap_s": gap,
+                        "detail": format!("{} was off air for {gap:.3} s from {:.3} s into the capture (max period {p:.3} s)", row_str(r), at - t0)}));
+                } else {
+                    ok += 1;
+                }
+            }
+            _ => {
+                if r.not_after < now {
+                    continue;
+                }
+                expected += 1;
+                if s.is_some() {
+                    ok += 1;
+                } else {
+                    problems.push(json!({"kind": "missing", "row": row_json(r),
+                        "detail": format!("{} is live but not in the capture", row_str(r))}));
+                }
+            }
+        }
+    }
+    let mut on_air: Vec<(&bytes::Bytes, &Seen)> = seen
+        .iter()
+        .filter(|(_, s)| matches!(s.kind, Kind::Emm { .. }))
+        .collect();
+    on_air.sort_by(|(a, x), (b, y)| (x.first_packet, a).cmp(&(y.first_packet, b)));
+    let distinct = on_air.len();
+    for (bytes, s) in on_air {
+        if live.contains_key(bytes.as_ref()) {
+            continue;
+        }
+        let last = s.last_time.unwrap_or(f64::INFINITY);
+        match known.get(bytes.as_ref()) {
+            Some((r, removed)) if r.state == "withdrawn" => {
+                let w = removed.unwrap_or(f64::NEG_INFINITY);
+                if window.is_none() || last > w + grace {
+                    let when = removed
+                        .map(|w| format!("withdrawn at {w:.3}"))
+                        .unwrap_or_else(|| "withdrawn (no remove event)".into());
+                    problems.push(json!({"kind": "withdrawn_on_air", "row": row_json(r),
+                        "detail": format!("{} is {when} but was on air{}", row_str(r),
+                            s.last_time.map(|l| format!(" at {l:.3}")).unwrap_or_default())}));
+                }
+            }
+            Some((r, _)) => {
+                problems.push(json!({"kind": "unexpected", "row": row_json(r),
+                    "detail": format!("{} is on air in state {}", row_str(r), r.state)}));
+            }
+            None => {
+                let (mode, ext, address) = match &s.kind {
+                    Kind::Emm {
+                        mode,
+                        table_id_extension,
+                        address,
+                        ..
+                    } => (*mode, *table_id_extension, address.clone()),
+                    _ => ("?", 0, Value::Null),
+                };
+                problems.push(json!({"kind": "unknown_on_air", "table_id_extension": ext, "mode": mode, "address": address,
+                    "emm_id": s.emm_id(), "len": bytes.len(), "pid": s.pid, "count": s.count,
+                    "detail": format!("an EMM section on air matches no row of emms: {} ext {ext:#06x}, {} bytes, PID {:#06x}, seen {}x",
+                        address_str(&address), bytes.len(), s.pid, s.count)}));
+            }
+        }
+    }
+    json!({
+        "type": "audit",
+        "ok": problems.is_empty(),
+        "window": window.map(|(a, b)| json!({"start": a, "end": b, "duration_s": b - a})),
+        "max_period_s": period,
+        "grace_s": grace,
+        "live_rows": live.len(),
+        "expected": expected,
+        "in_period": ok,
+        "on_air_distinct": distinct,
+        "problems": problems,
+    })
+}
+
+pub fn print_human(o: &mut dyn Write, v: &Value) -> io::Result<()> {
+    let problems = v["problems"].as_array().cloned().unwrap_or_default();
+    writeln!(
+        o,
+        "audit: {} — {} live rows, {} expected on air, {} seen within the period, {} distinct EMM sections on air{}",
+        if problems.is_empty() { "OK" } else { "DIFFERENCES" },
+        v["live_rows"],
+        v["expected"],
+        v["in_period"],
+        v["on_air_distinct"],
+        v["max_period_s"].as_f64().map(|p| format!(", max period {p:.3} s")).unwrap_or_else(|| ", no timing (file input)".into())
+    )?;
+    for p in problems {
+        writeln!(
+            o,
+            "  {}: {}",
+            p["kind"].as_str().unwrap_or("?"),
+            p["detail"].as_str().unwrap_or("")
+        )?;
+    }
+    Ok(())
+}
+
+pub fn run(a: AuditArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let db = casd::db::Db::new(&a.db_url, 2, Duration::from_secs(5))?;
+    rt.block_on(db.ping())
+        .map_err(|e| anyhow!("{}: {e}", db.display()))?;
+    let mut cfg = a.decode.probe_config(&a.input)?;
+    cfg.keep_times = true;
+    let stdout = io::stdout();
+    let mut printer = Printer::new(io::BufWriter::new(stdout.lock()), a.json);
+    let verbose = a.verbose;
+    let mut emit = |v: &Value| -> io::Result<()> {
+        if verbose && v["type"] != "summary" {
+            printer.emit(v)?;
+        }
+        Ok(())
+    };
+    let cap = capture(&a.input, cfg, &mut Recorders::default(), None, 0, &mut emit)?;
+    let live = rt.block_on(load(&db))?;
+    let unmatched: Vec<&[u8]> = cap
+        .probe
+        .sections()
+        .iter()
+        .filter(|(b, s)| matches!(s.kind, Kind::Emm { .. }) && !live.contains_key(b.as_ref()))
+        .map(|(b, _)| b.as_ref())
+        .collect();
+    let known = rt.block_on(lookup(&db, &unmatched))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let mut report = compare(
+        &live,
+        &known,
+        cap.probe.sections(),
+        cap.window,
+        a.max_period,
+        a.grace,
+        now,
+    );
+    report["input"] = json!(cap.input);
+    report["stream"] = cap.probe.summary(true, 0)["errors"].clone();
+    printer.emit(&report)?;
+    printer.flush()?;
+    Ok(if report["ok"] == Value::Bool(true) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

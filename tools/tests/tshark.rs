@@ -1,0 +1,136 @@
+//! The probe's pcap recording, opened by Debian's tshark: every datagram is
+//! a UDP packet, every section decodes with a good CRC, no CC drop. tshark
+//! is required (`apt-get install tshark`): without it this test fails.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn tshark(args: &[&str]) -> String {
+    let out = Command::new("tshark")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "tshark is needed by this test and could not be run ({e}): apt-get install tshark"
+            )
+        });
+    assert!(
+        out.status.success(),
+        "tshark {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn pcap_written_by_the_probe_opens_in_tshark() {
+    let d = tempfile::tempdir().unwrap();
+    let f = fixture();
+    let pkts = stream(&[f.unique.clone(), f.group.clone(), f.global.clone()], 20);
+    let input = d.path().join("in.ts");
+    write_ts(&input, &pkts);
+    let pcap = d.path().join("out.pcap");
+    let r = probe(&[
+        "--ts",
+        input.to_str().unwrap(),
+        "--json",
+        "--quiet",
+        "--write-pcap",
+        pcap.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let sections = r.summary()["sections"].as_u64().unwrap();
+    assert_eq!(sections, 20 * 4);
+    let p = pcap.to_str().unwrap();
+
+    // One UDP packet per 7 TS packets (the last one partial).
+    let udp = tshark(&[
+        "-r",
+        p,
+        "-Y",
+        "udp.dstport == 5500",
+        "-T",
+        "fields",
+        "-e",
+        "udp.length",
+    ]);
+    let lens: Vec<usize> = udp.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(lens.len(), pkts.len().div_ceil(7), "{udp}");
+    assert!(lens[..lens.len() - 1].iter().all(|&l| l == 8 + 7 * 188));
+
+    // Every section, decoded by tshark's MPEG dissectors, with CRC checked.
+    let out = tshark(&[
+        "-r",
+        p,
+        "-d",
+        "udp.port==5500,mp2t",
+        "-o",
+        "mpeg_sect.verify_crc:TRUE",
+        "-T",
+        "fields",
+        "-E",
+        "occurrence=a",
+        "-E",
+        "separator=;",
+        "-e",
+        "mpeg_sect.tid",
+        "-e",
+        "mpeg_sect.crc.status",
+    ]);
+    let (mut tids, mut statuses) = (Vec::new(), Vec::new());
+    for line in out.lines() {
+        let mut cols = line.split(';');
+        let (t, s) = (cols.next().unwrap_or(""), cols.next().unwrap_or(""));
+        tids.extend(t.split(',').filter(|x| !x.is_empty()).map(str::to_owned));
+        statuses.extend(s.split(',').filter(|x| !x.is_empty()).map(str::to_owned));
+    }
+    assert_eq!(statuses.len() as u64, sections, "tshark sections:\n{out}");
+    assert!(
+        statuses.iter().all(|s| s == "1"),
+        "bad CRC in tshark: {statuses:?}"
+    );
+    for t in ["0x01", "0x82", "0x83", "0x84"] {
+        assert_eq!(tids.iter().filter(|x| *x == t).count(), 20, "{t}: {tids:?}");
+    }
+    let drops = tshark(&["-r", p, "-d", "udp.port==5500,mp2t", "-Y", "mp2t.cc.drop"]);
+    assert!(drops.trim().is_empty(), "tshark reports CC drops:\n{drops}");
+
+    // tshark's pcapng of the same capture reads back identically.
+    let ng = d.path().join("out.pcapng");
+    tshark(&["-r", p, "-F", "pcapng", "-w", ng.to_str().unwrap()]);
+    let r2 = probe(&[
+        "--pcap",
+        ng.to_str().unwrap(),
+        "--json",
+        "--quiet",
+        "--port",
+        "5500",
+    ]);
+    assert_eq!(r2.code(), 0, "{}", r2.stderr());
+    let (a, b) = (r.summary(), r2.summary());
+    assert_eq!(a["emm_sections"], b["emm_sections"]);
+    assert_eq!(b["sections"], sections);
+    assert_eq!(b["datagrams"].as_u64().unwrap() as usize, lens.len());
+    assert_eq!(b["errors"]["cc"], 0);
+    // The pcap times were kept (synthesised at 2 Mbit/s for a .ts input).
+    let dur = b["duration_s"].as_f64().unwrap();
+    let expect = (lens.len() - 1) as f64 * 7.0 * 1504.0 / 2e6;
+    assert!((dur - expect).abs() < 1e-3, "{dur} vs {expect}");
+    // A port filter that matches nothing skips every frame.
+    let r3 = probe(&[
+        "--pcap",
+        ng.to_str().unwrap(),
+        "--json",
+        "--quiet",
+        "--port",
+        "9",
+    ]);
+    assert_eq!(r3.summary()["packets"], 0);
+    assert_eq!(
+        r3.summary()["errors"]["frames_skipped"].as_u64().unwrap() as usize,
+        lens.len()
+    );
+}
