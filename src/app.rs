@@ -67,9 +67,19 @@ pub async fn open_keystore(cfg: &Config, db: &Db) -> anyhow::Result<KeyStore> {
     let source = FileKeySource::load(&cfg.keys.root_key_file)
         .map_err(|e| anyhow::anyhow!("{e} (keys.root_key_file; `casd keys init` creates it)"))?;
     let root = source.root_key().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let ks = KeyStore::open(db.clone(), crate::crypto::Key128::from_bytes(*root))
-        .await
-        .context("opening the key store")?;
+    let opened = KeyStore::open(db.clone(), crate::crypto::Key128::from_bytes(*root)).await;
+    // After a root rotation the store opens under keys.next_root_key_file.
+    let opened = match (opened, &cfg.keys.next_root_key_file) {
+        (Err(crate::keystore::KeyStoreError::WrongRoot { .. }), Some(next)) => {
+            let next_root = FileKeySource::load(next)
+                .and_then(|s| s.root_key())
+                .map_err(|e| anyhow::anyhow!("{e} (keys.next_root_key_file)"))?;
+            tracing::warn!("the key store is sealed under keys.next_root_key_file: set keys.root_key_file to it");
+            KeyStore::open(db.clone(), crate::crypto::Key128::from_bytes(*next_root)).await
+        }
+        (r, _) => r,
+    };
+    let ks = opened.context("opening the key store")?;
     let created = ks.init().await.context("initialising the key store")?;
     for k in created {
         tracing::info!(kind = %k, "created first key version");
@@ -93,7 +103,8 @@ fn remote_encryptor(cfg: &Config) -> anyhow::Result<crate::encryptor::RemoteEncr
 
 async fn open_local_encryptor(cfg: &Config, db: &Db) -> anyhow::Result<LocalEncryptor> {
     let ks = open_keystore(cfg, db).await?;
-    Ok(LocalEncryptor::new(ks, cfg.cas.max_section_bytes))
+    Ok(LocalEncryptor::new(ks, cfg.cas.max_section_bytes)
+        .with_next_root_file(cfg.keys.next_root_key_file.clone()))
 }
 
 /// Runs `roles` until `shutdown` is cancelled.
@@ -205,6 +216,9 @@ pub async fn run(
     // otherwise we wait for the shutdown signal.
     let mut failure = None;
     tokio::select! {
+        // Shutdown first: roles end by themselves once it is asked, and
+        // that is not a failure.
+        biased;
         _ = shutdown.cancelled() => {}
         Some(res) = tasks.join_next() => {
             failure = Some(match res {
@@ -304,10 +318,13 @@ async fn start_role(
             shared.readiness.started(role);
             Ok((None, Some(Box::pin(crate::emmg::run(shared.clone())))))
         }
-        // Roles are wired in as they are built; until then a role only reports ready.
         Role::Scheduler => {
+            let s = crate::scheduler::Scheduler::new(shared.clone());
             shared.readiness.started(role);
-            Ok((None, None))
+            Ok((
+                Some(crate::scheduler::routes(s.clone())),
+                Some(Box::pin(s.run())),
+            ))
         }
     }
 }

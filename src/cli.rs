@@ -54,6 +54,11 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Scheduler jobs: recent runs, run a job now.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
     /// OAuth clients (who may ask for access tokens): create, list, rotate-secret, disable, enable.
     Clients {
         #[command(subcommand)]
@@ -63,6 +68,32 @@ pub enum Command {
     Auth {
         #[command(subcommand)]
         command: AuthCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobsCommand {
+    /// Recent runs of every job (or of one), newest first.
+    List {
+        /// Only this job (purge, rotation, root-rotation, refresh).
+        job: Option<String>,
+        /// Runs shown.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Ask for a run now: records a trigger that the scheduler instance
+    /// holding (or next taking) the job's lease runs at its next tick, and
+    /// waits for that run to end. Needs a running scheduler role.
+    Run {
+        /// purge, rotation, root-rotation or refresh.
+        job: String,
+        /// Job parameters as a JSON object, e.g. '{"force": true}' for
+        /// rotation (also: "activates_at" unix s, "activates_in_s").
+        #[arg(long, default_value = "{}")]
+        params: String,
+        /// Seconds to wait for the run to end (0 = do not wait).
+        #[arg(long, default_value_t = 600)]
+        wait: u64,
     },
 }
 
@@ -139,8 +170,11 @@ pub enum KeysCommand {
     },
     /// List key versions (never key material).
     Status,
-    /// Root key rotation: create a new root key file and re-seal every key
-    /// row under it in one transaction. Then point keys.root_key_file at it.
+    /// Root key rotation, offline: create a new root key file and re-seal
+    /// every key row under it in one transaction. Then point
+    /// keys.root_key_file at it. With the headend running, set
+    /// keys.next_root_key_file instead and run `casd jobs run root-rotation`
+    /// (the running Encryptor re-seals and switches without a restart).
     RotateRoot {
         /// Path of the new root key file (must not exist yet).
         #[arg(long)]
@@ -220,6 +254,7 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
         Command::Clients { command } => clients_command(command, &cfg).await,
         Command::Auth { command } => auth_command(command, &cfg).await,
         Command::Keys { command } => keys_command(command, &cfg).await,
+        Command::Jobs { command } => jobs_command(command, &cfg).await,
         Command::Config {
             command: ConfigCommand::Check,
         } => {
@@ -456,6 +491,91 @@ async fn keys_command(command: KeysCommand, cfg: &Config) -> anyhow::Result<()> 
             Ok(())
         }
     }
+}
+
+async fn jobs_command(command: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
+    use mysql_async::prelude::*;
+    const JOBS: [&str; 4] = ["purge", "rotation", "root-rotation", "refresh"];
+    let db = crate::app::open_db(cfg).await?;
+    let mut c = db.conn().await?;
+    let print = |r: &crate::scheduler::RunRecord| {
+        let fmt = |us: i64| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_default()
+        };
+        println!(
+            "{:>8} {:<14} {:<9} fence {:<5} {} .. {}  {}  {}",
+            r.id,
+            r.job,
+            r.outcome.as_deref().unwrap_or("running"),
+            r.fence,
+            fmt(r.started_us),
+            r.ended_us.map(fmt).unwrap_or_else(|| "-".into()),
+            r.holder,
+            r.counts.as_ref().map(|c| c.to_string()).unwrap_or_default()
+        );
+    };
+    match command {
+        JobsCommand::List { job, limit } => {
+            let runs = crate::scheduler::recent_runs(&mut c, job.as_deref(), limit).await?;
+            if runs.is_empty() {
+                println!("no runs recorded");
+            }
+            for r in &runs {
+                print(r);
+            }
+        }
+        JobsCommand::Run { job, params, wait } => {
+            if !JOBS.contains(&job.as_str()) {
+                anyhow::bail!("no job named `{job}` (one of {})", JOBS.join(", "));
+            }
+            let params: serde_json::Value = serde_json::from_str(&params)
+                .ok()
+                .filter(serde_json::Value::is_object)
+                .ok_or_else(|| anyhow::anyhow!("--params must be a JSON object"))?;
+            let who = format!("cli:{}", std::env::var("USER").unwrap_or_default());
+            let id = crate::scheduler::trigger(&mut c, &job, &params, &who).await?;
+            println!("trigger {id} recorded for job {job}");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+            if wait == 0 {
+                return Ok(());
+            }
+            loop {
+                let run: Option<Option<u64>> = c
+                    .exec_first("SELECT run_id FROM job_triggers WHERE id = ?", (id,))
+                    .await?;
+                if let Some(Some(run_id)) = run {
+                    let ended: Option<Option<String>> = c
+                        .exec_first("SELECT outcome FROM job_runs WHERE id = ?", (run_id,))
+                        .await?;
+                    if let Some(Some(outcome)) = ended {
+                        let runs = crate::scheduler::recent_runs(&mut c, Some(&job), 50).await?;
+                        if let Some(r) = runs.iter().find(|r| r.id == run_id) {
+                            print(r);
+                        }
+                        if outcome != "ok" {
+                            anyhow::bail!("run {run_id} of {job} ended {outcome}");
+                        }
+                        break;
+                    }
+                }
+                if std::time::Instant::now() > deadline {
+                    anyhow::bail!(
+                        "no run of {job} ended within {wait} s (is a scheduler role running?)"
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    }
+    drop(c);
+    db.close().await;
+    Ok(())
 }
 
 /// stderr logging through a non-blocking writer; the guard flushes on drop

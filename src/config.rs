@@ -267,6 +267,12 @@ pub struct KeysConfig {
     /// File holding the root key (mode 0600, owned by the casd user).
     #[serde(default = "default_root_key_file")]
     pub root_key_file: PathBuf,
+    /// Root key rotation: the root key to move to. When set, the
+    /// `root-rotation` job re-seals every key row under it (nothing when
+    /// unset or already done), and start-up accepts it when the store no
+    /// longer opens under `root_key_file`.
+    #[serde(default)]
+    pub next_root_key_file: Option<PathBuf>,
 }
 
 fn default_root_key_file() -> PathBuf {
@@ -277,6 +283,7 @@ impl Default for KeysConfig {
     fn default() -> Self {
         KeysConfig {
             root_key_file: default_root_key_file(),
+            next_root_key_file: None,
         }
     }
 }
@@ -473,16 +480,61 @@ pub struct SchedulerConfig {
     /// Seconds a scheduler lease lasts without renewal.
     #[serde(default = "default_lease_s")]
     pub lease_seconds: u64,
+    /// This instance's name in `leases.holder` / `job_runs.holder`;
+    /// empty = host name + process id.
+    #[serde(default)]
+    pub instance_id: String,
+    /// Milliseconds between checks for due jobs and triggers.
+    #[serde(default = "default_tick_ms")]
+    pub tick_ms: u64,
     /// Seconds between expiry purges.
     #[serde(default = "default_purge_s")]
     pub purge_interval_s: u64,
     /// Days refused/processed sms_requests and done work items are kept.
     #[serde(default = "default_retention_days")]
     pub retention_days: u32,
+    /// Hours `carousel_events` rows are kept (at least 1: the Cycler needs
+    /// only recent ones).
+    #[serde(default = "default_events_retention_hours")]
+    pub events_retention_hours: u32,
+    /// Rows per purge / enqueue transaction.
+    #[serde(default = "default_sched_batch")]
+    pub batch: usize,
+    /// When the rotation job runs (checks whether a rotation is due,
+    /// delivers, activates, re-seals, retires): `every <n>s|m|h|d`,
+    /// `daily HH:MM` (UTC) or `manual`.
+    #[serde(default = "default_rotation_schedule")]
+    pub rotation_schedule: String,
+    /// Days a GK/GLK version is in use before the next one activates;
+    /// 0 = no automatic rotation (triggered runs only).
+    #[serde(default = "default_rotation_days")]
+    pub rotation_days: u32,
+    /// Hours before its activation a new version is created and delivered.
+    #[serde(default = "default_rotation_lead_hours")]
+    pub rotation_lead_hours: u32,
+    /// Share (0 < s <= 1) of the output bitrate the key EMMs of a rotation
+    /// may take while they are first sent (fast lane); their enqueue is
+    /// spread over time accordingly.
+    #[serde(default = "default_rotation_bandwidth_share")]
+    pub rotation_bandwidth_share: f64,
+    /// When the refresh job runs (same forms as rotation_schedule).
+    #[serde(default = "default_refresh_schedule")]
+    pub refresh_schedule: String,
+    /// A device whose live ENTITLEMENT_SET is older than this (or missing)
+    /// gets a fresh one.
+    #[serde(default = "default_refresh_days")]
+    pub refresh_days: u32,
+    /// When the root-rotation job runs (same forms; it does nothing unless
+    /// keys.next_root_key_file is set).
+    #[serde(default = "default_root_rotation_schedule")]
+    pub root_rotation_schedule: String,
 }
 
 fn default_lease_s() -> u64 {
     15
+}
+fn default_tick_ms() -> u64 {
+    1000
 }
 fn default_purge_s() -> u64 {
     60
@@ -490,13 +542,51 @@ fn default_purge_s() -> u64 {
 fn default_retention_days() -> u32 {
     90
 }
+fn default_events_retention_hours() -> u32 {
+    24
+}
+fn default_sched_batch() -> usize {
+    1000
+}
+fn default_rotation_schedule() -> String {
+    "every 1h".into()
+}
+fn default_rotation_days() -> u32 {
+    30
+}
+fn default_rotation_lead_hours() -> u32 {
+    48
+}
+fn default_rotation_bandwidth_share() -> f64 {
+    0.5
+}
+fn default_refresh_schedule() -> String {
+    "daily 03:30".into()
+}
+fn default_refresh_days() -> u32 {
+    7
+}
+fn default_root_rotation_schedule() -> String {
+    "manual".into()
+}
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
             lease_seconds: default_lease_s(),
+            instance_id: String::new(),
+            tick_ms: default_tick_ms(),
             purge_interval_s: default_purge_s(),
             retention_days: default_retention_days(),
+            events_retention_hours: default_events_retention_hours(),
+            batch: default_sched_batch(),
+            rotation_schedule: default_rotation_schedule(),
+            rotation_days: default_rotation_days(),
+            rotation_lead_hours: default_rotation_lead_hours(),
+            rotation_bandwidth_share: default_rotation_bandwidth_share(),
+            refresh_schedule: default_refresh_schedule(),
+            refresh_days: default_refresh_days(),
+            root_rotation_schedule: default_root_rotation_schedule(),
         }
     }
 }
@@ -744,6 +834,48 @@ impl Config {
         }
         if self.scheduler.lease_seconds < 2 {
             return Err(key_err("scheduler.lease_seconds", "must be at least 2"));
+        }
+        let sc = &self.scheduler;
+        if sc.tick_ms == 0 || sc.tick_ms > 60_000 {
+            return Err(key_err("scheduler.tick_ms", "must be 1..=60000"));
+        }
+        if sc.purge_interval_s == 0 {
+            return Err(key_err("scheduler.purge_interval_s", "must be at least 1"));
+        }
+        if sc.events_retention_hours == 0 {
+            return Err(key_err(
+                "scheduler.events_retention_hours",
+                "must be at least 1 (the Cycler waits 120 s for late events)",
+            ));
+        }
+        if sc.batch == 0 || sc.batch > 10_000 {
+            return Err(key_err("scheduler.batch", "must be 1..=10000"));
+        }
+        if !(sc.rotation_bandwidth_share > 0.0 && sc.rotation_bandwidth_share <= 1.0) {
+            return Err(key_err(
+                "scheduler.rotation_bandwidth_share",
+                "must be in (0, 1]",
+            ));
+        }
+        if sc.rotation_days > 0
+            && u64::from(sc.rotation_lead_hours) >= u64::from(sc.rotation_days) * 24
+        {
+            return Err(key_err(
+                "scheduler.rotation_lead_hours",
+                "must be shorter than rotation_days",
+            ));
+        }
+        for (k, v) in [
+            ("scheduler.rotation_schedule", &sc.rotation_schedule),
+            ("scheduler.refresh_schedule", &sc.refresh_schedule),
+            (
+                "scheduler.root_rotation_schedule",
+                &sc.root_rotation_schedule,
+            ),
+        ] {
+            if let Err(m) = crate::scheduler::Schedule::parse(v) {
+                return Err(key_err(k, m));
+            }
         }
         let a = &self.auth;
         if a.issuer.is_empty() || a.issuer.len() > 128 {

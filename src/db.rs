@@ -71,6 +71,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "auth",
         sql: include_str!("../migrations/0003_auth.sql"),
     },
+    Migration {
+        version: 4,
+        name: "scheduler",
+        sql: include_str!("../migrations/0004_scheduler.sql"),
+    },
 ];
 
 /// A handle on the database: one pool, cloned into every role.

@@ -36,6 +36,14 @@
 //! | removeentitlement p | ENTITLEMENT_REMOVE | 1 | `entitlement_remove:p` | as addentitlement |
 //! |  | ENTITLEMENT_SET | 2 | `entitlement_set` | |
 //! | generateosm | OSM: unique / group (bitmap = the group's current members) / global | 0 if forced, else 1 | `osm` | nothing |
+//! | deliverkeys (Scheduler, rotation) | GROUP_KEY (current and pending GK of its group, its slot) + GLOBAL_KEY (current and pending GLK); nothing unless the device is enabled | 2 | `keys` | `keys` |
+//! | refreshset (Scheduler, refresh) | ENTITLEMENT_SET; nothing unless the device is enabled | 2 | `entitlement_set` | `entitlement_set` |
+//!
+//! The Scheduler's kinds have no `work_items.device_id` (they are not
+//! ordered with the device's SMS commands); they read the device's row
+//! `LOCK IN SHARE MODE`, so an SMS command about the device (which takes
+//! the row `FOR UPDATE`) commits either before (and is seen) or after (and
+//! its own item supersedes or withdraws what they made).
 //!
 //! Unique EMMs are sealed with the device's own PMK version; group and
 //! global EMMs with the version the Encryptor says is current. State EMMs
@@ -86,6 +94,7 @@ pub mod purpose {
     pub const DEVICE_DISABLE: &str = "device_disable";
     pub const ENTITLEMENT_SET: &str = "entitlement_set";
     pub const OSM: &str = "osm";
+    pub const KEYS: &str = "keys";
     pub fn entitlement_add(product_id: u32) -> String {
         format!("entitlement_add:{product_id}")
     }
@@ -884,6 +893,35 @@ async fn next_emm_ids(tx: &mut Transaction<'_>, n: usize) -> Result<Vec<u64>, Em
     Ok(ids)
 }
 
+/// An item that makes no EMM.
+fn nothing() -> Outcome {
+    Outcome::Done {
+        emms: Vec::new(),
+        device: None,
+        withdraw: Withdraw::Nothing,
+    }
+}
+
+/// (group_id, slot, pmk_version) of an enabled device, its row locked in
+/// share mode until the batch commits (see the module doc); `None` when the
+/// device is unknown or disabled.
+async fn enabled_device(
+    tx: &mut Transaction<'_>,
+    device: DeviceId,
+) -> Result<Option<(u32, u8, u32)>, EmmgError> {
+    let row: Option<(String, Option<u32>, Option<u8>, u32)> = tx
+        .exec_first(
+            "SELECT state, group_id, slot, pmk_version FROM devices WHERE device_id = ? \
+             LOCK IN SHARE MODE",
+            (device.get(),),
+        )
+        .await?;
+    Ok(match row {
+        Some((state, Some(g), Some(s), pmk)) if state == "enabled" => Some((g, s, pmk)),
+        _ => None,
+    })
+}
+
 /// The EMMs one item becomes.
 async fn plan(
     item: &Item,
@@ -1065,6 +1103,73 @@ async fn plan(
                 state_not_after,
             )));
             (device_id, ent_withdraw(p))
+        }
+        Work::DeliverKeys { device_id } => {
+            let Some((group_id, slot, pmk)) = enabled_device(tx, device_id).await? else {
+                return Ok(nothing());
+            };
+            let gks = match keys.versions_to_deliver(KeyKind::Group(group_id)).await? {
+                Ok(v) => v,
+                Err(m) => return Ok(Outcome::Retry(m)),
+            };
+            let glks = match keys.versions_to_deliver(KeyKind::Global).await? {
+                Ok(v) => v,
+                Err(m) => return Ok(Outcome::Retry(m)),
+            };
+            let mut cmds: Vec<CommandSpec> = gks
+                .iter()
+                .map(|k| CommandSpec::GroupKey {
+                    group_id,
+                    slot,
+                    key_version: k.version,
+                    activates_at: k.activates_at,
+                })
+                .collect();
+            cmds.extend(glks.iter().map(|k| CommandSpec::GlobalKey {
+                key_version: k.version,
+                activates_at: k.activates_at,
+            }));
+            tri!(pack_into(
+                &mut emms,
+                cmds,
+                unique(device_id),
+                Some(pmk),
+                CLASS_BACKGROUND,
+                purpose::KEYS.into(),
+                state_not_after,
+            ));
+            (device_id, Withdraw::Purposes(vec![purpose::KEYS.into()]))
+        }
+        Work::RefreshSet { device_id } => {
+            let Some((_, _, pmk)) = enabled_device(tx, device_id).await? else {
+                return Ok(nothing());
+            };
+            let rows: Vec<(u32, u32, u32)> = tx
+                .exec(
+                    "SELECT product_id, start_at, end_at FROM entitlements \
+                     WHERE state = 'active' AND device_id = ? ORDER BY product_id",
+                    (device_id.get(),),
+                )
+                .await?;
+            let entries = rows
+                .into_iter()
+                .map(|(product_id, start, end)| Entitlement {
+                    product_id,
+                    start,
+                    end,
+                })
+                .collect();
+            emms.extend(tri!(entitlement_set_emms(
+                device_id,
+                pmk,
+                entries,
+                max,
+                state_not_after,
+            )));
+            (
+                device_id,
+                Withdraw::Purposes(vec![purpose::ENTITLEMENT_SET.into()]),
+            )
         }
         Work::GenerateOsm {
             target,

@@ -12,7 +12,14 @@
 //!   {"error": {"code", "message"}}, …]}` in job order;
 //! - `POST /encryptor/v1/current-key` `{"kind": "group", "group_id": 7}` →
 //!   the [`KeyMeta`] of the version to use now (a group's first key is
-//!   created on demand).
+//!   created on demand);
+//! - `POST /encryptor/v1/create-key` `{"key": {"kind": "global"},
+//!   "activates_at": 1767225600}` → the [`KeyMeta`] of the next version
+//!   (key rotation, by the Scheduler);
+//! - `POST /encryptor/v1/key-state` `{"key": …, "version": 2, "state":
+//!   "retired"}` → 204;
+//! - `POST /encryptor/v1/rotate-root` (scope `admin`) → [`RootRotation`]:
+//!   re-seals every key row under `keys.next_root_key_file`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -96,6 +103,70 @@ pub trait Encryptor: Send + Sync {
     fn seal_batch(&self, jobs: Vec<SealJob>) -> BoxFuture<'_, Result<SealResults, EncryptorError>>;
     /// The version of `kind` to use now (a group's first key is created).
     fn current_key(&self, kind: KeyKind) -> BoxFuture<'_, Result<KeyMeta, EncryptorError>>;
+    /// Creates the next version of `kind`, activating at `activates_at`
+    /// (unix s; 0 = now). Used by the Scheduler's key rotation.
+    fn create_key_version(
+        &self,
+        kind: KeyKind,
+        activates_at: u32,
+    ) -> BoxFuture<'_, Result<KeyMeta, EncryptorError>> {
+        let _ = (kind, activates_at);
+        Box::pin(async { Err(EncryptorError::Refused("key creation not supported".into())) })
+    }
+    /// Sets a version's state (`active`, `retiring`, `retired`).
+    fn set_key_state(
+        &self,
+        kind: KeyKind,
+        version: u32,
+        state: KeyState,
+    ) -> BoxFuture<'_, Result<(), EncryptorError>> {
+        let _ = (kind, version, state);
+        Box::pin(async {
+            Err(EncryptorError::Refused(
+                "key state change not supported".into(),
+            ))
+        })
+    }
+    /// Root key rotation: re-seals every key row under the configured next
+    /// root key (`keys.next_root_key_file`) and switches to it.
+    fn rotate_root(&self) -> BoxFuture<'_, Result<RootRotation, EncryptorError>> {
+        Box::pin(async {
+            Err(EncryptorError::Refused(
+                "root rotation not supported".into(),
+            ))
+        })
+    }
+}
+
+/// States a key version may be set to through the Encryptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyState {
+    Active,
+    Retiring,
+    Retired,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::Retiring => "retiring",
+            KeyState::Retired => "retired",
+        }
+    }
+}
+
+/// What a root rotation did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum RootRotation {
+    /// No next root key is configured: nothing done.
+    NotConfigured,
+    /// The store is already sealed under the next root key.
+    AlreadyCurrent { root_generation: u32 },
+    /// Every row re-sealed.
+    Rewrapped { rows: u64, root_generation: u32 },
 }
 
 impl From<KeyStoreError> for EncryptorError {
@@ -112,20 +183,35 @@ impl From<KeyStoreError> for EncryptorError {
 /// The in-process Encryptor.
 #[derive(Clone, Debug)]
 pub struct LocalEncryptor {
-    keys: KeyStore,
+    /// Swapped (never mutated) by a root rotation.
+    keys: Arc<std::sync::RwLock<KeyStore>>,
+    /// Held for reading while a key is created, for writing while the root
+    /// is rotated: no row is sealed under a root that is being replaced.
+    root_gate: Arc<tokio::sync::RwLock<()>>,
+    /// `keys.next_root_key_file`: the root key a rotation moves to.
+    next_root_file: Option<std::path::PathBuf>,
     max_section_bytes: usize,
 }
 
 impl LocalEncryptor {
     pub fn new(keys: KeyStore, max_section_bytes: usize) -> Self {
         LocalEncryptor {
-            keys,
+            keys: Arc::new(std::sync::RwLock::new(keys)),
+            root_gate: Default::default(),
+            next_root_file: None,
             max_section_bytes,
         }
     }
 
-    pub fn keystore(&self) -> &KeyStore {
-        &self.keys
+    /// With the root key file a root rotation moves to.
+    pub fn with_next_root_file(mut self, path: Option<std::path::PathBuf>) -> Self {
+        self.next_root_file = path;
+        self
+    }
+
+    /// The key store in use (a cheap clone; a root rotation replaces it).
+    pub fn keystore(&self) -> KeyStore {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The address root of `job` and the version used.
@@ -139,18 +225,19 @@ impl LocalEncryptor {
             Address::Group { group_id, .. } => KeyKind::Group(*group_id),
             Address::Global => KeyKind::Global,
         };
+        let keys = self.keystore();
         let version = match job.key_version {
             Some(v) => v,
             None => match current.get(&kind) {
                 Some(v) => *v,
                 None => {
-                    let v = self.keys.current(kind).await?.version;
+                    let v = keys.current(kind).await?.version;
                     current.insert(kind, v);
                     v
                 }
             },
         };
-        let key = match self.keys.key(kind, version).await {
+        let key = match keys.key(kind, version).await {
             Ok(k) => k,
             Err(KeyStoreError::UnknownVersion { kind, version }) => {
                 return Ok(Err(SealJobError::UnknownKey(format!(
@@ -187,7 +274,7 @@ impl LocalEncryptor {
                     } => (KeyKind::Group(group_id), key_version),
                     KeyRef::Global { key_version } => (KeyKind::Global, key_version),
                 };
-                match self.keys.key(kind, version).await {
+                match self.keystore().key(kind, version).await {
                     Ok(k) => delivered.push((r, k)),
                     Err(KeyStoreError::UnknownVersion { kind, version }) => {
                         return Ok(Err(SealJobError::UnknownKey(format!(
@@ -254,7 +341,77 @@ impl Encryptor for LocalEncryptor {
     }
 
     fn current_key(&self, kind: KeyKind) -> BoxFuture<'_, Result<KeyMeta, EncryptorError>> {
-        Box::pin(async move { Ok(self.keys.current(kind).await?) })
+        Box::pin(async move {
+            let _gate = self.root_gate.read().await;
+            Ok(self.keystore().current(kind).await?)
+        })
+    }
+
+    fn create_key_version(
+        &self,
+        kind: KeyKind,
+        activates_at: u32,
+    ) -> BoxFuture<'_, Result<KeyMeta, EncryptorError>> {
+        Box::pin(async move {
+            if kind == KeyKind::Pmk {
+                return Err(EncryptorError::Refused(
+                    "PMK versions are not created by rotation".into(),
+                ));
+            }
+            let _gate = self.root_gate.read().await;
+            Ok(self
+                .keystore()
+                .create_version_at(kind, activates_at)
+                .await?)
+        })
+    }
+
+    fn set_key_state(
+        &self,
+        kind: KeyKind,
+        version: u32,
+        state: KeyState,
+    ) -> BoxFuture<'_, Result<(), EncryptorError>> {
+        Box::pin(async move {
+            Ok(self
+                .keystore()
+                .set_state(kind, version, state.as_str())
+                .await?)
+        })
+    }
+
+    fn rotate_root(&self) -> BoxFuture<'_, Result<RootRotation, EncryptorError>> {
+        Box::pin(async move {
+            use hw::key_source::{FileKeySource, KeySource};
+            let Some(path) = &self.next_root_file else {
+                return Ok(RootRotation::NotConfigured);
+            };
+            let source = FileKeySource::load(path)
+                .map_err(|e| EncryptorError::Internal(format!("{e} (keys.next_root_key_file)")))?;
+            let new_root = Key128::from_bytes(
+                *source
+                    .root_key()
+                    .map_err(|e| EncryptorError::Internal(e.to_string()))?,
+            );
+            let _gate = self.root_gate.write().await;
+            let old = self.keystore();
+            // Already sealed under the new root (rotated before, perhaps by
+            // another process): use it. `open` refuses a root that opens none
+            // of the rows, and a rewrap is all or nothing.
+            if let Ok(ks) = KeyStore::open(old.db().clone(), new_root.clone()).await {
+                let root_generation = ks.root_version();
+                *self.keys.write().unwrap_or_else(|e| e.into_inner()) = ks;
+                return Ok(RootRotation::AlreadyCurrent { root_generation });
+            }
+            let generation = old.root_version() + 1;
+            let rows = old.rewrap(&new_root, generation).await?;
+            let new = KeyStore::new(old.db().clone(), new_root, generation);
+            *self.keys.write().unwrap_or_else(|e| e.into_inner()) = new;
+            Ok(RootRotation::Rewrapped {
+                rows,
+                root_generation: generation,
+            })
+        })
     }
 }
 
@@ -311,7 +468,60 @@ pub fn routes(enc: Arc<dyn Encryptor>) -> Router {
     Router::new()
         .route("/encryptor/v1/seal", post(seal_handler))
         .route("/encryptor/v1/current-key", post(current_key_handler))
+        .route("/encryptor/v1/create-key", post(create_key_handler))
+        .route("/encryptor/v1/key-state", post(key_state_handler))
+        .route("/encryptor/v1/rotate-root", post(rotate_root_handler))
         .with_state(enc)
+}
+
+/// `POST /encryptor/v1/create-key` body.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyRequest {
+    pub key: KeyKind,
+    /// Unix seconds; 0 = now.
+    #[serde(default)]
+    pub activates_at: u32,
+}
+
+/// `POST /encryptor/v1/key-state` body.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyStateRequest {
+    pub key: KeyKind,
+    pub version: u32,
+    pub state: KeyState,
+}
+
+async fn create_key_handler(
+    State(enc): State<Arc<dyn Encryptor>>,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> Result<Json<KeyMeta>, ApiError> {
+    caller.require(Scope::Encrypt)?;
+    let req: CreateKeyRequest = parse_json(&body)?;
+    Ok(Json(
+        enc.create_key_version(req.key, req.activates_at).await?,
+    ))
+}
+
+async fn key_state_handler(
+    State(enc): State<Arc<dyn Encryptor>>,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Scope::Encrypt)?;
+    let req: KeyStateRequest = parse_json(&body)?;
+    enc.set_key_state(req.key, req.version, req.state).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn rotate_root_handler(
+    State(enc): State<Arc<dyn Encryptor>>,
+    caller: Caller,
+) -> Result<Json<RootRotation>, ApiError> {
+    caller.require(Scope::Admin)?;
+    Ok(Json(enc.rotate_root().await?))
 }
 
 async fn seal_handler(

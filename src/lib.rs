@@ -18,6 +18,7 @@ pub mod jsonlog;
 pub mod keystore;
 pub mod receiver;
 pub mod reqlog;
+pub mod scheduler;
 pub mod shutdown;
 pub mod sms;
 pub mod testing;

@@ -495,8 +495,15 @@ fn app_routes() -> (Vec<casd::config::Role>, Vec<RouteCase>) {
             .body(json!({"jobs": []})),
         RouteCase::new(Method::POST, "/encryptor/v1/current-key", Scope::Encrypt)
             .body(json!("global")),
+        RouteCase::new(Method::POST, "/encryptor/v1/create-key", Scope::Encrypt)
+            .body(json!({"key": {"kind": "global"}, "activates_at": 0})),
+        RouteCase::new(Method::POST, "/encryptor/v1/key-state", Scope::Encrypt)
+            .body(json!({"key": {"kind": "global"}, "version": 1, "state": "active"})),
+        RouteCase::new(Method::POST, "/encryptor/v1/rotate-root", Scope::Admin),
         RouteCase::new(Method::GET, "/requests/1", Scope::SmsRead),
         RouteCase::new(Method::GET, "/devices/1", Scope::SmsRead),
+        RouteCase::new(Method::GET, "/jobs", Scope::Admin),
+        RouteCase::new(Method::POST, "/jobs/purge/run", Scope::Admin).body(json!({})),
     ];
     for (i, path) in [
         "/adddevice",
@@ -513,7 +520,7 @@ fn app_routes() -> (Vec<casd::config::Role>, Vec<RouteCase>) {
                 .body(json!({"transaction_id": format!("matrix-{i}"), "device_id": 1})),
         );
     }
-    (vec![Role::Encryptor, Role::Sms], routes)
+    (vec![Role::Encryptor, Role::Sms, Role::Scheduler], routes)
 }
 
 #[tokio::test]

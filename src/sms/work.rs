@@ -47,6 +47,13 @@ pub enum Work {
         /// expires_at as given, or the default lifetime from acceptance.
         not_after: u32,
     },
+    /// Scheduler (key rotation): send the device its group's current and
+    /// pending GK and the current and pending GLK, in a unique EMM of the
+    /// background class (purpose `keys`, replacing its previous one).
+    DeliverKeys { device_id: DeviceId },
+    /// Scheduler (refresh): send the device its ENTITLEMENT_SET again, as
+    /// it is when the EMM is made (background class).
+    RefreshSet { device_id: DeviceId },
 }
 
 impl Work {
@@ -57,8 +64,15 @@ impl Work {
             Work::AddEntitlement { .. } => "addentitlement",
             Work::RemoveEntitlement { .. } => "removeentitlement",
             Work::GenerateOsm { .. } => "generateosm",
+            Work::DeliverKeys { .. } => "deliverkeys",
+            Work::RefreshSet { .. } => "refreshset",
         }
     }
+    /// The `work_items.device_id` column: the device whose items must be
+    /// processed in order. `None` for the Scheduler's kinds: they read the
+    /// device's state when their EMM is made (under a shared lock on its
+    /// row), so order does not matter, and a delivery scheduled for later
+    /// (`not_before`) must not hold up the device's SMS commands.
     pub fn device_id(&self) -> Option<DeviceId> {
         match self {
             Work::AddDevice { device_id, .. }
@@ -69,7 +83,7 @@ impl Work {
                 target: Target::Device(d),
                 ..
             } => Some(*d),
-            Work::GenerateOsm { .. } => None,
+            Work::GenerateOsm { .. } | Work::DeliverKeys { .. } | Work::RefreshSet { .. } => None,
         }
     }
 }
