@@ -20,6 +20,7 @@ if [ ! -f "$CONF" ]; then
       -e "s|^request_log = .*|request_log = \"$CASD_STATE_DIR/log/requests.jsonl\"|" \
       -e "s|^log_file = .*|log_file = \"$CASD_STATE_DIR/log/carousel.jsonl\"|" \
       -e "s|^root_key_file = .*|root_key_file = \"$CASD_STATE_DIR/keys/root.key\"|" \
+      -e "s|^signing_key_file = .*|signing_key_file = \"$CASD_STATE_DIR/keys/token-signing.pem\"|" \
       casd.example.toml >"$CONF"
   echo "casd: wrote $CONF" >&2
 fi
@@ -29,7 +30,13 @@ chmod 700 "$CASD_STATE_DIR/keys"
 
 "$CASD" config check
 "$CASD" migrate
-if "$CASD" keys --help >/dev/null 2>&1; then
-  "$CASD" keys init --if-missing
+"$CASD" keys init --if-missing
+"$CASD" auth init-key
+# A first OAuth client for the SMS, created once; its secret is kept in a
+# 0600 file (only its hash is in the database).
+if [ ! -s "$CASD_STATE_DIR/sms-client.env" ]; then
+  (umask 077; "$CASD" clients create --id sms --scopes sms:write,sms:read >"$CASD_STATE_DIR/sms-client.env")
+  echo "casd: created OAuth client 'sms'; its credentials are in $CASD_STATE_DIR/sms-client.env" >&2
 fi
+echo "casd: get a token with: curl -u \"sms:\$(sed -n 's/^client_secret=//p' $CASD_STATE_DIR/sms-client.env)\" -d grant_type=client_credentials http://127.0.0.1:8080/oauth/token" >&2
 exec "$CASD" run "$@"
