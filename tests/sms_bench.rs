@@ -128,15 +128,18 @@ async fn accepted_commands_per_second() {
     let ok = Arc::new(AtomicU64::new(0));
     let bad = Arc::new(AtomicU64::new(0));
     let lat = Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    // A client whose rate limit no benchmark reaches.
+    let bearer: Arc<str> = casd::auth::testing::bench_bearer(h.db()).await.into();
     let stop = Instant::now() + Duration::from_secs(secs);
     let mut set = tokio::task::JoinSet::new();
     for w in 0..conns as u64 {
-        let (h, ok, bad, lat, client) = (
+        let (h, ok, bad, lat, client, bearer) = (
             h.clone(),
             ok.clone(),
             bad.clone(),
             lat.clone(),
             client.clone(),
+            bearer.clone(),
         );
         set.spawn(async move {
             let mut i = 0u64;
@@ -169,7 +172,7 @@ async fn accepted_commands_per_second() {
                 let t0 = Instant::now();
                 let r = client
                     .post(h.url(path))
-                    .header("authorization", "Bearer dev:bench")
+                    .header("authorization", &*bearer)
                     .header("content-type", "application/json")
                     .body(body)
                     .send()
