@@ -216,6 +216,32 @@ async fn every_command_reaches_the_receivers_it_addresses() {
         "a device never added decoded OSMs"
     );
 
+    // Optional measurement (CASD_TEST_MEASURE_ACTIVATION=N): N commands one at a
+    // time, from the 200 to the receiver applying it, for the split-vs-one-
+    // process comparison in the notes. Not a timed assertion.
+    if let Some(n) = std::env::var("CASD_TEST_MEASURE_ACTIVATION")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        let mut ms = Vec::new();
+        for p in 0..n {
+            let product = 10_000 + p;
+            sms.post("/addentitlement", json!({"device_id": 1001, "product_id": product, "start": 1_700_000_000u32, "end": 1_900_000_000u32})).await;
+            let t0 = std::time::Instant::now();
+            air_until(&mut cap, &mut rx, "measured command", |rx| {
+                rx[&1001].entitlements.contains_key(&product)
+            })
+            .await;
+            ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "activation, one process: p50 {:.1} ms, p99 {:.1} ms over {n} sequential commands",
+            ms[ms.len() / 2],
+            ms[(ms.len() - 1) * 99 / 100]
+        );
+    }
+
     // removedevice: DEVICE_DISABLE reaches it.
     sms.post("/removedevice", json!({"device_id": 1002})).await;
     air_until(&mut cap, &mut rx, "removedevice", |rx| {
