@@ -330,3 +330,63 @@ impl Drop for Capture {
 pub async fn bench_bearer(db: &Db) -> String {
     crate::auth::testing::bench_bearer(db).await
 }
+
+/// A `Shared` for tests that drive a role's functions directly: the given
+/// configuration and pool, a verify-only auth (no signing key), no
+/// Encryptor unless given.
+pub fn shared(
+    cfg: crate::config::Config,
+    db: Db,
+    encryptor: Option<std::sync::Arc<dyn crate::encryptor::Encryptor>>,
+) -> crate::app::Shared {
+    crate::app::Shared {
+        cfg: std::sync::Arc::new(cfg),
+        db: db.clone(),
+        readiness: Default::default(),
+        shutdown: tokio_util::sync::CancellationToken::new(),
+        work_ready: Default::default(),
+        emms_ready: Default::default(),
+        auth: crate::auth::Auth::new(
+            db,
+            crate::auth::AuthSettings {
+                signing_key_file: None,
+                ..Default::default()
+            },
+        ),
+        encryptor,
+    }
+}
+
+/// Feeds captured sections to every reference receiver until `done` holds
+/// for them (or `limit` passes: a guard, not a synchronisation), and checks
+/// the stream had no CRC/CC error and no receiver rejected a section.
+pub async fn air_until(
+    cap: &mut Capture,
+    rx: &mut std::collections::HashMap<u64, crate::receiver::Receiver>,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&std::collections::HashMap<u64, crate::receiver::Receiver>) -> bool,
+) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(0);
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done(rx) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let s = cap
+            .next_section(left)
+            .await
+            .unwrap_or_else(|| panic!("never on air: {what}"));
+        for r in rx.values_mut() {
+            if let crate::receiver::Outcome::Rejected(e) = r.accept(&s, now) {
+                panic!("receiver {} rejected a section: {e}", r.device_id);
+            }
+        }
+    }
+    assert!(
+        cap.errors.is_empty(),
+        "stream errors (CRC/CC): {:?}",
+        cap.errors
+    );
+}

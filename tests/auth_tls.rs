@@ -1,6 +1,8 @@
 //! The whole process: `app::run` with TLS configured, the outbound token
 //! client trusting the test CA, and the `clients`/`auth` command line.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -33,25 +35,8 @@ impl Drop for TempDir {
     }
 }
 
-/// A test CA and a server certificate for 127.0.0.1/localhost signed by
-/// it, written as ca.pem, cert.pem, key.pem (what docs/security.md's
-/// openssl recipe makes).
 fn make_certs(dir: &TempDir) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "casd test CA");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut leaf =
-        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-    leaf.distinguished_name.push(DnType::CommonName, "casd");
-    let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
-    std::fs::write(dir.path("ca.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.path("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.path("key.pem"), key.serialize_pem()).unwrap();
+    common::make_certs(&dir.0);
 }
 
 fn config(url: &str, dir: &TempDir, tls: bool) -> String {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use casd::config::Role;
 use casd::crypto::{derive_duk, Key128};
 use casd::keystore::{KeyKind, KeyStore};
-use casd::receiver::{Outcome, Receiver};
+use casd::receiver::Receiver;
 use casd::testing::{Capture, TestDb};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -42,37 +42,6 @@ impl Sms {
         assert_eq!(v["status"], "accepted");
         v
     }
-}
-
-/// Feeds captured sections to every receiver until `done` holds for them.
-async fn air_until(
-    cap: &mut Capture,
-    rx: &mut HashMap<u64, Receiver>,
-    what: &str,
-    done: impl Fn(&HashMap<u64, Receiver>) -> bool,
-) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as u32;
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while !done(rx) {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let s = cap
-            .next_section(left)
-            .await
-            .unwrap_or_else(|| panic!("never on air: {what}"));
-        for r in rx.values_mut() {
-            if let Outcome::Rejected(e) = r.accept(&s, now) {
-                panic!("receiver {} rejected a section: {e}", r.device_id);
-            }
-        }
-    }
-    assert!(
-        cap.errors.is_empty(),
-        "stream errors (CRC/CC): {:?}",
-        cap.errors
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +97,7 @@ async fn every_command_reaches_the_receivers_it_addresses() {
     for d in [1001u64, 1002] {
         sms.post("/adddevice", json!({"device_id": d})).await;
     }
-    air_until(&mut cap, &mut rx, "adddevice", |rx| {
+    casd::testing::air_until(&mut cap, &mut rx, "adddevice", LIMIT, |rx| {
         [1001, 1002].iter().all(|d| {
             rx[d].enabled == Some(true)
                 && rx[d].group.is_some()
@@ -158,7 +127,7 @@ async fn every_command_reaches_the_receivers_it_addresses() {
 
     // addentitlement / removeentitlement.
     sms.post("/addentitlement", json!({"device_id": 1001, "product_id": 7, "start": "2026-01-01T00:00:00Z", "end": 1_900_000_000u32})).await;
-    air_until(&mut cap, &mut rx, "addentitlement", |rx| {
+    casd::testing::air_until(&mut cap, &mut rx, "addentitlement", LIMIT, |rx| {
         rx[&1001].entitlements.get(&7) == Some(&(1_767_225_600, 1_900_000_000))
     })
     .await;
@@ -172,7 +141,7 @@ async fn every_command_reaches_the_receivers_it_addresses() {
         json!({"device_id": 1001, "product_id": 7}),
     )
     .await;
-    air_until(&mut cap, &mut rx, "removeentitlement", |rx| {
+    casd::testing::air_until(&mut cap, &mut rx, "removeentitlement", LIMIT, |rx| {
         rx[&1001].entitlements.is_empty() && rx[&1002].entitlements.contains_key(&8)
     })
     .await;
@@ -195,7 +164,7 @@ async fn every_command_reaches_the_receivers_it_addresses() {
     )
     .await;
     let has = |r: &Receiver, text: &str| r.osms.iter().any(|o| o.text == text);
-    air_until(&mut cap, &mut rx, "osm", |rx| {
+    casd::testing::air_until(&mut cap, &mut rx, "osm", LIMIT, |rx| {
         has(&rx[&1001], "unique msg")
             && has(&rx[&1001], "group msg")
             && has(&rx[&1002], "group msg")
@@ -228,7 +197,7 @@ async fn every_command_reaches_the_receivers_it_addresses() {
             let product = 10_000 + p;
             sms.post("/addentitlement", json!({"device_id": 1001, "product_id": product, "start": 1_700_000_000u32, "end": 1_900_000_000u32})).await;
             let t0 = std::time::Instant::now();
-            air_until(&mut cap, &mut rx, "measured command", |rx| {
+            casd::testing::air_until(&mut cap, &mut rx, "measured command", LIMIT, |rx| {
                 rx[&1001].entitlements.contains_key(&product)
             })
             .await;
@@ -244,7 +213,7 @@ async fn every_command_reaches_the_receivers_it_addresses() {
 
     // removedevice: DEVICE_DISABLE reaches it.
     sms.post("/removedevice", json!({"device_id": 1002})).await;
-    air_until(&mut cap, &mut rx, "removedevice", |rx| {
+    casd::testing::air_until(&mut cap, &mut rx, "removedevice", LIMIT, |rx| {
         rx[&1002].enabled == Some(false)
     })
     .await;

@@ -2,17 +2,16 @@
 //! once per period without overlap, killing the holder hands the job over
 //! within the lease time, and a paused old holder cannot write.
 
+use casd::app::Shared;
 use std::sync::Arc;
 use std::time::Duration;
 
-use casd::app::Shared;
 use casd::db::Db;
 use casd::encryptor::BoxFuture;
 use casd::scheduler::{Counts, Job, JobCtx, JobEntry, JobError, RunRecord, Schedule, Scheduler};
 use casd::testing::TestDb;
 use mysql_async::prelude::*;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 /// Guard against a hung test (not a synchronisation).
 const LIMIT: Duration = Duration::from_secs(60);
@@ -21,22 +20,7 @@ fn shared(t: &TestDb) -> Shared {
     let cfg = casd::testing::config(&t.url, "127.0.0.1:9".parse().unwrap());
     // A pool of its own, as another process would have.
     let db = Db::new(&t.url, 8, Duration::from_secs(5)).unwrap();
-    Shared {
-        cfg: Arc::new(cfg),
-        db: db.clone(),
-        readiness: Default::default(),
-        shutdown: CancellationToken::new(),
-        work_ready: Default::default(),
-        emms_ready: Default::default(),
-        auth: casd::auth::Auth::new(
-            db.clone(),
-            casd::auth::AuthSettings {
-                signing_key_file: None,
-                ..Default::default()
-            },
-        ),
-        encryptor: None,
-    }
+    casd::testing::shared(cfg, db.clone(), None)
 }
 
 /// Counts its runs with a fenced write.

@@ -4,11 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use casd::app::Shared;
 use casd::scheduler::{purge::PurgeJob, JobEntry, Schedule, Scheduler};
 use casd::testing::TestDb;
 use mysql_async::prelude::*;
-use tokio_util::sync::CancellationToken;
 
 async fn emm(c: &mut mysql_async::Conn, id: u64, state: &str, created: &str, not_after: &str) {
     c.exec_drop(
@@ -39,22 +37,7 @@ async fn purge_removes_expired_emms_from_air_and_table_and_old_rows_in_batches()
     let t = TestDb::new().await;
     let mut cfg = casd::testing::config(&t.url, "127.0.0.1:9".parse().unwrap());
     cfg.scheduler.batch = 2; // several batches per table
-    let shared = Shared {
-        cfg: Arc::new(cfg),
-        db: t.db.clone(),
-        readiness: Default::default(),
-        shutdown: CancellationToken::new(),
-        work_ready: Default::default(),
-        emms_ready: Default::default(),
-        auth: casd::auth::Auth::new(
-            t.db.clone(),
-            casd::auth::AuthSettings {
-                signing_key_file: None,
-                ..Default::default()
-            },
-        ),
-        encryptor: None,
-    };
+    let shared = casd::testing::shared(cfg, t.db.clone(), None);
     let mut c = t.db.conn().await.unwrap();
     let now = "UTC_TIMESTAMP(6)";
     let past = "UTC_TIMESTAMP(6) - INTERVAL 1 MINUTE";

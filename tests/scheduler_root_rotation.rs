@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use casd::app::Shared;
 use casd::crypto::{derive_duk, Key128};
 use casd::emm::{self, Address, CommandSpec, DeviceId};
 use casd::encryptor::{Encryptor, LocalEncryptor, SealJob};
@@ -13,7 +12,6 @@ use casd::keystore::{KeyKind, KeyStore, KeyStoreError};
 use casd::scheduler::Scheduler;
 use casd::testing::TestDb;
 use hw::KeySource;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_rotation_job_reseals_every_row_and_keeps_sealing() {
@@ -34,22 +32,7 @@ async fn root_rotation_job_reseals_every_row_and_keeps_sealing() {
     ks.current(KeyKind::Group(1)).await.unwrap();
     let pmk_before = ks.key(KeyKind::Pmk, 1).await.unwrap();
     let enc = Arc::new(LocalEncryptor::new(ks, 256).with_next_root_file(Some(new_path)));
-    let shared = Shared {
-        cfg: Arc::new(cfg),
-        db: t.db.clone(),
-        readiness: Default::default(),
-        shutdown: CancellationToken::new(),
-        work_ready: Default::default(),
-        emms_ready: Default::default(),
-        auth: casd::auth::Auth::new(
-            t.db.clone(),
-            casd::auth::AuthSettings {
-                signing_key_file: None,
-                ..Default::default()
-            },
-        ),
-        encryptor: Some(enc.clone()),
-    };
+    let shared = casd::testing::shared(cfg, t.db.clone(), Some(enc.clone()));
     let sched = Scheduler::new(shared);
     let run = sched
         .run_now("root-rotation", serde_json::json!({}))

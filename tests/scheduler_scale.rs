@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use casd::app::Shared;
 use casd::crypto::Key128;
 use casd::encryptor::{Encryptor, LocalEncryptor};
 use casd::keystore::KeyStore;
@@ -17,7 +16,6 @@ use casd::scheduler::rotation::{airtime_s, RotationJob};
 use casd::scheduler::{JobEntry, Schedule, Scheduler};
 use casd::testing::TestDb;
 use mysql_async::prelude::*;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement: run with --release --ignored --nocapture"]
@@ -33,22 +31,7 @@ async fn rotation_for_many_devices() {
     let ks = KeyStore::new(t.db.clone(), Key128::from_bytes([3; 16]), 1);
     ks.init().await.unwrap();
     let enc: Arc<dyn Encryptor> = Arc::new(LocalEncryptor::new(ks, cfg.cas.max_section_bytes));
-    let shared = Shared {
-        cfg: Arc::new(cfg),
-        db: t.db.clone(),
-        readiness: Default::default(),
-        shutdown: CancellationToken::new(),
-        work_ready: Default::default(),
-        emms_ready: Default::default(),
-        auth: casd::auth::Auth::new(
-            t.db.clone(),
-            casd::auth::AuthSettings {
-                signing_key_file: None,
-                ..Default::default()
-            },
-        ),
-        encryptor: Some(enc.clone()),
-    };
+    let shared = casd::testing::shared(cfg, t.db.clone(), Some(enc.clone()));
     let mut c = t.db.conn().await.unwrap();
     let t0 = Instant::now();
     for (table, cols, vals) in [

@@ -4,8 +4,10 @@
 //! coming (they are accepted and wait in MySQL) and restarted (the work
 //! completes and reaches the air).
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -14,29 +16,11 @@ use casd::auth::{clients, Scope};
 use casd::config::Secret;
 use casd::crypto::{derive_duk, Key128};
 use casd::keystore::{KeyKind, KeyStore};
-use casd::receiver::{Outcome, Receiver};
+use casd::receiver::Receiver;
 use casd::testing::{Capture, TestDb};
 use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn make_certs(dir: &Path) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "casd test CA");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut leaf =
-        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-    leaf.distinguished_name.push(DnType::CommonName, "casd");
-    let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -102,38 +86,12 @@ async fn wait_ready(http: &reqwest::Client, port: u16, p: &mut Proc) {
     panic!("{} never ready", p.role);
 }
 
-async fn air_until(
-    cap: &mut Capture,
-    rx: &mut HashMap<u64, Receiver>,
-    what: &str,
-    done: impl Fn(&HashMap<u64, Receiver>) -> bool,
-) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as u32;
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while !done(rx) {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let s = cap
-            .next_section(left)
-            .await
-            .unwrap_or_else(|| panic!("never on air: {what}"));
-        for r in rx.values_mut() {
-            if let Outcome::Rejected(e) = r.accept(&s, now) {
-                panic!("receiver {} rejected a section: {e}", r.device_id);
-            }
-        }
-    }
-    assert!(cap.errors.is_empty(), "stream errors: {:?}", cap.errors);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_processes_over_tls_sms_to_air_and_encryptor_outage() {
     let t = TestDb::new().await;
     let dir = std::env::temp_dir().join(format!("casd-split-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&dir).unwrap();
-    make_certs(&dir);
+    common::make_certs(&dir);
     let d = dir.display().to_string();
     let mut cap = Capture::bind(0x0101).await;
     let ports: HashMap<&str, u16> = ["sms", "emmg", "encryptor", "cycler", "scheduler"]
@@ -271,14 +229,20 @@ async fn five_processes_over_tls_sms_to_air_and_encryptor_outage() {
         json!({"all": true, "text": "split hello", "duration_s": 3}),
     )
     .await;
-    air_until(&mut cap, &mut rx, "commands through five processes", |rx| {
-        rx[&501].enabled == Some(true)
-            && rx[&502].enabled == Some(true)
-            && rx[&501].entitlements.contains_key(&3)
-            && rx
-                .values()
-                .all(|r| r.osms.iter().any(|o| o.text == "split hello"))
-    })
+    casd::testing::air_until(
+        &mut cap,
+        &mut rx,
+        "commands through five processes",
+        LIMIT,
+        |rx| {
+            rx[&501].enabled == Some(true)
+                && rx[&502].enabled == Some(true)
+                && rx[&501].entitlements.contains_key(&3)
+                && rx
+                    .values()
+                    .all(|r| r.osms.iter().any(|o| o.text == "split hello"))
+        },
+    )
     .await;
 
     // Optional measurement (CASD_TEST_MEASURE_ACTIVATION=N): N commands one at a
@@ -293,7 +257,7 @@ async fn five_processes_over_tls_sms_to_air_and_encryptor_outage() {
             let product = 10_000 + p;
             post("/addentitlement", json!({"device_id": 501, "product_id": product, "start": 1_700_000_000u32, "end": 1_900_000_000u32})).await;
             let t0 = std::time::Instant::now();
-            air_until(&mut cap, &mut rx, "measured command", |rx| {
+            casd::testing::air_until(&mut cap, &mut rx, "measured command", LIMIT, |rx| {
                 rx[&501].entitlements.contains_key(&product)
             })
             .await;
@@ -329,9 +293,13 @@ async fn five_processes_over_tls_sms_to_air_and_encryptor_outage() {
         procs.get_mut("encryptor").unwrap(),
     )
     .await;
-    air_until(&mut cap, &mut rx, "work queued during the outage", |rx| {
-        (10..30).all(|p| rx[&502].entitlements.contains_key(&p))
-    })
+    casd::testing::air_until(
+        &mut cap,
+        &mut rx,
+        "work queued during the outage",
+        LIMIT,
+        |rx| (10..30).all(|p| rx[&502].entitlements.contains_key(&p)),
+    )
     .await;
     for p in procs.values_mut() {
         assert!(p.running(), "{} died", p.role);

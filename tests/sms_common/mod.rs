@@ -12,7 +12,6 @@ use casd::reqlog::RequestLog;
 use casd::testing::TestDb;
 use mysql_async::prelude::*;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
 pub fn config(url: &str, log: &std::path::Path) -> Config {
     let text = format!(
@@ -23,22 +22,7 @@ pub fn config(url: &str, log: &std::path::Path) -> Config {
 }
 
 pub fn shared_for(cfg: Config, db: Db) -> Shared {
-    Shared {
-        cfg: std::sync::Arc::new(cfg),
-        readiness: Default::default(),
-        shutdown: CancellationToken::new(),
-        work_ready: Default::default(),
-        emms_ready: Default::default(),
-        auth: casd::auth::Auth::new(
-            db.clone(),
-            casd::auth::AuthSettings {
-                signing_key_file: None,
-                ..Default::default()
-            },
-        ),
-        db,
-        encryptor: None,
-    }
+    casd::testing::shared(cfg, db, None)
 }
 
 pub struct Headend {
