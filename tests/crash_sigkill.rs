@@ -76,6 +76,9 @@ async fn sigkill_while_posting_loses_and_doubles_nothing() {
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
+    // The token's key is published before casd starts, so that casd's key
+    // set (loaded at start, refreshed every auth.key_refresh_s) knows it.
+    let bearer = casd::testing::bench_bearer(&t.db).await;
     let mut child = start(&cfg_path);
     wait_ready(&http, &base, &mut child).await;
 
@@ -83,7 +86,6 @@ async fn sigkill_while_posting_loses_and_doubles_nothing() {
     let accepted: Arc<Mutex<HashMap<u64, u64>>> = Default::default(); // request_id -> device_id
     let stop_posting = tokio_util::sync::CancellationToken::new();
     let mut posters = Vec::new();
-    let bearer = casd::testing::bench_bearer(&t.db).await;
     for w in 0..4u64 {
         let (http, base, accepted, stop, bearer) = (
             http.clone(),
@@ -124,8 +126,14 @@ async fn sigkill_while_posting_loses_and_doubles_nothing() {
         }));
     }
     // Kill once a good number of commands were acknowledged.
+    let guard = std::time::Instant::now() + Duration::from_secs(120);
     while accepted.lock().unwrap().len() < 150 {
         assert!(child.try_wait().unwrap().is_none());
+        assert!(
+            std::time::Instant::now() < guard,
+            "only {} commands accepted in 120 s (see the request log)",
+            accepted.lock().unwrap().len()
+        );
         tokio::time::sleep(Duration::from_millis(5)).await; // polling a shared counter
     }
     child.kill().unwrap(); // SIGKILL
