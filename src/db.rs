@@ -102,15 +102,12 @@ impl Db {
             .ok_or_else(|| DbError::Unreachable("bad pool size".into()))?;
         let builder = OptsBuilder::from_opts(opts)
             .pool_opts(
-                // No COM_RESET_CONNECTION when a connection returns to the
-                // pool: it costs a round trip per checkout and drops the
-                // server-side prepared statements, so every statement would
-                // be prepared again. Safe here: sessions carry no state of
-                // their own (time_zone is set once at connect, transactions
-                // always end in COMMIT or ROLLBACK).
-                PoolOpts::default()
-                    .with_constraints(constraints)
-                    .with_reset_connection(false),
+                // The default COM_RESET_CONNECTION when a connection returns
+                // to the pool stays on: a session can never leak state (an
+                // open snapshot, a variable) into the next user. Hot paths
+                // that end every transaction themselves (the SMS accept)
+                // opt out per connection to keep their prepared statements.
+                PoolOpts::default().with_constraints(constraints),
             )
             // Keep the server's time zone out of our DATETIMEs: all UTC.
             .init(vec!["SET time_zone = '+00:00'"])
