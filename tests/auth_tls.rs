@@ -197,6 +197,8 @@ async fn tls_files_that_do_not_load_stop_start_up() {
 
 fn casd(cfg: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_casd"))
+        // The test command exports the run database URL; the child uses its config file.
+        .env_remove("CASD_DATABASE_URL")
         .arg("--config")
         .arg(cfg)
         .args(args)

@@ -22,6 +22,8 @@ fn free_port() -> u16 {
 
 fn start(config: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_casd"))
+        // The test command exports the run database URL; the child uses its config file.
+        .env_remove("CASD_DATABASE_URL")
         .arg("--config")
         .arg(config)
         .arg("run")

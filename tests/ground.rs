@@ -156,7 +156,10 @@ async fn readyz_is_503_when_migrations_are_missing() {
 }
 
 fn casd_bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_casd"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_casd"));
+    // The test command exports the run database URL; the child uses its config file.
+    c.env_remove("CASD_DATABASE_URL");
+    c
 }
 
 fn write_config(text: &str) -> tempfile_path::TempPath {

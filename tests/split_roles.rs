@@ -39,6 +39,8 @@ struct Proc {
 impl Proc {
     fn start(&mut self) {
         let child = Command::new(env!("CARGO_BIN_EXE_casd"))
+            // The test command exports the run database URL; the child uses its config file.
+            .env_remove("CASD_DATABASE_URL")
             .arg("--config")
             .arg(&self.config)
             .args(["run", "--roles", self.role])
