@@ -1045,62 +1045,55 @@ async fn plan(
             ));
             (device_id, Withdraw::All)
         }
-        Work::AddEntitlement {
-            device_id,
-            product_id,
-            start,
-            end,
-        } => {
+        // ENTITLEMENT_ADD / ENTITLEMENT_REMOVE, then the device's whole set.
+        Work::AddEntitlement { device_id, .. } | Work::RemoveEntitlement { device_id, .. } => {
             let Some(pmk) = pmk_of(device_id) else {
                 return Ok(Outcome::Failed(format!("device {device_id} not found")));
             };
-            let p = product_id.get();
-            tri!(pack_into(
-                &mut emms,
-                vec![CommandSpec::EntitlementAdd(Entitlement {
-                    product_id: p,
+            let (command, p, what) = match work {
+                Work::AddEntitlement {
+                    product_id,
                     start,
                     end,
-                })],
-                unique(device_id),
-                Some(pmk),
-                CLASS_CHANGE,
-                purpose::entitlement_add(p),
-                state_not_after,
-            ));
-            emms.extend(tri!(entitlement_set_emms(
-                device_id,
-                pmk,
-                ents_of(device_id),
-                max,
-                state_not_after,
-            )));
-            (device_id, ent_withdraw(p))
-        }
-        Work::RemoveEntitlement {
-            device_id,
-            product_id,
-            ..
-        } => {
-            let Some(pmk) = pmk_of(device_id) else {
-                return Ok(Outcome::Failed(format!("device {device_id} not found")));
+                    ..
+                } => {
+                    let p = product_id.get();
+                    let e = Entitlement {
+                        product_id: p,
+                        start,
+                        end,
+                    };
+                    (
+                        CommandSpec::EntitlementAdd(e),
+                        p,
+                        purpose::entitlement_add(p),
+                    )
+                }
+                Work::RemoveEntitlement { product_id, .. } => {
+                    let p = product_id.get();
+                    (
+                        CommandSpec::EntitlementRemove { product_id: p },
+                        p,
+                        purpose::entitlement_remove(p),
+                    )
+                }
+                _ => unreachable!("matched above"),
             };
-            let p = product_id.get();
             tri!(pack_into(
                 &mut emms,
-                vec![CommandSpec::EntitlementRemove { product_id: p }],
+                vec![command],
                 unique(device_id),
                 Some(pmk),
                 CLASS_CHANGE,
-                purpose::entitlement_remove(p),
-                state_not_after,
+                what,
+                state_not_after
             ));
             emms.extend(tri!(entitlement_set_emms(
                 device_id,
                 pmk,
                 ents_of(device_id),
                 max,
-                state_not_after,
+                state_not_after
             )));
             (device_id, ent_withdraw(p))
         }
