@@ -209,6 +209,19 @@ pub struct ApiConfig {
     /// Request log: one JSON line per request.
     #[serde(default = "default_request_log")]
     pub request_log: PathBuf,
+    /// Group commit: most SMS commands stored in one transaction.
+    #[serde(default = "default_commit_batch")]
+    pub commit_batch: usize,
+    /// Group commit: transactions of SMS commands in flight at once.
+    #[serde(default = "default_committers")]
+    pub committers: usize,
+}
+
+fn default_commit_batch() -> usize {
+    256
+}
+fn default_committers() -> usize {
+    2
 }
 
 fn default_listen() -> SocketAddr {
@@ -230,6 +243,8 @@ impl Default for ApiConfig {
             tls_key: None,
             plain_http: false,
             request_log: default_request_log(),
+            commit_batch: default_commit_batch(),
+            committers: default_committers(),
         }
     }
 }
@@ -768,6 +783,12 @@ impl Config {
                 "api.body_limit",
                 "must be between 1024 and 16777216 bytes",
             ));
+        }
+        if !(1..=4096).contains(&self.api.commit_batch) {
+            return Err(key_err("api.commit_batch", "must be between 1 and 4096"));
+        }
+        if !(1..=16).contains(&self.api.committers) {
+            return Err(key_err("api.committers", "must be between 1 and 16"));
         }
         match (&self.api.tls_cert, &self.api.tls_key) {
             (Some(_), None) => return Err(key_err("api.tls_key", "missing while api.tls_cert is set")),

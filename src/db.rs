@@ -82,6 +82,8 @@ pub const MIGRATIONS: &[Migration] = &[
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
+    /// The pool's options, for connections outside the pool.
+    opts: Opts,
     display: String,
     connect_timeout: Duration,
 }
@@ -113,8 +115,10 @@ impl Db {
             .init(vec!["SET time_zone = '+00:00'"])
             .tcp_nodelay(true)
             .stmt_cache_size(256);
+        let opts = Opts::from(builder);
         Ok(Db {
-            pool: Pool::new(builder),
+            pool: Pool::new(opts.clone()),
+            opts,
             display: crate::config::redact_url(url),
             connect_timeout,
         })
@@ -132,6 +136,20 @@ impl Db {
     /// A pooled connection, or `Unreachable` after the connect timeout.
     pub async fn conn(&self) -> Result<Conn, DbError> {
         match tokio::time::timeout(self.connect_timeout, self.pool.get_conn()).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(DbError::Unreachable(e.to_string())),
+            Err(_) => Err(DbError::Unreachable(format!(
+                "no connection within {} s",
+                self.connect_timeout.as_secs()
+            ))),
+        }
+    }
+
+    /// A connection of its own, outside the pool (same options, same init):
+    /// for a task on another runtime (the SMS committer's thread), whose
+    /// sockets must not end up in a pool shared with this one.
+    pub async fn connect_own(&self) -> Result<Conn, DbError> {
+        match tokio::time::timeout(self.connect_timeout, Conn::new(self.opts.clone())).await {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(DbError::Unreachable(e.to_string())),
             Err(_) => Err(DbError::Unreachable(format!(

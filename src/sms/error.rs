@@ -66,9 +66,16 @@ pub enum SmsError {
     OsmTooLong { len: usize, max: usize },
     #[error("`expires_at` is not in the future")]
     AlreadyExpired,
+    // 503
+    #[error("too many commands waiting to be stored")]
+    Overloaded,
     // 503 / 500
     #[error(transparent)]
     Db(#[from] DbError),
+    /// A bug or a broken invariant: logged, answered 500 with nothing
+    /// changed (the message is never sent).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl From<mysql_async::Error> for SmsError {
@@ -83,6 +90,18 @@ impl From<SmsError> for ApiError {
         let msg = e.to_string();
         let (status, code, field): (StatusCode, &'static str, Option<String>) = match e {
             Db(db) => return ApiError::from(db),
+            Internal(m) => {
+                tracing::error!("SMS command failed: {m}");
+                return ApiError::internal();
+            }
+            Overloaded => {
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "too many commands waiting to be stored; nothing was changed, retry later",
+                )
+                .retry_after(1)
+            }
             MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json", None),
             Missing(f) => (StatusCode::BAD_REQUEST, "missing_field", Some(f.into())),
             WrongType { field, .. } => (StatusCode::BAD_REQUEST, "wrong_type", Some(field.into())),

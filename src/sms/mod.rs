@@ -4,8 +4,10 @@
 //! A command request goes: authentication (401, from the `Caller`
 //! extractor) → body read with the size limit (413) → scope `sms:write`
 //! (403) → `Content-Type: application/json` (415) → parse into a validated
-//! [`types::CommandRequest`] (400 / 422) → one transaction in [`store`]
-//! (404 / 409 / 422 / 503, or 200 after COMMIT) → wake the EMMG.
+//! [`types::CommandRequest`] (400 / 422) → the [`commit::Committer`], which
+//! stores it with the other commands waiting at that moment in one
+//! transaction ([`store::accept_batch`]; 404 / 409 / 422 / 503, or 200
+//! after COMMIT) → wake the EMMG.
 //!
 //! Every request is recorded: accepted ones by their own transaction,
 //! refused ones (and replays) by one INSERT afterwards, and each one as a
@@ -18,6 +20,7 @@
 //! sms-api.md lists it among the SMS's commands and does not name another
 //! scope (`emm:generate` is for direct EMM generation by other clients).
 
+pub mod commit;
 pub mod error;
 pub mod store;
 pub mod types;
@@ -48,6 +51,7 @@ pub use work::Work;
 pub struct SmsState {
     pub shared: Shared,
     pub log: RequestLog,
+    pub committer: commit::Committer,
 }
 
 /// The SMS role's routes, with a request log writing to `api.request_log`.
@@ -62,7 +66,16 @@ pub fn routes(shared: Shared) -> Router {
 
 /// The routes with a given request log (tests keep a handle to flush it).
 pub fn routes_with_log(shared: Shared, log: RequestLog) -> Router {
-    let state = SmsState { shared, log };
+    let committer = commit::Committer::start(
+        shared.db.clone(),
+        shared.cfg.api.commit_batch,
+        shared.cfg.api.committers,
+    );
+    let state = SmsState {
+        shared,
+        log,
+        committer,
+    };
     let mut r = Router::new();
     for kind in CommandKind::ALL {
         let m: MethodRouter<SmsState> = post(
@@ -290,14 +303,16 @@ async fn command(
         Ok(r) => r,
         Err(e) => return ctx.refuse(Some(sender), tid, &message, e).await,
     };
-    let tid = Some(req.transaction_id.as_str());
-    let meta = store::RequestMeta {
-        sender,
+    let sub = store::Submission {
+        sender: sender.to_owned(),
         path: kind.path(),
-        message: &message,
+        message: message.clone(),
         received_at: ctx.received_at,
+        req,
     };
-    match store::accept(&ctx.st.shared.db, &meta, &req).await {
+    let tid_owned = sub.req.transaction_id.as_str().to_owned();
+    let tid = Some(tid_owned.as_str());
+    match ctx.st.committer.submit(sub).await {
         Ok(store::Accepted::New { request_id, reply }) => {
             ctx.st.shared.work_ready.notify_one();
             ctx.log(

@@ -1,20 +1,31 @@
-//! The SMS-CAS interface's database side: one transaction per accepted
-//! command, records of refused requests, and the read-only queries.
+//! The SMS-CAS interface's database side: group commit of accepted
+//! commands, records of refused requests, and the read-only queries.
 //!
-//! An accepted command commits, in one READ COMMITTED transaction:
-//! the `sms_requests` row, the `idempotency` row, the state change
-//! (`devices`, `group_slots`, `entitlements`) and one `work_items` row. The
-//! idempotency INSERT comes right after the request row, so a concurrent
-//! duplicate blocks on it until the first commits (then gets a duplicate-key
-//! error and answers with the stored reply) or rolls back (then proceeds).
-//! READ COMMITTED keeps InnoDB from taking gap locks, which would make two
-//! adddevice of new devices deadlock each other; the device row is locked
-//! `FOR UPDATE` by every command about a device, which serializes them and
-//! makes their work item ids follow their commit order (per-device order).
-//! Deadlocks and lock-wait timeouts are retried a few times.
+//! Accepted commands are committed in batches ([`accept_batch`], fed by
+//! [`super::commit::Committer`]): all the commands waiting at a moment go
+//! into one READ COMMITTED transaction (a *round*) holding, for every
+//! accepted one, its `sms_requests` row, its `idempotency` row, its state
+//! change (`devices`, `group_slots`, `entitlements`) and one `work_items`
+//! row, written as multi-row statements: about a dozen statements and one
+//! fsync per round, whatever its size. Nothing is answered before the
+//! round commits, and a round that fails writes nothing.
+//!
+//! The outcome of every command is the one it would have had alone, in
+//! arrival order: a round holds at most one command per device and per
+//! (sender, transaction_id), so each command is checked against the state
+//! its predecessors committed. The device rows are locked `FOR UPDATE`
+//! (in ascending order), which serializes rounds about the same device,
+//! also across processes, and makes work item ids follow commit order
+//! (per-device order). READ COMMITTED keeps InnoDB from taking gap locks,
+//! which would make two rounds adding new devices deadlock each other.
+//! A transaction_id accepted by a concurrent round, or a new device added
+//! by one, shows up as a duplicate key on our INSERT: the round is rolled
+//! back and run again, and then sees it (a replay, a 409). Deadlocks and
+//! lock-wait timeouts are retried the same way.
 
+use mysql_async::prelude::FromValue;
 use mysql_async::prelude::*;
-use mysql_async::{Conn, IsolationLevel, Transaction, TxOpts, Value};
+use mysql_async::{Conn, Row, Value};
 use serde_json::json;
 use time::OffsetDateTime;
 
@@ -26,7 +37,7 @@ use crate::db::{Db, DbError};
 /// How long an OSM is carouselled when the SMS gives no `expires_at`.
 pub const DEFAULT_OSM_LIFETIME_S: u32 = 24 * 3600;
 
-/// Attempts of one command transaction on deadlock / lock-wait timeout.
+/// Attempts of one round on deadlock / lock-wait timeout / duplicate key.
 const ATTEMPTS: usize = 5;
 
 /// A DATETIME(6) parameter (UTC).
@@ -64,257 +75,1040 @@ pub enum Accepted {
     Replay { original_id: u64, reply: String },
 }
 
-enum Step {
-    Done(Accepted),
-    Duplicate,
-    Refused(SmsError),
-    NeedGroup,
+/// One command to accept, with what the request was (owned: it waits in
+/// the committer's queue).
+#[derive(Clone, Debug)]
+pub struct Submission {
+    pub sender: String,
+    pub path: &'static str,
+    pub message: String,
+    pub received_at: OffsetDateTime,
+    pub req: CommandRequest,
 }
 
 fn is_retryable(e: &SmsError) -> bool {
-    matches!(e, SmsError::Db(DbError::Query(mysql_async::Error::Server(s))) if matches!(s.code, 1213 | 1205))
+    // 1213 deadlock, 1205 lock wait timeout, 1062 a concurrent transaction
+    // (another committer or process) took the same transaction_id or added
+    // the same new device first: the round is run again and then sees it.
+    matches!(e, SmsError::Db(DbError::Query(mysql_async::Error::Server(s))) if matches!(s.code, 1213 | 1205 | 1062))
 }
 
-fn server_code(e: &mysql_async::Error) -> Option<u16> {
-    match e {
-        mysql_async::Error::Server(s) => Some(s.code),
-        _ => None,
-    }
-}
-
-/// Stores an accepted command (or finds it accepted before). Refusals that
-/// depend on the state (unknown device, device exists, transaction reused,
-/// an OSM already expired) come back as `Err` with nothing changed.
+/// Stores one accepted command (or finds it accepted before): a batch of
+/// one. Refusals that depend on the state (unknown device, device exists,
+/// transaction reused, an OSM already expired) come back as `Err` with
+/// nothing changed.
 pub async fn accept(
     db: &Db,
     meta: &RequestMeta<'_>,
     req: &CommandRequest,
 ) -> Result<Accepted, SmsError> {
-    let mut conn = db.conn().await?;
-    // Our transactions always end in COMMIT or ROLLBACK and change no
-    // session state, so the connection can go back to the pool without a
-    // COM_RESET_CONNECTION — which would also drop its prepared statements.
-    conn.reset_connection(false);
-    let sha = req.canonical_sha256();
+    let sub = Submission {
+        sender: meta.sender.to_owned(),
+        path: static_path(meta.path),
+        message: meta.message.to_owned(),
+        received_at: meta.received_at,
+        req: req.clone(),
+    };
+    accept_batch(db, std::slice::from_ref(&sub))
+        .await
+        .pop()
+        .unwrap_or_else(|| Err(SmsError::Internal("no outcome for the command".into())))
+}
+
+/// The request paths are the five command paths; anything else is kept as
+/// a generic name (only tests call [`accept`] with other paths).
+fn static_path(p: &str) -> &'static str {
+    super::types::CommandKind::ALL
+        .iter()
+        .map(|k| k.path())
+        .find(|k| *k == p)
+        .unwrap_or("/command")
+}
+
+/// A batch-wide failure, given to every command of the batch.
+pub fn shared_error(e: &SmsError) -> SmsError {
+    match e {
+        SmsError::Db(d) if d.is_unavailable() => SmsError::Db(DbError::Unreachable(d.to_string())),
+        other => SmsError::Internal(other.to_string()),
+    }
+}
+
+/// Group commit: accepts `subs` in as few transactions as their order
+/// allows and returns one outcome per submission, in order. The outcome of
+/// each command is exactly what accepting them one by one, in this order,
+/// would give:
+///
+/// - a *round* is one READ COMMITTED transaction holding at most one
+///   command per device and per (sender, transaction_id); a command that
+///   meets a device or key already in the round waits for the next round,
+///   and so does every later command of that device or key (order kept);
+/// - a round that fails on a deadlock, a lock-wait timeout or a duplicate
+///   key (a concurrent committer got there first) is rolled back and run
+///   again; one that fails for good fails every command not yet committed
+///   (later ones may depend on it), with nothing written.
+pub async fn accept_batch(db: &Db, subs: &[Submission]) -> Vec<Result<Accepted, SmsError>> {
+    match db.conn().await {
+        Ok(mut conn) => accept_batch_on(&mut conn, subs).await,
+        Err(e) => {
+            let e = SmsError::Db(e);
+            subs.iter().map(|_| Err(shared_error(&e))).collect()
+        }
+    }
+}
+
+/// [`accept_batch`] on a connection the caller keeps (the committer's own:
+/// no pool round trip per batch).
+pub async fn accept_batch_on(
+    conn: &mut Conn,
+    subs: &[Submission],
+) -> Vec<Result<Accepted, SmsError>> {
+    let mut out: Vec<Option<Result<Accepted, SmsError>>> =
+        std::iter::repeat_with(|| None).take(subs.len()).collect();
+    let mut pending: Vec<usize> = (0..subs.len()).collect();
+    while !pending.is_empty() {
+        let (round, rest) = pick_round(subs, &pending);
+        match run_round(conn, subs, &round).await {
+            Ok(results) => {
+                for (i, r) in round.iter().zip(results) {
+                    out[*i] = Some(r);
+                }
+                pending = rest;
+            }
+            Err(e) => {
+                if !matches!(&e, SmsError::Db(d) if d.is_unavailable()) {
+                    tracing::error!("SMS command batch failed: {e}");
+                }
+                // Later commands may depend on this round: none of the
+                // rest is stored either.
+                for o in out.iter_mut().filter(|o| o.is_none()) {
+                    *o = Some(Err(shared_error(&e)));
+                }
+                break;
+            }
+        }
+    }
+    out.into_iter()
+        .map(|o| o.unwrap_or_else(|| Err(SmsError::Internal("command left unanswered".into()))))
+        .collect()
+}
+
+/// Splits `pending` (indexes in arrival order) into this round and the
+/// rest: see [`accept_batch`].
+fn pick_round(subs: &[Submission], pending: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    use std::collections::HashSet;
+    let mut devices: HashSet<u64> = HashSet::new();
+    let mut keys: HashSet<(&str, &str)> = HashSet::new();
+    let mut held_devices: HashSet<u64> = HashSet::new();
+    let mut held_keys: HashSet<(&str, &str)> = HashSet::new();
+    let (mut round, mut rest) = (Vec::new(), Vec::new());
+    for &i in pending {
+        let s = &subs[i];
+        let key = (s.sender.as_str(), s.req.transaction_id.as_str());
+        let dev = s.req.command.device_id().map(|d| d.get());
+        let clash = keys.contains(&key)
+            || held_keys.contains(&key)
+            || dev.is_some_and(|d| devices.contains(&d) || held_devices.contains(&d));
+        if clash {
+            held_keys.insert(key);
+            if let Some(d) = dev {
+                held_devices.insert(d);
+            }
+            rest.push(i);
+        } else {
+            keys.insert(key);
+            if let Some(d) = dev {
+                devices.insert(d);
+            }
+            round.push(i);
+        }
+    }
+    (round, rest)
+}
+
+/// Runs one round until it commits, retrying contention; creating group
+/// slots between attempts when the round needs more than are free.
+async fn run_round(
+    conn: &mut Conn,
+    subs: &[Submission],
+    round: &[usize],
+) -> Result<Vec<Result<Accepted, SmsError>>, SmsError> {
+    let cmds: Vec<&Submission> = round.iter().map(|i| &subs[*i]).collect();
+    let shas: Vec<[u8; 32]> = cmds.iter().map(|s| s.req.canonical_sha256()).collect();
     let mut attempt = 0;
-    let mut groups_made = 0;
+    let mut slot_rounds = 0;
     loop {
         attempt += 1;
-        let step = match try_accept(&mut conn, meta, req, &sha).await {
-            Ok(s) => s,
-            Err(e) if attempt < ATTEMPTS && is_retryable(&e) => continue,
-            Err(e) => return Err(e),
-        };
-        match step {
-            Step::Done(a) => return Ok(a),
-            Step::Refused(e) => return Err(e),
-            Step::NeedGroup => {
+        match try_round(conn, &cmds, &shas).await {
+            Ok(RoundEnd::Committed(r)) => return Ok(r),
+            Ok(RoundEnd::NeedSlots(n)) => {
                 // Not an attempt lost to contention: a burst of adddevice
-                // may fill a fresh group before this one gets its slot.
-                groups_made += 1;
-                if groups_made > 64 {
+                // may fill the free slots before this round gets them.
+                slot_rounds += 1;
+                if slot_rounds > 64 {
                     return Err(SmsError::Db(DbError::Unreachable(
-                        "could not allocate a group slot".into(),
+                        "could not allocate group slots".into(),
                     )));
                 }
                 attempt -= 1;
-                create_next_group(&mut conn).await?;
+                ensure_free_slots(conn, n).await?;
             }
-            Step::Duplicate => {
-                let row: Option<(Vec<u8>, u64, Option<String>)> = conn
-                    .exec_first(
-                        "SELECT i.body_sha256, i.request_id, r.response FROM idempotency i \
-                         LEFT JOIN sms_requests r ON r.id = i.request_id \
-                         WHERE i.sender = ? AND i.transaction_id = ?",
-                        (meta.sender, req.transaction_id.as_str()),
-                    )
-                    .await?;
-                match row {
-                    Some((stored, _, _)) if stored != sha => {
-                        return Err(SmsError::TransactionReused)
-                    }
-                    Some((_, original_id, Some(reply))) => {
-                        return Ok(Accepted::Replay { original_id, reply })
-                    }
-                    // The original went away between our INSERT and this
-                    // read (purged, or rolled back): try again.
-                    _ if attempt < ATTEMPTS => continue,
-                    _ => {
-                        return Err(SmsError::Db(DbError::Unreachable(
-                            "idempotency row vanished repeatedly".into(),
-                        )))
-                    }
+            Err(e) if attempt < ATTEMPTS && is_retryable(&e) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+enum RoundEnd {
+    Committed(Vec<Result<Accepted, SmsError>>),
+    /// Fewer free slots than the round's adddevice need: rolled back.
+    NeedSlots(usize),
+}
+
+/// What one command of a round does.
+enum Plan {
+    /// Answered without a change (refused, or a replay).
+    Answer(Result<Accepted, SmsError>),
+    /// Accepted: the state change and its work item (slot filled in later).
+    Change(Change),
+}
+
+enum Change {
+    NewDevice,
+    ReenableDevice {
+        pmk_version: u32,
+    },
+    RemoveDevice {
+        group_id: Option<u32>,
+        slot: Option<u8>,
+    },
+    AddEntitlement,
+    RemoveEntitlement,
+    Osm {
+        not_after: u32,
+    },
+}
+
+/// The device's row as the round found (and locked) it.
+struct DeviceRow {
+    enabled: bool,
+    group_id: Option<u32>,
+    slot: Option<u8>,
+    pmk_version: u32,
+}
+
+/// A SQL literal for `v`, the same under every `sql_mode` (with or without
+/// NO_BACKSLASH_ESCAPES): numbers and dates as digits; strings made only of
+/// printable ASCII other than `'` and `\` between quotes; every other
+/// string as a hex literal with a utf8mb4 introducer (`_utf8mb4 X'…'`), and
+/// bytes that are not UTF-8 as a plain hex literal. Nothing a client sends
+/// is ever parsed as SQL: no escaping is involved at all.
+fn lit(v: &Value) -> String {
+    match v {
+        Value::Bytes(b) => {
+            if b.iter()
+                .all(|c| (0x20..=0x7e).contains(c) && *c != b'\'' && *c != b'\\')
+            {
+                // Checked above: ASCII.
+                format!("'{}'", String::from_utf8_lossy(b))
+            } else if std::str::from_utf8(b).is_ok() {
+                format!("_utf8mb4 X'{}'", hex::encode(b))
+            } else {
+                format!("X'{}'", hex::encode(b))
+            }
+        }
+        // NULL, integers, floats, dates and times: no quotes or text.
+        other => other.as_sql(false),
+    }
+}
+
+/// `sql` with each `?` replaced by the literal of the next value (our
+/// statement texts have no other `?`).
+fn inline(sql: &str, values: &[Value]) -> Result<String, SmsError> {
+    let mut out = String::with_capacity(sql.len() + values.len() * 12);
+    let mut it = values.iter();
+    for ch in sql.chars() {
+        if ch == '?' {
+            let v = it
+                .next()
+                .ok_or_else(|| SmsError::Internal("fewer values than placeholders".into()))?;
+            out.push_str(&lit(v));
+        } else {
+            out.push(ch);
+        }
+    }
+    if it.next().is_some() {
+        return Err(SmsError::Internal("more values than placeholders".into()));
+    }
+    Ok(out)
+}
+
+fn marks(n: usize, one: &str) -> String {
+    vec![one; n].join(",")
+}
+
+/// Several statements sent as one text query (one round trip): a round is
+/// a script of reads and a script of writes, then COMMIT. Statement shapes
+/// (rows, IN lists) change with every batch, so prepared statements would
+/// cost a PREPARE round trip each and churn the statement cache; values
+/// are inlined with [`lit`] instead.
+#[derive(Default)]
+struct Script {
+    sql: String,
+    n: usize,
+}
+
+impl Script {
+    /// Appends a statement; returns its index among the script's results.
+    fn push(&mut self, sql: &str, values: &[Value]) -> Result<usize, SmsError> {
+        self.sql.push_str(&inline(sql, values)?);
+        self.sql.push_str(";\n");
+        self.n += 1;
+        Ok(self.n - 1)
+    }
+
+    /// Runs the script: one row set per statement (empty for statements
+    /// that return none). Stops at the first failing statement (the server
+    /// runs none after it) with its error.
+    async fn run(self, conn: &mut Conn) -> Result<Vec<Vec<Row>>, SmsError> {
+        let mut result = conn.query_iter(self.sql).await?;
+        let mut sets = Vec::with_capacity(self.n);
+        while sets.len() < self.n {
+            sets.push(result.collect::<Row>().await?);
+        }
+        result.drop_result().await?;
+        Ok(sets)
+    }
+}
+
+fn col<T: FromValue>(row: &Row, i: usize) -> Result<T, SmsError> {
+    row.get_opt::<T, usize>(i)
+        .and_then(|r| r.ok())
+        .ok_or_else(|| SmsError::Internal(format!("unexpected value in result column {i}")))
+}
+
+/// One round: a script of reads (the round's transaction begins, the
+/// device rows are locked), the decisions in memory, a script of writes,
+/// COMMIT. Anything but a commit ends in ROLLBACK.
+async fn try_round(
+    conn: &mut Conn,
+    cmds: &[&Submission],
+    shas: &[[u8; 32]],
+) -> Result<RoundEnd, SmsError> {
+    let r = round(conn, cmds, shas).await;
+    if !matches!(r, Ok(RoundEnd::Committed(_))) {
+        // Also after a failed statement or COMMIT: the transaction may be
+        // open. A broken connection fails here too; it is not reused.
+        let _ = conn.query_drop("ROLLBACK").await;
+    }
+    r
+}
+
+async fn round(
+    conn: &mut Conn,
+    cmds: &[&Submission],
+    shas: &[[u8; 32]],
+) -> Result<RoundEnd, SmsError> {
+    use std::collections::{HashMap, HashSet};
+    let now = OffsetDateTime::now_utc();
+    let now_unix = now.unix_timestamp().clamp(0, u32::MAX as i64) as u32;
+
+    // 1. Reads, in the transaction. A transaction_id accepted by a
+    //    concurrent round that has not committed yet is not seen here; our
+    //    INSERT below then waits for it and fails with a duplicate key, and
+    //    the round is run again.
+    let mut reads = Script::default();
+    reads.push("SET TRANSACTION ISOLATION LEVEL READ COMMITTED", &[])?;
+    reads.push("START TRANSACTION", &[])?;
+    let facts = reads.push("SELECT @@innodb_autoinc_lock_mode", &[])?;
+    let adds = cmds
+        .iter()
+        .filter(|s| matches!(s.req.command, Command::AddDevice { .. }))
+        .count();
+    // The PMK version new devices' DUKs derive from: the key store's
+    // current PMK (metadata only, never key bytes); 1 on a store without
+    // any PMK yet (a database the Encryptor has not initialised).
+    let pmk = if adds > 0 {
+        Some(reads.push(
+            "SELECT version FROM `keys` WHERE kind = 'pmk' AND group_id = 0 \
+             AND state <> 'retired' AND activates_at <= FROM_UNIXTIME(?) \
+             ORDER BY version DESC LIMIT 1",
+            &[Value::from(now_unix)],
+        )?)
+    } else {
+        None
+    };
+    let mut by_sender: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, s) in cmds.iter().enumerate() {
+        by_sender.entry(s.sender.as_str()).or_default().push(i);
+    }
+    let mut idem_sets: Vec<(usize, &Vec<usize>)> = Vec::new();
+    for (sender, idx) in &by_sender {
+        let mut v: Vec<Value> = vec![Value::from(*sender)];
+        v.extend(
+            idx.iter()
+                .map(|i| Value::from(cmds[*i].req.transaction_id.as_str())),
+        );
+        let k = reads.push(
+            &format!(
+                "SELECT i.transaction_id, i.body_sha256, i.request_id, r.response FROM idempotency i \
+                 LEFT JOIN sms_requests r ON r.id = i.request_id \
+                 WHERE i.sender = ? AND i.transaction_id IN ({})",
+                marks(idx.len(), "?")
+            ),
+            &v,
+        )?;
+        idem_sets.push((k, idx));
+    }
+    // The devices, locked in ascending order (two rounds never wait on
+    // each other in a cycle).
+    let mut dev_ids: Vec<u64> = cmds
+        .iter()
+        .filter_map(|s| s.req.command.device_id().map(|d| d.get()))
+        .collect();
+    dev_ids.sort_unstable();
+    dev_ids.dedup();
+    let ids_of = |v: &[u64]| v.iter().map(|d| Value::from(*d)).collect::<Vec<_>>();
+    let dev_set = if dev_ids.is_empty() {
+        None
+    } else {
+        Some(reads.push(
+            &format!(
+                "SELECT device_id, state, group_id, slot, pmk_version FROM devices \
+                 WHERE device_id IN ({}) ORDER BY device_id FOR UPDATE",
+                marks(dev_ids.len(), "?")
+            ),
+            &ids_of(&dev_ids),
+        )?)
+    };
+    // Free slots, the lowest first, as many as there are adddevice (some
+    // may go unused: refused or replayed); slots locked by concurrent
+    // rounds are skipped, never waited for.
+    let slot_set = if adds > 0 {
+        Some(reads.push(
+            "SELECT group_id, slot FROM group_slots WHERE device_id IS NULL \
+             ORDER BY group_id, slot LIMIT ? FOR UPDATE SKIP LOCKED",
+            &[Value::from(adds as u64)],
+        )?)
+    } else {
+        None
+    };
+    let mut groups: Vec<u32> = cmds
+        .iter()
+        .filter_map(|s| match &s.req.command {
+            Command::GenerateOsm {
+                target: Target::Group(g),
+                ..
+            } => Some(g.get()),
+            _ => None,
+        })
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    let group_set = if groups.is_empty() {
+        None
+    } else {
+        Some(reads.push(
+            &format!(
+                "SELECT DISTINCT group_id FROM group_slots WHERE group_id IN ({})",
+                marks(groups.len(), "?")
+            ),
+            &groups.iter().map(|g| Value::from(*g)).collect::<Vec<_>>(),
+        )?)
+    };
+    let rm_ent: Vec<u64> = cmds
+        .iter()
+        .filter_map(|s| match &s.req.command {
+            Command::RemoveEntitlement { device_id, .. } => Some(device_id.get()),
+            _ => None,
+        })
+        .collect();
+    let active_set = if rm_ent.is_empty() {
+        None
+    } else {
+        Some(reads.push(
+            &format!(
+                "SELECT device_id, product_id FROM entitlements \
+                 WHERE device_id IN ({}) AND state = 'active'",
+                marks(rm_ent.len(), "?")
+            ),
+            &ids_of(&rm_ent),
+        )?)
+    };
+    let sets = reads.run(conn).await?;
+
+    let consecutive = sets[facts]
+        .first()
+        .map(|r| col::<u32>(r, 0))
+        .transpose()?
+        .is_some_and(|m| m < 2);
+    let pmk_version: u32 = match pmk {
+        Some(k) => sets[k].first().map(|r| col(r, 0)).transpose()?.unwrap_or(1),
+        None => 1,
+    };
+    let mut plans: Vec<Option<Plan>> = std::iter::repeat_with(|| None).take(cmds.len()).collect();
+    for (k, idx) in idem_sets {
+        for row in &sets[k] {
+            let tid: String = col(row, 0)?;
+            let stored: Vec<u8> = col(row, 1)?;
+            let original_id: u64 = col(row, 2)?;
+            let response: Option<String> = col(row, 3)?;
+            let Some(&i) = idx
+                .iter()
+                .find(|i| cmds[**i].req.transaction_id.as_str() == tid)
+            else {
+                continue;
+            };
+            plans[i] = Some(Plan::Answer(match response {
+                _ if stored.as_slice() != shas[i].as_slice() => Err(SmsError::TransactionReused),
+                Some(reply) if !reply.is_empty() => Ok(Accepted::Replay { original_id, reply }),
+                _ => Err(SmsError::Internal(format!(
+                    "idempotency row of request {original_id} has no stored reply"
+                ))),
+            }));
+        }
+    }
+    let mut devices: HashMap<u64, DeviceRow> = HashMap::new();
+    if let Some(k) = dev_set {
+        for row in &sets[k] {
+            let state: String = col(row, 1)?;
+            devices.insert(
+                col(row, 0)?,
+                DeviceRow {
+                    enabled: state == "enabled",
+                    group_id: col(row, 2)?,
+                    slot: col(row, 3)?,
+                    pmk_version: col(row, 4)?,
+                },
+            );
+        }
+    }
+    let mut free: Vec<(u32, u8)> = Vec::new();
+    if let Some(k) = slot_set {
+        for row in &sets[k] {
+            free.push((col(row, 0)?, col(row, 1)?));
+        }
+    }
+    let mut known_groups: HashSet<u32> = HashSet::new();
+    if let Some(k) = group_set {
+        for row in &sets[k] {
+            known_groups.insert(col(row, 0)?);
+        }
+    }
+    let mut active: HashSet<(u64, u32)> = HashSet::new();
+    if let Some(k) = active_set {
+        for row in &sets[k] {
+            active.insert((col(row, 0)?, col(row, 1)?));
+        }
+    }
+
+    // 2. Each command against the state it found.
+    let enabled = |d: u64| devices.get(&d).is_some_and(|r| r.enabled);
+    for (i, s) in cmds.iter().enumerate() {
+        if plans[i].is_some() {
+            continue;
+        }
+        let refuse = |e: SmsError| Some(Plan::Answer(Err(e)));
+        plans[i] = match &s.req.command {
+            Command::AddDevice { device_id } => {
+                let id = device_id.get();
+                match devices.get(&id) {
+                    Some(r) if r.enabled => refuse(SmsError::DeviceExists(id)),
+                    // Re-adding a removed device enables it again with a new
+                    // slot; its PMK version (burned into the card) is kept
+                    // and its old entitlements stay ended.
+                    Some(r) => Some(Plan::Change(Change::ReenableDevice {
+                        pmk_version: r.pmk_version,
+                    })),
+                    None => Some(Plan::Change(Change::NewDevice)),
                 }
             }
-        }
+            Command::RemoveDevice { device_id } => {
+                let id = device_id.get();
+                match devices.get(&id) {
+                    Some(r) if r.enabled => Some(Plan::Change(Change::RemoveDevice {
+                        group_id: r.group_id,
+                        slot: r.slot,
+                    })),
+                    _ => refuse(SmsError::UnknownDevice(id)),
+                }
+            }
+            // A removed (disabled) device is unknown to the SMS until re-added.
+            Command::AddEntitlement { device_id, .. } if !enabled(device_id.get()) => {
+                refuse(SmsError::UnknownDevice(device_id.get()))
+            }
+            Command::AddEntitlement { .. } => Some(Plan::Change(Change::AddEntitlement)),
+            Command::RemoveEntitlement { device_id, .. } if !enabled(device_id.get()) => {
+                refuse(SmsError::UnknownDevice(device_id.get()))
+            }
+            Command::RemoveEntitlement { .. } => Some(Plan::Change(Change::RemoveEntitlement)),
+            Command::GenerateOsm {
+                target, expires_at, ..
+            } => match (expires_at, target) {
+                (Some(t), _) if t.0 <= now_unix => refuse(SmsError::AlreadyExpired),
+                (_, Target::Device(d)) if !enabled(d.get()) => {
+                    refuse(SmsError::UnknownDevice(d.get()))
+                }
+                (_, Target::Group(g)) if !known_groups.contains(&g.get()) => {
+                    refuse(SmsError::UnknownGroup(g.get()))
+                }
+                (e, _) => Some(Plan::Change(Change::Osm {
+                    not_after: e
+                        .map(|t| t.0)
+                        .unwrap_or_else(|| now_unix.saturating_add(DEFAULT_OSM_LIFETIME_S)),
+                })),
+            },
+        };
     }
-}
+    let plans: Vec<Plan> = plans
+        .into_iter()
+        .map(|p| p.ok_or_else(|| SmsError::Internal("command without a plan".into())))
+        .collect::<Result<_, _>>()?;
+    let need = plans
+        .iter()
+        .filter(|p| {
+            matches!(
+                p,
+                Plan::Change(Change::NewDevice | Change::ReenableDevice { .. })
+            )
+        })
+        .count();
+    if free.len() < need {
+        return Ok(RoundEnd::NeedSlots(need));
+    }
+    let mut slots = free.into_iter();
 
-async fn try_accept(
-    conn: &mut Conn,
-    meta: &RequestMeta<'_>,
-    req: &CommandRequest,
-    sha: &[u8; 32],
-) -> Result<Step, SmsError> {
-    let now = OffsetDateTime::now_utc();
-    // Read before the transaction: a key-metadata read needs no lock.
-    let pmk_version = match req.command {
-        Command::AddDevice { .. } => active_pmk_version(conn).await?,
-        _ => 1,
-    };
-    let mut opts = TxOpts::default();
-    opts.with_isolation_level(IsolationLevel::ReadCommitted);
-    let mut tx = conn.start_transaction(opts).await?;
-    tx.exec_drop(
-        "INSERT INTO sms_requests (sender, transaction_id, path, message, received_at, status_code, response) \
-         VALUES (?, ?, ?, ?, ?, 200, '')",
-        (
-            meta.sender,
-            req.transaction_id.as_str(),
-            meta.path,
-            meta.message,
-            db_time(meta.received_at),
-        ),
-    )
-    .await?;
-    let request_id = tx
-        .last_insert_id()
-        .ok_or_else(|| DbError::Unreachable("no insert id for sms_requests".into()))?;
-    let r = tx
-        .exec_drop(
-            "INSERT INTO idempotency (sender, transaction_id, body_sha256, request_id, created_at) \
-             VALUES (?, ?, ?, ?, ?)",
+    // 3. The work items.
+    let mut accepted: Vec<(usize, Work)> = Vec::new();
+    for (i, (s, p)) in cmds.iter().zip(&plans).enumerate() {
+        let Plan::Change(c) = p else { continue };
+        let mut slot = || {
+            slots
+                .next()
+                .ok_or_else(|| SmsError::Internal("a slot per adddevice".into()))
+        };
+        let work = match (c, &s.req.command) {
+            (Change::NewDevice, Command::AddDevice { device_id }) => {
+                let (group_id, slot) = slot()?;
+                Work::AddDevice {
+                    device_id: *device_id,
+                    group_id,
+                    slot,
+                    pmk_version,
+                    reenabled: false,
+                }
+            }
+            (Change::ReenableDevice { pmk_version }, Command::AddDevice { device_id }) => {
+                let (group_id, slot) = slot()?;
+                Work::AddDevice {
+                    device_id: *device_id,
+                    group_id,
+                    slot,
+                    pmk_version: *pmk_version,
+                    reenabled: true,
+                }
+            }
+            (Change::RemoveDevice { group_id, slot }, Command::RemoveDevice { device_id }) => {
+                Work::RemoveDevice {
+                    device_id: *device_id,
+                    group_id: *group_id,
+                    slot: *slot,
+                }
+            }
             (
-                meta.sender,
-                req.transaction_id.as_str(),
-                &sha[..],
-                request_id,
-                db_time(now),
-            ),
-        )
-        .await;
-    match r {
-        Ok(()) => {}
-        Err(e) if server_code(&e) == Some(1062) => {
-            tx.rollback().await?;
-            return Ok(Step::Duplicate);
-        }
-        Err(e) => return Err(e.into()),
+                Change::AddEntitlement,
+                Command::AddEntitlement {
+                    device_id,
+                    product_id,
+                    start,
+                    end,
+                },
+            ) => Work::AddEntitlement {
+                device_id: *device_id,
+                product_id: *product_id,
+                start: start.0,
+                end: end.0,
+            },
+            (
+                Change::RemoveEntitlement,
+                Command::RemoveEntitlement {
+                    device_id,
+                    product_id,
+                },
+            ) => Work::RemoveEntitlement {
+                device_id: *device_id,
+                product_id: *product_id,
+                was_active: active.contains(&(device_id.get(), product_id.get())),
+            },
+            (
+                Change::Osm { not_after },
+                Command::GenerateOsm {
+                    target,
+                    text,
+                    duration_s,
+                    forced,
+                    ..
+                },
+            ) => Work::GenerateOsm {
+                target: *target,
+                text: text.as_str().to_owned(),
+                duration_s: *duration_s,
+                forced: *forced,
+                not_after: *not_after,
+            },
+            _ => return Err(SmsError::Internal("plan does not match its command".into())),
+        };
+        accepted.push((i, work));
     }
-    let work = match apply(&mut tx, &req.command, now, pmk_version).await? {
-        Change::Work(w) => w,
-        Change::Refused(refusal) => {
-            tx.rollback().await?;
-            return Ok(Step::Refused(refusal));
-        }
-        Change::NeedGroup => {
-            tx.rollback().await?;
-            return Ok(Step::NeedGroup);
+    let mut answers: Vec<Option<Result<Accepted, SmsError>>> = plans
+        .into_iter()
+        .map(|p| match p {
+            Plan::Answer(a) => Some(a),
+            Plan::Change(_) => None,
+        })
+        .collect();
+    if accepted.is_empty() {
+        // Nothing to write: end the transaction (and its locks).
+        conn.query_drop("ROLLBACK").await?;
+        return Ok(RoundEnd::Committed(
+            answers
+                .into_iter()
+                .map(|a| a.unwrap_or_else(|| Err(SmsError::Internal("unanswered".into()))))
+                .collect(),
+        ));
+    }
+
+    // 4. Writes, one script. The request rows first; their ids, known only
+    //    to the server until the script's end, are `@casd_r + k` (one
+    //    multi-row INSERT gets consecutive ids unless innodb_autoinc_lock_mode
+    //    is 2) or `@casd_rk` (one INSERT per row).
+    let n = accepted.len();
+    let mut w = Script::default();
+    // The reply is `{"request_id":N` + this suffix (serde_json's key order);
+    // the row is inserted with the suffix and completed once N is known.
+    let suffixes: Vec<String> = accepted
+        .iter()
+        .map(|(i, _)| {
+            format!(
+                ",\"status\":\"accepted\",\"transaction_id\":{}}}",
+                serde_json::Value::from(cmds[*i].req.transaction_id.as_str())
+            )
+        })
+        .collect();
+    let row = |k: usize| -> Vec<Value> {
+        let s = cmds[accepted[k].0];
+        vec![
+            Value::from(s.sender.as_str()),
+            Value::from(s.req.transaction_id.as_str()),
+            Value::from(s.path),
+            Value::from(s.message.as_str()),
+            db_time(s.received_at),
+            Value::from(suffixes[k].as_str()),
+        ]
+    };
+    const REQ_INSERT: &str = "INSERT INTO sms_requests \
+        (sender, transaction_id, path, message, received_at, status_code, response) VALUES ";
+    let id_of = |k: usize| -> String {
+        if consecutive {
+            format!("@casd_r + {k}")
+        } else {
+            format!("@casd_r{k}")
         }
     };
-    let payload = serde_json::to_string(&work).unwrap_or_default();
-    tx.exec_drop(
-        "INSERT INTO work_items (request_id, kind, device_id, payload, state, attempts, not_before, created_at) \
-         VALUES (?, ?, ?, ?, 'pending', 0, ?, ?)",
-        (
-            request_id,
-            work.kind(),
-            work.device_id().map(|d| d.get()),
-            payload,
-            db_time(now),
-            db_time(now),
-        ),
-    )
-    .await?;
-    let reply = json!({
-        "request_id": request_id,
-        "transaction_id": req.transaction_id.as_str(),
-        "status": "accepted",
-    })
-    .to_string();
-    tx.exec_drop(
-        "UPDATE sms_requests SET response = ? WHERE id = ?",
-        (&reply, request_id),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(Step::Done(Accepted::New { request_id, reply }))
-}
-
-/// The device's state, locked until the transaction ends.
-async fn lock_device(
-    tx: &mut Transaction<'_>,
-    device_id: u64,
-) -> Result<Option<(String, Option<u32>, Option<u8>)>, SmsError> {
-    Ok(tx
-        .exec_first(
-            "SELECT state, group_id, slot FROM devices WHERE device_id = ? FOR UPDATE",
-            (device_id,),
-        )
-        .await?)
-}
-
-async fn require_enabled(
-    tx: &mut Transaction<'_>,
-    device_id: u64,
-) -> Result<Result<(), SmsError>, SmsError> {
-    Ok(match lock_device(tx, device_id).await? {
-        Some((state, _, _)) if state == "enabled" => Ok(()),
-        // A removed (disabled) device is unknown to the SMS until re-added.
-        _ => Err(SmsError::UnknownDevice(device_id)),
-    })
-}
-
-/// The PMK version new devices' DUKs derive from: the key store's current
-/// PMK (metadata only, never key bytes); 1 on a store without any PMK yet
-/// (a database the Encryptor has not initialised).
-async fn active_pmk_version(conn: &mut Conn) -> Result<u32, SmsError> {
-    let now = OffsetDateTime::now_utc()
-        .unix_timestamp()
-        .clamp(0, u32::MAX as i64) as u32;
-    let meta = crate::keystore::current_meta(conn, crate::keystore::KeyKind::Pmk, now).await?;
-    Ok(meta.map(|m| m.version).unwrap_or(1))
-}
-
-/// Gives `device_id` the lowest free (group_id, slot). Slots locked by
-/// concurrent transactions are skipped, so allocation never waits on
-/// another command. `Ok(None)`: no free slot, a new group is needed
-/// ([`create_next_group`], outside this transaction). `Err(DeviceExists)`:
-/// a concurrent transaction gave this device a slot first.
-async fn allocate_slot(
-    tx: &mut Transaction<'_>,
-    device_id: u64,
-) -> Result<Option<(u32, u8)>, SmsError> {
-    let free: Option<(u32, u8)> = tx
-        .exec_first(
-            "SELECT group_id, slot FROM group_slots WHERE device_id IS NULL \
-             ORDER BY group_id, slot LIMIT 1 FOR UPDATE SKIP LOCKED",
-            (),
-        )
-        .await?;
-    let Some((g, s)) = free else { return Ok(None) };
-    let r = tx
-        .exec_drop(
-            "UPDATE group_slots SET device_id = ? WHERE group_id = ? AND slot = ?",
-            (device_id, g, s),
-        )
-        .await;
-    match r {
-        Ok(()) => Ok(Some((g, s))),
-        Err(e) if server_code(&e) == Some(1062) => Err(SmsError::DeviceExists(device_id)),
-        Err(e) => Err(e.into()),
+    let ids_set;
+    if consecutive {
+        let v: Vec<Value> = (0..n).flat_map(row).collect();
+        w.push(
+            &format!("{REQ_INSERT}{}", marks(n, "(?,?,?,?,?,200,?)")),
+            &v,
+        )?;
+        ids_set = w.push("SELECT LAST_INSERT_ID(), ROW_COUNT()", &[])?;
+        w.push("SET @casd_r = LAST_INSERT_ID()", &[])?;
+    } else {
+        for k in 0..n {
+            w.push(&format!("{REQ_INSERT}(?,?,?,?,?,200,?)"), &row(k))?;
+            w.push(&format!("SET @casd_r{k} = LAST_INSERT_ID()"), &[])?;
+        }
+        ids_set = w.push(
+            &(0..n)
+                .map(|k| format!("SELECT @casd_r{k}, 1"))
+                .collect::<Vec<_>>()
+                .join(" UNION ALL "),
+            &[],
+        )?;
     }
+    let mut idem = String::new();
+    let mut v: Vec<Value> = Vec::with_capacity(n * 4);
+    for (k, (i, _)) in accepted.iter().enumerate() {
+        if k > 0 {
+            idem.push(',');
+        }
+        idem.push_str(&format!("(?,?,?,{},?)", id_of(k)));
+        v.extend([
+            Value::from(cmds[*i].sender.as_str()),
+            Value::from(cmds[*i].req.transaction_id.as_str()),
+            Value::from(&shas[*i][..]),
+            db_time(now),
+        ]);
+    }
+    w.push(
+        &format!(
+            "INSERT INTO idempotency (sender, transaction_id, body_sha256, request_id, created_at) VALUES {idem}"
+        ),
+        &v,
+    )?;
+
+    // Devices: removals free their slot and end their entitlements.
+    let removed: Vec<u64> = accepted
+        .iter()
+        .filter_map(|(_, w)| match w {
+            Work::RemoveDevice { device_id, .. } => Some(device_id.get()),
+            _ => None,
+        })
+        .collect();
+    if !removed.is_empty() {
+        let list = marks(removed.len(), "?");
+        let mut v = vec![db_time(now)];
+        v.extend(ids_of(&removed));
+        w.push(
+            &format!(
+                "UPDATE devices SET state = 'disabled', group_id = NULL, slot = NULL, updated_at = ? \
+                 WHERE device_id IN ({list})"
+            ),
+            &v,
+        )?;
+        w.push(
+            &format!("UPDATE group_slots SET device_id = NULL WHERE device_id IN ({list})"),
+            &ids_of(&removed),
+        )?;
+        let mut v = vec![db_time(now), db_time(now)];
+        v.extend(ids_of(&removed));
+        w.push(
+            &format!(
+                "UPDATE entitlements SET state = 'ended', ended_at = ?, updated_at = ? \
+                 WHERE device_id IN ({list}) AND state = 'active'"
+            ),
+            &v,
+        )?;
+    }
+    // Slots given: every one was free and is locked by this round.
+    let given: Vec<(u64, u32, u8, u32, bool)> = accepted
+        .iter()
+        .filter_map(|(_, w)| match w {
+            Work::AddDevice {
+                device_id,
+                group_id,
+                slot,
+                pmk_version,
+                reenabled,
+            } => Some((device_id.get(), *group_id, *slot, *pmk_version, *reenabled)),
+            _ => None,
+        })
+        .collect();
+    let mut slots_set = None;
+    if !given.is_empty() {
+        let mut v: Vec<Value> = Vec::with_capacity(given.len() * 3);
+        for (d, g, s, _, _) in &given {
+            v.extend([Value::from(*g), Value::from(*s), Value::from(*d)]);
+        }
+        w.push(
+            &format!(
+                "INSERT INTO group_slots (group_id, slot, device_id) VALUES {} \
+                 ON DUPLICATE KEY UPDATE device_id = VALUES(device_id)",
+                marks(given.len(), "(?,?,?)")
+            ),
+            &v,
+        )?;
+        slots_set = Some(w.push("SELECT ROW_COUNT()", &[])?);
+        let fresh: Vec<&(u64, u32, u8, u32, bool)> = given.iter().filter(|g| !g.4).collect();
+        if !fresh.is_empty() {
+            let mut v: Vec<Value> = Vec::with_capacity(fresh.len() * 6);
+            for (d, g, s, pmk, _) in &fresh {
+                v.extend([
+                    Value::from(*d),
+                    Value::from(*g),
+                    Value::from(*s),
+                    Value::from(*pmk),
+                    db_time(now),
+                    db_time(now),
+                ]);
+            }
+            w.push(
+                &format!(
+                    "INSERT INTO devices (device_id, state, group_id, slot, pmk_version, created_at, updated_at) \
+                     VALUES {}",
+                    marks(fresh.len(), "(?,'enabled',?,?,?,?,?)")
+                ),
+                &v,
+            )?;
+        }
+        for (d, g, s, _, _) in given.iter().filter(|g| g.4) {
+            w.push(
+                "UPDATE devices SET state = 'enabled', group_id = ?, slot = ?, updated_at = ? \
+                 WHERE device_id = ?",
+                &[
+                    Value::from(*g),
+                    Value::from(*s),
+                    db_time(now),
+                    Value::from(*d),
+                ],
+            )?;
+        }
+    }
+    // Entitlements.
+    let adds: Vec<Value> = accepted
+        .iter()
+        .filter_map(|(_, w)| match w {
+            Work::AddEntitlement {
+                device_id,
+                product_id,
+                start,
+                end,
+            } => Some([
+                Value::from(device_id.get()),
+                Value::from(product_id.get()),
+                Value::from(*start),
+                Value::from(*end),
+                db_time(now),
+            ]),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    if !adds.is_empty() {
+        w.push(
+            &format!(
+                "INSERT INTO entitlements (device_id, product_id, start_at, end_at, state, updated_at, ended_at) \
+                 VALUES {} ON DUPLICATE KEY UPDATE start_at = VALUES(start_at), end_at = VALUES(end_at), \
+                 state = 'active', updated_at = VALUES(updated_at), ended_at = NULL",
+                marks(adds.len() / 5, "(?,?,?,?,'active',?,NULL)")
+            ),
+            &adds,
+        )?;
+    }
+    let ends: Vec<(u64, u32)> = accepted
+        .iter()
+        .filter_map(|(_, w)| match w {
+            Work::RemoveEntitlement {
+                device_id,
+                product_id,
+                was_active: true,
+            } => Some((device_id.get(), product_id.get())),
+            _ => None,
+        })
+        .collect();
+    if !ends.is_empty() {
+        // One product per device in a round: the CASE picks it.
+        let mut v = vec![db_time(now), db_time(now)];
+        v.extend(ends.iter().map(|(d, _)| Value::from(*d)));
+        for (d, p) in &ends {
+            v.extend([Value::from(*d), Value::from(*p)]);
+        }
+        w.push(
+            &format!(
+                "UPDATE entitlements SET state = 'ended', ended_at = ?, updated_at = ? \
+                 WHERE device_id IN ({}) AND state = 'active' AND product_id = CASE device_id {} END",
+                marks(ends.len(), "?"),
+                vec!["WHEN ? THEN ?"; ends.len()].join(" ")
+            ),
+            &v,
+        )?;
+    }
+    // The work items, in the round's order.
+    let mut items = String::new();
+    let mut v: Vec<Value> = Vec::with_capacity(n * 5);
+    for (k, (_, work)) in accepted.iter().enumerate() {
+        if k > 0 {
+            items.push(',');
+        }
+        items.push_str(&format!("({},?,?,?,'pending',0,?,?)", id_of(k)));
+        v.extend([
+            Value::from(work.kind()),
+            work.device_id()
+                .map(|d| Value::from(d.get()))
+                .unwrap_or(Value::NULL),
+            Value::from(serde_json::to_string(work).unwrap_or_default()),
+            db_time(now),
+            db_time(now),
+        ]);
+    }
+    w.push(
+        &format!(
+            "INSERT INTO work_items (request_id, kind, device_id, payload, state, attempts, not_before, created_at) \
+             VALUES {items}"
+        ),
+        &v,
+    )?;
+    // The replies, completed with their ids.
+    let ids_list: Vec<String> = (0..n).map(id_of).collect();
+    w.push(
+        &format!(
+            "UPDATE sms_requests SET response = CONCAT('{{\"request_id\":', id, response) \
+             WHERE id IN ({})",
+            ids_list.join(",")
+        ),
+        &[],
+    )?;
+    let sets = w.run(conn).await?;
+
+    // 5. Checks, then COMMIT.
+    let mut request_ids: Vec<u64> = Vec::with_capacity(n);
+    if consecutive {
+        let r = sets[ids_set]
+            .first()
+            .ok_or_else(|| SmsError::Internal("no request id".into()))?;
+        let first: u64 = col(r, 0)?;
+        let count: i64 = col(r, 1)?;
+        if count != n as i64 {
+            return Err(SmsError::Internal("sms_requests insert count".into()));
+        }
+        request_ids.extend((0..n as u64).map(|k| first + k));
+    } else {
+        for r in &sets[ids_set] {
+            request_ids.push(col(r, 0)?);
+        }
+    }
+    if request_ids.len() != n {
+        return Err(SmsError::Internal("request ids".into()));
+    }
+    if let Some(k) = slots_set {
+        // Each row must have been an existing free slot changed (2 per row
+        // for ON DUPLICATE KEY UPDATE); anything else means the slot table
+        // and the device table disagree: write nothing.
+        let changed: i64 = sets[k]
+            .first()
+            .map(|r| col(r, 0))
+            .transpose()?
+            .unwrap_or(-1);
+        if changed != 2 * given.len() as i64 {
+            return Err(SmsError::Internal(
+                "group slot assignment touched unexpected rows".into(),
+            ));
+        }
+    }
+    conn.query_drop("COMMIT").await?;
+
+    for (((i, _), rid), suffix) in accepted.iter().zip(request_ids).zip(suffixes) {
+        answers[*i] = Some(Ok(Accepted::New {
+            request_id: rid,
+            reply: format!("{{\"request_id\":{rid}{suffix}"),
+        }));
+    }
+    Ok(RoundEnd::Committed(
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(SmsError::Internal("unanswered".into()))))
+            .collect(),
+    ))
 }
 
-/// Creates the next group's 256 free slots, committed on its own (not in a
-/// command transaction: an INSERT that meets duplicates keeps shared locks
-/// on them until its transaction ends, which would hide those slots from
-/// every concurrent `SKIP LOCKED` allocation). Two processes creating the
-/// same group at once: the second one's IGNORE skips the rows.
-async fn create_next_group(conn: &mut Conn) -> Result<(), SmsError> {
-    // Serialised by a named lock, and only when no slot is free any more:
-    // two commands that both found every slot taken must not create two
-    // groups (groups fill in order; an empty extra group is waste).
+/// Makes at least `needed` group slots free, creating groups of 256 free
+/// slots, committed on their own (not in a command transaction: an INSERT
+/// that meets duplicates keeps shared locks on them until its transaction
+/// ends, which would hide those slots from every concurrent `SKIP LOCKED`
+/// allocation). Serialised by a named lock, and only for what is missing:
+/// groups fill in order, and an empty extra group is waste. Two processes
+/// creating the same group at once: the second one's IGNORE skips the rows.
+async fn ensure_free_slots(conn: &mut Conn, needed: usize) -> Result<(), SmsError> {
     let got: Option<Option<i64>> = conn
         .query_first("SELECT GET_LOCK(CONCAT('casd.newgroup.', DATABASE()), 10)")
         .await?;
@@ -324,15 +1118,19 @@ async fn create_next_group(conn: &mut Conn) -> Result<(), SmsError> {
         )));
     }
     let result = async {
-        let free: Option<u8> = conn
-            .query_first("SELECT 1 FROM group_slots WHERE device_id IS NULL LIMIT 1")
+        let free: Option<u64> = conn
+            .query_first("SELECT COUNT(*) FROM group_slots WHERE device_id IS NULL")
             .await?;
-        if free.is_none() {
+        let free = free.unwrap_or(0) as usize;
+        if free < needed {
+            let groups = (needed - free).div_ceil(256);
             let next: Option<u32> = conn
                 .query_first("SELECT COALESCE(MAX(group_id), 0) + 1 FROM group_slots")
                 .await?;
             let next = next.unwrap_or(1);
-            let values: Vec<String> = (0..256).map(|s| format!("({next},{s},NULL)")).collect();
+            let values: Vec<String> = (next..next + groups as u32)
+                .flat_map(|g| (0..256).map(move |s| format!("({g},{s},NULL)")))
+                .collect();
             conn.query_drop(format!(
                 "INSERT IGNORE INTO group_slots (group_id, slot, device_id) VALUES {}",
                 values.join(",")
@@ -347,205 +1145,6 @@ async fn create_next_group(conn: &mut Conn) -> Result<(), SmsError> {
         .await?;
     result?;
     Ok(())
-}
-
-/// What a command's state change came to.
-enum Change {
-    Work(Work),
-    Refused(SmsError),
-    /// Every slot is taken: create a group and run the transaction again.
-    NeedGroup,
-}
-
-/// The state change of one command.
-async fn apply(
-    tx: &mut Transaction<'_>,
-    cmd: &Command,
-    now: OffsetDateTime,
-    pmk_version: u32,
-) -> Result<Change, SmsError> {
-    let now_v = || db_time(now);
-    let now_unix = now.unix_timestamp().clamp(0, u32::MAX as i64) as u32;
-    Ok(Change::Work(match cmd {
-        Command::AddDevice { device_id } => {
-            let id = device_id.get();
-            match lock_device(tx, id).await? {
-                Some((state, _, _)) if state == "enabled" => {
-                    return Ok(Change::Refused(SmsError::DeviceExists(id)))
-                }
-                Some(_) => {
-                    // Re-adding a removed device enables it again with a new
-                    // slot; its PMK version (burned into the card) is kept and
-                    // its old entitlements stay ended.
-                    let (g, s) = match allocate_slot(tx, id).await? {
-                        Some(gs) => gs,
-                        None => return Ok(Change::NeedGroup),
-                    };
-                    tx.exec_drop(
-                        "UPDATE devices SET state = 'enabled', group_id = ?, slot = ?, updated_at = ? \
-                         WHERE device_id = ?",
-                        (g, s, now_v(), id),
-                    )
-                    .await?;
-                    let pmk: Option<u32> = tx
-                        .exec_first("SELECT pmk_version FROM devices WHERE device_id = ?", (id,))
-                        .await?;
-                    Work::AddDevice {
-                        device_id: *device_id,
-                        group_id: g,
-                        slot: s,
-                        pmk_version: pmk.unwrap_or(1),
-                        reenabled: true,
-                    }
-                }
-                None => {
-                    let pmk = pmk_version;
-                    let (g, s) = match allocate_slot(tx, id).await {
-                        Ok(Some(gs)) => gs,
-                        Ok(None) => return Ok(Change::NeedGroup),
-                        Err(SmsError::DeviceExists(_)) => {
-                            return Ok(Change::Refused(SmsError::DeviceExists(id)))
-                        }
-                        Err(e) => return Err(e),
-                    };
-                    let r = tx
-                        .exec_drop(
-                            "INSERT INTO devices (device_id, state, group_id, slot, pmk_version, created_at, updated_at) \
-                             VALUES (?, 'enabled', ?, ?, ?, ?, ?)",
-                            (id, g, s, pmk, now_v(), now_v()),
-                        )
-                        .await;
-                    match r {
-                        Ok(()) => {}
-                        // Added concurrently by another transaction_id.
-                        Err(e) if server_code(&e) == Some(1062) => {
-                            return Ok(Change::Refused(SmsError::DeviceExists(id)))
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                    Work::AddDevice {
-                        device_id: *device_id,
-                        group_id: g,
-                        slot: s,
-                        pmk_version: pmk,
-                        reenabled: false,
-                    }
-                }
-            }
-        }
-        Command::RemoveDevice { device_id } => {
-            let id = device_id.get();
-            let (group_id, slot) = match lock_device(tx, id).await? {
-                Some((state, g, s)) if state == "enabled" => (g, s),
-                _ => return Ok(Change::Refused(SmsError::UnknownDevice(id))),
-            };
-            tx.exec_drop(
-                "UPDATE devices SET state = 'disabled', group_id = NULL, slot = NULL, updated_at = ? \
-                 WHERE device_id = ?",
-                (now_v(), id),
-            )
-            .await?;
-            tx.exec_drop(
-                "UPDATE group_slots SET device_id = NULL WHERE device_id = ?",
-                (id,),
-            )
-            .await?;
-            tx.exec_drop(
-                "UPDATE entitlements SET state = 'ended', ended_at = ?, updated_at = ? \
-                 WHERE device_id = ? AND state = 'active'",
-                (now_v(), now_v(), id),
-            )
-            .await?;
-            Work::RemoveDevice {
-                device_id: *device_id,
-                group_id,
-                slot,
-            }
-        }
-        Command::AddEntitlement {
-            device_id,
-            product_id,
-            start,
-            end,
-        } => {
-            if let Err(e) = require_enabled(tx, device_id.get()).await? {
-                return Ok(Change::Refused(e));
-            }
-            tx.exec_drop(
-                "INSERT INTO entitlements (device_id, product_id, start_at, end_at, state, updated_at, ended_at) \
-                 VALUES (?, ?, ?, ?, 'active', ?, NULL) \
-                 ON DUPLICATE KEY UPDATE start_at = VALUES(start_at), end_at = VALUES(end_at), \
-                 state = 'active', updated_at = VALUES(updated_at), ended_at = NULL",
-                (device_id.get(), product_id.get(), start.0, end.0, now_v()),
-            )
-            .await?;
-            Work::AddEntitlement {
-                device_id: *device_id,
-                product_id: *product_id,
-                start: start.0,
-                end: end.0,
-            }
-        }
-        Command::RemoveEntitlement {
-            device_id,
-            product_id,
-        } => {
-            if let Err(e) = require_enabled(tx, device_id.get()).await? {
-                return Ok(Change::Refused(e));
-            }
-            tx.exec_drop(
-                "UPDATE entitlements SET state = 'ended', ended_at = ?, updated_at = ? \
-                 WHERE device_id = ? AND product_id = ? AND state = 'active'",
-                (now_v(), now_v(), device_id.get(), product_id.get()),
-            )
-            .await?;
-            let was_active = tx.affected_rows() > 0;
-            Work::RemoveEntitlement {
-                device_id: *device_id,
-                product_id: *product_id,
-                was_active,
-            }
-        }
-        Command::GenerateOsm {
-            target,
-            text,
-            duration_s,
-            forced,
-            expires_at,
-        } => {
-            let not_after = match expires_at {
-                Some(t) if t.0 <= now_unix => return Ok(Change::Refused(SmsError::AlreadyExpired)),
-                Some(t) => t.0,
-                None => now_unix.saturating_add(DEFAULT_OSM_LIFETIME_S),
-            };
-            match target {
-                Target::Device(d) => {
-                    if let Err(e) = require_enabled(tx, d.get()).await? {
-                        return Ok(Change::Refused(e));
-                    }
-                }
-                Target::Group(g) => {
-                    let exists: Option<u8> = tx
-                        .exec_first(
-                            "SELECT 1 FROM group_slots WHERE group_id = ? LIMIT 1",
-                            (g.get(),),
-                        )
-                        .await?;
-                    if exists.is_none() {
-                        return Ok(Change::Refused(SmsError::UnknownGroup(g.get())));
-                    }
-                }
-                Target::All => {}
-            }
-            Work::GenerateOsm {
-                target: *target,
-                text: text.as_str().to_owned(),
-                duration_s: *duration_s,
-                forced: *forced,
-                not_after,
-            }
-        }
-    }))
 }
 
 /// Stores a request that was not accepted as a new command: a refusal, or

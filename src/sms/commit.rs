@@ -1,0 +1,141 @@
+//! Group commit for the SMS-CAS interface: request handlers hand their
+//! parsed command to the [`Committer`] and wait for its outcome; a few
+//! committer tasks take every command waiting at that moment (up to
+//! `api.commit_batch`) and store them together with
+//! [`store::accept_batch`], in one transaction per round.
+//!
+//! Why: a command alone is about ten statements and an fsync'd commit;
+//! MariaDB then spends its time on statement overhead, not on the data.
+//! Batched, the statement count per round is fixed and the commit is
+//! shared, so throughput grows with load while a lone command still goes
+//! straight through (nothing waits for a batch to fill: a committer that
+//! is free takes whatever is there, even one command).
+//!
+//! `api.committers` rounds run at once (default 2), so one batch is being
+//! built while the other waits for its fsync. The queue is bounded
+//! (16 batches): past it a command is refused at once with 503 and
+//! `Retry-After` (nothing stored), instead of waiting without limit.
+//!
+//! The committers run on a thread of their own: on the request runtime,
+//! each of a round's database round trips waited behind every HTTP task
+//! ready at that moment (several milliseconds under load), and the round
+//! is the path every command goes through.
+//!
+//! A handler whose client goes away does not withdraw its command: once
+//! queued it is committed (the SMS, retrying with the same transaction_id,
+//! gets the stored reply). The tasks end when every handle is dropped and
+//! the queue is empty, so a graceful stop answers every queued command.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use super::error::SmsError;
+use super::store::{self, Accepted, Submission};
+use crate::db::Db;
+
+struct Job {
+    sub: Submission,
+    done: oneshot::Sender<Result<Accepted, SmsError>>,
+}
+
+/// Handle to the committer tasks (cheap to clone).
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Committer {
+    /// Starts `committers` tasks taking up to `batch` commands per round,
+    /// on a thread of their own (`casd-commit`) with its own single-thread
+    /// runtime and its own database connections. The thread ends when
+    /// every handle is dropped and the queue is empty.
+    pub fn start(db: Db, batch: usize, committers: usize) -> Committer {
+        let batch = batch.max(1);
+        let (tx, rx) = mpsc::channel::<Job>(batch * 16);
+        let rx = Arc::new(Mutex::new(rx));
+        let spawned = std::thread::Builder::new()
+            .name("casd-commit".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        // Every submit then fails with 500 (queue closed).
+                        tracing::error!("cannot start the SMS committer runtime: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let mut set = tokio::task::JoinSet::new();
+                    for _ in 0..committers.max(1) {
+                        set.spawn(run(db.clone(), rx.clone(), batch));
+                    }
+                    while set.join_next().await.is_some() {}
+                });
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the SMS committer thread: {e}");
+        }
+        Committer { tx }
+    }
+
+    /// Stores `sub` (with whatever else is waiting) and returns its
+    /// outcome once its round has committed or failed.
+    pub async fn submit(&self, sub: Submission) -> Result<Accepted, SmsError> {
+        let (done, wait) = oneshot::channel();
+        self.tx.try_send(Job { sub, done }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SmsError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => {
+                SmsError::Internal("the committer has stopped".into())
+            }
+        })?;
+        wait.await
+            .unwrap_or_else(|_| Err(SmsError::Internal("the committer dropped a command".into())))
+    }
+}
+
+async fn run(db: Db, rx: Arc<Mutex<mpsc::Receiver<Job>>>, batch: usize) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(batch);
+    // The task's own connection, kept between batches; dropped after a
+    // failed batch (it may be the connection that failed) and taken anew.
+    let mut own: Option<mysql_async::Conn> = None;
+    loop {
+        {
+            // One task at a time collects; the other is committing.
+            let mut rx = rx.lock().await;
+            if rx.recv_many(&mut jobs, batch).await == 0 {
+                return; // every handle dropped and nothing queued
+            }
+        }
+        let (subs, dones): (Vec<Submission>, Vec<_>) =
+            jobs.drain(..).map(|j| (j.sub, j.done)).unzip();
+        let conn = match own.take() {
+            Some(c) => Ok(c),
+            None => db.connect_own().await,
+        };
+        let outcomes = match conn {
+            Ok(mut c) => {
+                let outcomes = store::accept_batch_on(&mut c, &subs).await;
+                if !outcomes
+                    .iter()
+                    .any(|o| matches!(o, Err(SmsError::Db(_) | SmsError::Internal(_))))
+                {
+                    own = Some(c);
+                }
+                outcomes
+            }
+            Err(e) => {
+                let e = SmsError::Db(e);
+                subs.iter().map(|_| Err(store::shared_error(&e))).collect()
+            }
+        };
+        for (done, outcome) in dones.into_iter().zip(outcomes) {
+            // The handler may have gone (client disconnected): the command
+            // is stored all the same.
+            let _ = done.send(outcome);
+        }
+    }
+}
