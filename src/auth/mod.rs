@@ -263,6 +263,7 @@ struct Inner {
     settings: AuthSettings,
     db: Db,
     keys: token::KeySet,
+    verified: token::VerifiedCache,
     clients: Mutex<HashMap<String, (Instant, Option<ClientStatus>)>>,
     limiter: limit::RateLimiter,
     failures: limit::RateLimiter,
@@ -290,6 +291,7 @@ impl Auth {
         Auth {
             inner: Arc::new(Inner {
                 keys: token::KeySet::default(),
+                verified: token::VerifiedCache::new(16_384),
                 clients: Mutex::new(HashMap::new()),
                 limiter: limit::RateLimiter::new(100_000),
                 failures: limit::RateLimiter::new(10_000),
@@ -384,7 +386,14 @@ impl Auth {
                 }
             }
         };
-        token::verify(token, &key, &self.inner.settings, token::unix_now())
+        let now = token::unix_now();
+        let settings = &self.inner.settings;
+        if let Some(c) = self.inner.verified.get(token, &key, settings, now) {
+            return Ok(c);
+        }
+        let c = token::verify(token, &key, settings, now)?;
+        self.inner.verified.put(token, &c);
+        Ok(c)
     }
 
     /// False when the key set could not be read.

@@ -232,6 +232,59 @@ pub fn verify(
     Ok(c)
 }
 
+/// Tokens whose signature, issuer, audience and subject have been checked,
+/// keyed by the SHA-256 of the whole token, so that a client's every
+/// request does not pay for an Ed25519 verification (the largest CPU cost
+/// of an SMS command). A hit is only a token byte-identical to one that
+/// verified: any change to header, claims or signature is another key and
+/// goes through [`verify`]. Expiry and the key's retirement are checked on
+/// every hit; the key must still be published (the caller looks it up
+/// first). Bounded: emptied when full.
+pub struct VerifiedCache {
+    map: std::sync::Mutex<HashMap<[u8; 32], Claims>>,
+    cap: usize,
+}
+
+impl VerifiedCache {
+    pub fn new(cap: usize) -> VerifiedCache {
+        VerifiedCache {
+            map: std::sync::Mutex::new(HashMap::new()),
+            cap: cap.max(1),
+        }
+    }
+
+    fn id(token: &str) -> [u8; 32] {
+        Sha256::digest(token.as_bytes()).into()
+    }
+
+    /// The claims of `token` if it verified before and is still valid at
+    /// `now` under `key`.
+    pub fn get(
+        &self,
+        token: &str,
+        key: &PublicKey,
+        settings: &AuthSettings,
+        now: u64,
+    ) -> Option<Claims> {
+        if key.retires_at.is_some_and(|t| now >= t) {
+            return None;
+        }
+        let map = self.map.lock().ok()?;
+        map.get(&Self::id(token))
+            .filter(|c| c.exp.saturating_add(settings.leeway_s) > now)
+            .cloned()
+    }
+
+    pub fn put(&self, token: &str, claims: &Claims) {
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() >= self.cap {
+                map.clear();
+            }
+            map.insert(Self::id(token), claims.clone());
+        }
+    }
+}
+
 /// The public keys every verifier holds, loaded from `jwt_keys`.
 #[derive(Default)]
 pub struct KeySet {
@@ -359,6 +412,39 @@ mod tests {
         assert_eq!(got, c);
         assert_eq!(got.scope, "sms:read");
         assert_eq!(got.exp, now + 600);
+    }
+
+    #[test]
+    fn the_verified_cache_holds_only_the_exact_token_until_it_expires() {
+        let k = SigningKey::generate();
+        let st = settings();
+        let now = unix_now();
+        let (t, c) = k.mint(&st, "smsA", &[Scope::SmsWrite], now);
+        let key = public(&k);
+        let cache = VerifiedCache::new(4);
+        assert!(cache.get(&t, &key, &st, now).is_none(), "empty at first");
+        cache.put(&t, &verify(&t, &key, &st, now).unwrap());
+        assert_eq!(cache.get(&t, &key, &st, now), Some(c.clone()));
+        // Any other byte is another token: not in the cache.
+        let mut forged = t.clone().into_bytes();
+        let last = forged.len() - 2;
+        forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert!(cache.get(&forged, &key, &st, now).is_none());
+        // Expired (past the leeway): no longer answered from the cache.
+        assert!(cache.get(&t, &key, &st, c.exp + st.leeway_s).is_none());
+        // Its key retired: nothing either.
+        let retired = PublicKey {
+            key: key.key.clone(),
+            retires_at: Some(now),
+        };
+        assert!(cache.get(&t, &retired, &st, now).is_none());
+        // Bounded: full means emptied, then the new entry.
+        for i in 0..4 {
+            let (ti, ci) = k.mint(&st, &format!("c{i}"), &[Scope::SmsRead], now);
+            cache.put(&ti, &ci);
+        }
+        assert!(cache.map.lock().unwrap().len() <= 4);
     }
 
     #[test]
