@@ -109,7 +109,16 @@ impl Db {
                 // open snapshot, a variable) into the next user. Hot paths
                 // that end every transaction themselves (the SMS accept)
                 // opt out per connection to keep their prepared statements.
-                PoolOpts::default().with_constraints(constraints),
+                //
+                // A non-zero inactive TTL keeps returned connections for
+                // reuse (up to `pool_max`, trimmed after a minute idle):
+                // with the default of zero and a minimum of zero, the pool
+                // closed every connection as it came back, so each use paid
+                // for a new TCP connection, authentication and init.
+                PoolOpts::default()
+                    .with_constraints(constraints)
+                    .with_inactive_connection_ttl(Duration::from_secs(60))
+                    .with_ttl_check_interval(Duration::from_secs(10)),
             )
             // Keep the server's time zone out of our DATETIMEs: all UTC.
             .init(vec!["SET time_zone = '+00:00'"])

@@ -469,7 +469,7 @@ async fn hostile_bodies_are_stored_byte_for_byte_in_both_escape_modes() {
         // no JSON parser would accept, which is the point.
         s.message = hostile.to_owned();
         s.sender = format!("sender{hostile}");
-        let r = store::accept_batch_on(&mut c, std::slice::from_ref(&s)).await;
+        let r = store::accept_batch_on(&mut c, std::slice::from_ref(&s), &Default::default()).await;
         assert!(matches!(r[0], Ok(Accepted::New { .. })), "{r:?}");
         let row: Option<(String, String)> = c
             .query_first("SELECT sender, message FROM sms_requests")
@@ -483,7 +483,75 @@ async fn hostile_bodies_are_stored_byte_for_byte_in_both_escape_modes() {
         let devices: Option<u64> = c.query_first("SELECT COUNT(*) FROM devices").await.unwrap();
         assert_eq!(devices, Some(0), "the devices table is still there");
         // The same command again is a replay, found by that sender.
-        let r = store::accept_batch_on(&mut c, std::slice::from_ref(&s)).await;
+        let r = store::accept_batch_on(&mut c, std::slice::from_ref(&s), &Default::default()).await;
         assert!(matches!(r[0], Ok(Accepted::Replay { .. })), "{r:?}");
     }
+}
+
+#[tokio::test]
+async fn the_slot_hint_keeps_lowest_free_first_within_a_process() {
+    let t = TestDb::new().await;
+    let mut c = t.db.conn().await.unwrap();
+    let hint = store::SlotHint::default();
+    let add = |d: u64| {
+        sub(
+            CommandKind::AddDevice,
+            &format!(r#"{{"transaction_id":"a{d}","device_id":{d}}}"#),
+        )
+    };
+    let slot_of = |d: u64| {
+        let db = t.db.clone();
+        async move {
+            let mut c = db.conn().await.unwrap();
+            let r: Option<(u32, u8)> = c
+                .exec_first(
+                    "SELECT group_id, slot FROM devices WHERE device_id = ?",
+                    (d,),
+                )
+                .await
+                .unwrap();
+            r.unwrap()
+        }
+    };
+    // Two groups and a half, in batches, as the committer would.
+    let subs: Vec<Submission> = (1..=600).map(add).collect();
+    for chunk in subs.chunks(64) {
+        let r = store::accept_batch_on(&mut c, chunk, &hint).await;
+        assert!(r.iter().all(|o| matches!(o, Ok(Accepted::New { .. }))));
+    }
+    assert_eq!(slot_of(600).await, (3, 87));
+    assert_eq!(
+        hint.floor(),
+        3,
+        "the scan starts at the group with free slots"
+    );
+    // Freed by another process (behind this one's back): found once the
+    // hint has expired; an expired (zero-TTL) hint always scans from 1.
+    c.query_drop(
+        "UPDATE devices SET state = 'disabled', group_id = NULL, slot = NULL WHERE device_id = 10",
+    )
+    .await
+    .unwrap();
+    c.query_drop("UPDATE group_slots SET device_id = NULL WHERE device_id = 10")
+        .await
+        .unwrap();
+    store::accept_batch_on(&mut c, &[add(602)], &hint).await;
+    assert_eq!(
+        slot_of(602).await,
+        (3, 88),
+        "hint still trusted: from group 3"
+    );
+    let expired = store::SlotHint::with_ttl(Duration::ZERO);
+    store::accept_batch_on(&mut c, &[add(603)], &expired).await;
+    assert_eq!(slot_of(603).await, (1, 9), "from group 1 again");
+    // Freed by this process: the next adddevice gets it at once.
+    let rm = sub(
+        CommandKind::RemoveDevice,
+        r#"{"transaction_id":"r5","device_id":5}"#,
+    );
+    store::accept_batch_on(&mut c, &[rm], &hint).await;
+    assert_eq!(hint.floor(), 1);
+    store::accept_batch_on(&mut c, &[add(601)], &hint).await;
+    assert_eq!(slot_of(601).await, (1, 4));
+    slots_consistent(&t.db).await;
 }

@@ -70,8 +70,11 @@ impl Committer {
                 };
                 rt.block_on(async move {
                     let mut set = tokio::task::JoinSet::new();
+                    // Shared by the committers: they take slots of the
+                    // same table.
+                    let hint = Arc::new(store::SlotHint::default());
                     for _ in 0..committers.max(1) {
-                        set.spawn(run(db.clone(), rx.clone(), batch));
+                        set.spawn(run(db.clone(), rx.clone(), batch, hint.clone()));
                     }
                     while set.join_next().await.is_some() {}
                 });
@@ -97,11 +100,17 @@ impl Committer {
     }
 }
 
-async fn run(db: Db, rx: Arc<Mutex<mpsc::Receiver<Job>>>, batch: usize) {
+async fn run(
+    db: Db,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    batch: usize,
+    hint: Arc<store::SlotHint>,
+) {
     let mut jobs: Vec<Job> = Vec::with_capacity(batch);
     // The task's own connection, kept between batches; dropped after a
     // failed batch (it may be the connection that failed) and taken anew.
     let mut own: Option<mysql_async::Conn> = None;
+    let hint = hint.as_ref();
     loop {
         {
             // One task at a time collects; the other is committing.
@@ -118,7 +127,7 @@ async fn run(db: Db, rx: Arc<Mutex<mpsc::Receiver<Job>>>, batch: usize) {
         };
         let outcomes = match conn {
             Ok(mut c) => {
-                let outcomes = store::accept_batch_on(&mut c, &subs).await;
+                let outcomes = store::accept_batch_on(&mut c, &subs, &hint).await;
                 if !outcomes
                     .iter()
                     .any(|o| matches!(o, Err(SmsError::Db(_) | SmsError::Internal(_))))

@@ -148,7 +148,7 @@ pub fn shared_error(e: &SmsError) -> SmsError {
 ///   (later ones may depend on it), with nothing written.
 pub async fn accept_batch(db: &Db, subs: &[Submission]) -> Vec<Result<Accepted, SmsError>> {
     match db.conn().await {
-        Ok(mut conn) => accept_batch_on(&mut conn, subs).await,
+        Ok(mut conn) => accept_batch_on(&mut conn, subs, &SlotHint::default()).await,
         Err(e) => {
             let e = SmsError::Db(e);
             subs.iter().map(|_| Err(shared_error(&e))).collect()
@@ -161,13 +161,14 @@ pub async fn accept_batch(db: &Db, subs: &[Submission]) -> Vec<Result<Accepted, 
 pub async fn accept_batch_on(
     conn: &mut Conn,
     subs: &[Submission],
+    hint: &SlotHint,
 ) -> Vec<Result<Accepted, SmsError>> {
     let mut out: Vec<Option<Result<Accepted, SmsError>>> =
         std::iter::repeat_with(|| None).take(subs.len()).collect();
     let mut pending: Vec<usize> = (0..subs.len()).collect();
     while !pending.is_empty() {
         let (round, rest) = pick_round(subs, &pending);
-        match run_round(conn, subs, &round).await {
+        match run_round(conn, subs, &round, hint).await {
             Ok(results) => {
                 for (i, r) in round.iter().zip(results) {
                     out[*i] = Some(r);
@@ -190,6 +191,71 @@ pub async fn accept_batch_on(
     out.into_iter()
         .map(|o| o.unwrap_or_else(|| Err(SmsError::Internal("command left unanswered".into()))))
         .collect()
+}
+
+/// Where this process last found the lowest free group slot: the slot
+/// query starts at that group instead of at group 1. Without it, every
+/// round's `device_id IS NULL` index scan walked over the entries of the
+/// slots just taken (delete-marked until InnoDB's purge catches up):
+/// thousands per query under load, the costliest statement of a round.
+/// A slot freed below the hint by this process lowers it at once; one
+/// freed by another process is found when the hint expires (after
+/// [`SLOT_HINT_TTL`]) and the next round scans from group 1 again. So
+/// "the lowest free slot" holds within a process, and across processes
+/// within that delay.
+#[derive(Debug)]
+pub struct SlotHint {
+    at: std::sync::Mutex<Option<(u32, std::time::Instant)>>,
+    ttl: std::time::Duration,
+}
+
+impl Default for SlotHint {
+    fn default() -> Self {
+        SlotHint::with_ttl(SLOT_HINT_TTL)
+    }
+}
+
+/// How long a [`SlotHint`] is trusted.
+pub const SLOT_HINT_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl SlotHint {
+    /// A hint trusted for `ttl` (tests use zero: always from group 1).
+    pub fn with_ttl(ttl: std::time::Duration) -> SlotHint {
+        SlotHint {
+            at: std::sync::Mutex::new(None),
+            ttl,
+        }
+    }
+    /// The group the next slot query starts at.
+    pub fn floor(&self) -> u32 {
+        match self.at.lock().ok().and_then(|h| *h) {
+            Some((g, at)) if at.elapsed() < self.ttl => g,
+            _ => 0,
+        }
+    }
+    fn found(&self, g: u32) {
+        if let Ok(mut h) = self.at.lock() {
+            let at = match *h {
+                // Keep the age of a trusted hint: it must expire even
+                // under constant load.
+                Some((_, at)) if at.elapsed() < self.ttl => at,
+                _ => std::time::Instant::now(),
+            };
+            *h = Some((g, at));
+        }
+    }
+    fn freed(&self, g: u32) {
+        if let Ok(mut h) = self.at.lock() {
+            if let Some((floor, _)) = h.as_mut() {
+                *floor = (*floor).min(g);
+            }
+        }
+    }
+    fn reset(&self) {
+        if let Ok(mut h) = self.at.lock() {
+            *h = None;
+        }
+    }
 }
 
 /// Splits `pending` (indexes in arrival order) into this round and the
@@ -231,6 +297,7 @@ async fn run_round(
     conn: &mut Conn,
     subs: &[Submission],
     round: &[usize],
+    hint: &SlotHint,
 ) -> Result<Vec<Result<Accepted, SmsError>>, SmsError> {
     let cmds: Vec<&Submission> = round.iter().map(|i| &subs[*i]).collect();
     let shas: Vec<[u8; 32]> = cmds.iter().map(|s| s.req.canonical_sha256()).collect();
@@ -238,7 +305,7 @@ async fn run_round(
     let mut slot_rounds = 0;
     loop {
         attempt += 1;
-        match try_round(conn, &cmds, &shas).await {
+        match try_round(conn, &cmds, &shas, hint).await {
             Ok(RoundEnd::Committed(r)) => return Ok(r),
             Ok(RoundEnd::NeedSlots(n)) => {
                 // Not an attempt lost to contention: a burst of adddevice
@@ -250,6 +317,9 @@ async fn run_round(
                     )));
                 }
                 attempt -= 1;
+                // Free slots below the hint (freed by another process)
+                // count too: the next attempt scans from group 1.
+                hint.reset();
                 ensure_free_slots(conn, n).await?;
             }
             Err(e) if attempt < ATTEMPTS && is_retryable(&e) => continue,
@@ -393,8 +463,9 @@ async fn try_round(
     conn: &mut Conn,
     cmds: &[&Submission],
     shas: &[[u8; 32]],
+    hint: &SlotHint,
 ) -> Result<RoundEnd, SmsError> {
-    let r = round(conn, cmds, shas).await;
+    let r = round(conn, cmds, shas, hint).await;
     if !matches!(r, Ok(RoundEnd::Committed(_))) {
         // Also after a failed statement or COMMIT: the transaction may be
         // open. A broken connection fails here too; it is not reused.
@@ -407,6 +478,7 @@ async fn round(
     conn: &mut Conn,
     cmds: &[&Submission],
     shas: &[[u8; 32]],
+    hint: &SlotHint,
 ) -> Result<RoundEnd, SmsError> {
     use std::collections::{HashMap, HashSet};
     let now = OffsetDateTime::now_utc();
@@ -485,9 +557,9 @@ async fn round(
     // rounds are skipped, never waited for.
     let slot_set = if adds > 0 {
         Some(reads.push(
-            "SELECT group_id, slot FROM group_slots WHERE device_id IS NULL \
+            "SELECT group_id, slot FROM group_slots WHERE device_id IS NULL AND group_id >= ? \
              ORDER BY group_id, slot LIMIT ? FOR UPDATE SKIP LOCKED",
-            &[Value::from(adds as u64)],
+            &[Value::from(hint.floor()), Value::from(adds as u64)],
         )?)
     } else {
         None
@@ -587,6 +659,9 @@ async fn round(
         for row in &sets[k] {
             free.push((col(row, 0)?, col(row, 1)?));
         }
+    }
+    if let Some(&(g, _)) = free.first() {
+        hint.found(g);
     }
     let mut known_groups: HashSet<u32> = HashSet::new();
     if let Some(k) = group_set {
@@ -1086,6 +1161,14 @@ async fn round(
         }
     }
     conn.query_drop("COMMIT").await?;
+    for (_, w) in &accepted {
+        if let Work::RemoveDevice {
+            group_id: Some(g), ..
+        } = w
+        {
+            hint.freed(*g);
+        }
+    }
 
     for (((i, _), rid), suffix) in accepted.iter().zip(request_ids).zip(suffixes) {
         answers[*i] = Some(Ok(Accepted::New {
