@@ -127,7 +127,7 @@ async fn run(
         };
         let outcomes = match conn {
             Ok(mut c) => {
-                let outcomes = store::accept_batch_on(&mut c, &subs, &hint).await;
+                let outcomes = store::accept_batch_on(&mut c, &subs, hint).await;
                 if !outcomes
                     .iter()
                     .any(|o| matches!(o, Err(SmsError::Db(_) | SmsError::Internal(_))))
