@@ -76,6 +76,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "scheduler",
         sql: include_str!("../migrations/0004_scheduler.sql"),
     },
+    Migration {
+        version: 5,
+        name: "indexes",
+        sql: include_str!("../migrations/0005_indexes.sql"),
+    },
 ];
 
 /// A handle on the database: one pool, cloned into every role.

@@ -150,6 +150,9 @@ async fn activation_latency_p50_p99() {
         }
         // Map each request to its EMMs, then to their first packet on air.
         let mut lat = Vec::new();
+        // The EMMG's share: received_at to processed_at (EMMs stored), both
+        // stamped by the headend.
+        let mut stored = Vec::new();
         let mut missing = 0;
         for (device, (rid, at)) in &acked {
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -177,6 +180,18 @@ async fn activation_latency_p50_p99() {
                     })
                     .min();
                 if let Some(f) = first {
+                    let ts = |k: &str| {
+                        v[k].as_str().and_then(|t| {
+                            time::OffsetDateTime::parse(
+                                t,
+                                &time::format_description::well_known::Rfc3339,
+                            )
+                            .ok()
+                        })
+                    };
+                    if let (Some(r), Some(p)) = (ts("received_at"), ts("processed_at")) {
+                        stored.push((p - r).as_seconds_f64() * 1e3);
+                    }
                     break Some(f);
                 }
                 if Instant::now() > deadline {
@@ -191,11 +206,13 @@ async fn activation_latency_p50_p99() {
         }
         let offered = total as f64 / sent_for.as_secs_f64();
         println!(
-            "activation latency at {rate} commands/s offered ({offered:.0}/s achieved by the generator): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} commands ({missing} never seen, {shed} shed with 503)",
+            "activation latency at {rate} commands/s offered ({offered:.0}/s achieved by the generator): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} commands ({missing} never seen, {shed} shed with 503); received to EMMs stored: p50 {:.1} ms, p99 {:.1} ms",
             pct(&mut lat, 0.5),
             pct(&mut lat, 0.99),
             pct(&mut lat, 1.0),
-            lat.len()
+            lat.len(),
+            pct(&mut stored, 0.5),
+            pct(&mut stored, 0.99),
         );
     }
     recv_stop.store(true, std::sync::atomic::Ordering::Relaxed);
