@@ -80,6 +80,7 @@ use crate::keystore::{KeyKind, KeyMeta};
 use crate::sms::store::db_time;
 use crate::sms::types::Target;
 use crate::sms::Work;
+use crate::sqltext::{col, values, Script};
 
 pub const CLASS_URGENT: u8 = 0;
 pub const CLASS_CHANGE: u8 = 1;
@@ -111,9 +112,21 @@ pub enum EmmgError {
     Encryptor(#[from] EncryptorError),
     #[error("the emmg role needs an encryptor")]
     NoEncryptor,
+    /// A statement's result was not what the code expects (a bug).
+    #[error("internal: {0}")]
+    Internal(String),
     /// Test hook: the batch was abandoned just before COMMIT.
     #[error("batch abandoned before commit (injected)")]
     Injected,
+}
+
+impl From<crate::sqltext::Error> for EmmgError {
+    fn from(e: crate::sqltext::Error) -> Self {
+        match e {
+            crate::sqltext::Error::Db(e) => e.into(),
+            crate::sqltext::Error::Internal(m) => EmmgError::Internal(m),
+        }
+    }
 }
 
 impl From<mysql_async::Error> for EmmgError {
@@ -484,9 +497,13 @@ async fn try_batch(
         .collect();
     items.sort_by_key(|i| i.id);
 
-    // 2. Per-device order: the device's pending items below our highest
+    // 2. One round trip of plain reads about the devices of the items
+    //    taken: their pending items (for the order check), their rows and
+    //    their active entitlements.
+    //
+    //    Per-device order: the device's pending items below our highest
     //    one must all be ours (a plain read: it sees other workers' held
-    //    items as still pending).
+    //    items as still pending); otherwise its items are left for later.
     let held: HashSet<u64> = items.iter().map(|i| i.id).collect();
     let devices: Vec<u64> = {
         let mut d: Vec<u64> = items.iter().filter_map(|i| i.device_id).collect();
@@ -494,23 +511,38 @@ async fn try_batch(
         d.dedup();
         d
     };
+    let mut dev_rows: HashMap<u64, DeviceRow> = HashMap::new();
+    let mut ents: HashMap<u64, Vec<Entitlement>> = HashMap::new();
     if !devices.is_empty() {
         let max_id = items.last().map(|i| i.id).unwrap_or(0);
-        let mut params: Vec<Value> = devices.iter().map(|d| Value::from(*d)).collect();
-        params.push(Value::from(max_id));
-        let pending: Vec<(u64, u64)> = tx
-            .exec(
-                format!(
-                    "SELECT device_id, id FROM work_items WHERE state = 'pending' \
-                     AND device_id IN ({}) AND id <= ? ORDER BY device_id, id",
-                    placeholders(devices.len())
-                ),
-                params,
-            )
-            .await?;
+        let params: Vec<Value> = devices.iter().map(|d| Value::from(*d)).collect();
+        let list = placeholders(devices.len());
+        let mut reads = Script::default();
+        let mut p = params.clone();
+        p.push(Value::from(max_id));
+        let pending_at = reads.push(
+            &format!(
+                "SELECT device_id, id FROM work_items WHERE state = 'pending' \
+                 AND device_id IN ({list}) AND id <= ? ORDER BY device_id, id"
+            ),
+            &p,
+        )?;
+        let rows_at = reads.push(
+            &format!("SELECT device_id, pmk_version FROM devices WHERE device_id IN ({list})"),
+            &params,
+        )?;
+        let ents_at = reads.push(
+            &format!(
+                "SELECT device_id, product_id, start_at, end_at FROM entitlements \
+                 WHERE state = 'active' AND device_id IN ({list}) ORDER BY device_id, product_id"
+            ),
+            &params,
+        )?;
+        let sets = reads.run(&mut tx).await?;
         let mut ok: HashSet<u64> = HashSet::new();
         let mut blocked: HashSet<u64> = HashSet::new();
-        for (d, id) in pending {
+        for r in &sets[pending_at] {
+            let (d, id): (u64, u64) = (col(r, 0)?, col(r, 1)?);
             if blocked.contains(&d) {
                 continue;
             }
@@ -521,53 +553,28 @@ async fn try_batch(
             }
         }
         items.retain(|i| i.device_id.is_none() || ok.contains(&i.id));
+        for r in &sets[rows_at] {
+            dev_rows.insert(
+                col(r, 0)?,
+                DeviceRow {
+                    pmk_version: col(r, 1)?,
+                },
+            );
+        }
+        for r in &sets[ents_at] {
+            ents.entry(col(r, 0)?).or_default().push(Entitlement {
+                product_id: col(r, 1)?,
+                start: col(r, 2)?,
+                end: col(r, 3)?,
+            });
+        }
     }
     if items.is_empty() {
         tx.rollback().await?;
         return Ok((0, false));
     }
 
-    // 3. State and commands.
-    let devices: Vec<u64> = {
-        let mut d: Vec<u64> = items.iter().filter_map(|i| i.device_id).collect();
-        d.sort_unstable();
-        d.dedup();
-        d
-    };
-    let mut dev_rows: HashMap<u64, DeviceRow> = HashMap::new();
-    let mut ents: HashMap<u64, Vec<Entitlement>> = HashMap::new();
-    if !devices.is_empty() {
-        let params: Vec<Value> = devices.iter().map(|d| Value::from(*d)).collect();
-        let rows: Vec<(u64, u32)> = tx
-            .exec(
-                format!(
-                    "SELECT device_id, pmk_version FROM devices WHERE device_id IN ({})",
-                    placeholders(devices.len())
-                ),
-                params.clone(),
-            )
-            .await?;
-        for (d, pmk_version) in rows {
-            dev_rows.insert(d, DeviceRow { pmk_version });
-        }
-        let rows: Vec<(u64, u32, u32, u32)> = tx
-            .exec(
-                format!(
-                    "SELECT device_id, product_id, start_at, end_at FROM entitlements \
-                     WHERE state = 'active' AND device_id IN ({}) ORDER BY device_id, product_id",
-                    placeholders(devices.len())
-                ),
-                params,
-            )
-            .await?;
-        for (d, product_id, start, end) in rows {
-            ents.entry(d).or_default().push(Entitlement {
-                product_id,
-                start,
-                end,
-            });
-        }
-    }
+    // 3. The commands of each item.
     let mut keys = KeyVersions {
         enc,
         db: &shared.db,
@@ -586,7 +593,98 @@ async fn try_batch(
             _ => 0,
         })
         .sum();
-    let ids = next_emm_ids(&mut tx, total).await?;
+    // With them, in the same round trip, the live unique EMMs of the
+    // devices whose items withdraw something, locked until the commit
+    // (read before the new ones exist, so the same rows as after sealing).
+    let mut withdrawing: Vec<u64> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Done {
+                device: Some(d),
+                withdraw,
+                ..
+            } if !matches!(withdraw, Withdraw::Nothing) => Some(*d),
+            _ => None,
+        })
+        .collect();
+    withdrawing.sort_unstable();
+    withdrawing.dedup();
+    let mut script = Script::default();
+    let ids_at = (total > 0)
+        .then(|| {
+            script.push(
+                &format!("SELECT NEXTVAL(emm_id_seq) FROM seq_1_to_{total}"),
+                &[],
+            )
+        })
+        .transpose()?;
+    let live_at = (!withdrawing.is_empty())
+        .then(|| {
+            script.push(
+                &format!(
+                    "SELECT id, address, purpose FROM emms WHERE addressing = 'unique' \
+                     AND address IN ({}) AND state = 'live' FOR UPDATE",
+                    placeholders(withdrawing.len())
+                ),
+                &withdrawing
+                    .iter()
+                    .map(|d| Value::from(*d))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .transpose()?;
+    let (ids, live_rows) = match script.run(&mut tx).await {
+        Ok(sets) => {
+            let mut ids: Vec<u64> = match ids_at {
+                Some(k) => sets[k]
+                    .iter()
+                    .map(|r| col(r, 0))
+                    .collect::<Result<_, _>>()?,
+                None => Vec::new(),
+            };
+            ids.sort_unstable();
+            let live: Vec<(u64, u64, String)> = match live_at {
+                Some(k) => sets[k]
+                    .iter()
+                    .map(|r| Ok((col(r, 0)?, col(r, 1)?, col(r, 2)?)))
+                    .collect::<Result<_, crate::sqltext::Error>>()?,
+                None => Vec::new(),
+            };
+            (ids, live)
+        }
+        // No sequence engine (seq_1_to_N): one NEXTVAL at a time, then
+        // the lookup on its own.
+        // 1146: no such table.
+        Err(crate::sqltext::Error::Db(mysql_async::Error::Server(e)))
+            if ids_at.is_some() && e.code == 1146 =>
+        {
+            let ids = next_emm_ids(&mut tx, total).await?;
+            let live: Vec<(u64, u64, String)> = if withdrawing.is_empty() {
+                Vec::new()
+            } else {
+                tx.exec(
+                    format!(
+                        "SELECT id, address, purpose FROM emms WHERE addressing = 'unique' \
+                         AND address IN ({}) AND state = 'live' FOR UPDATE",
+                        placeholders(withdrawing.len())
+                    ),
+                    withdrawing
+                        .iter()
+                        .map(|d| Value::from(*d))
+                        .collect::<Vec<_>>(),
+                )
+                .await?
+            };
+            (ids, live)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if ids.len() != total {
+        return Err(EmmgError::Internal(format!(
+            "{} emm_ids for {total} EMMs",
+            ids.len()
+        )));
+    }
     let mut jobs = Vec::with_capacity(total);
     {
         let mut k = 0;
@@ -686,21 +784,12 @@ async fn try_batch(
         }
     }
 
-    // 5. Writes.
+    // 5. Writes: the live EMMs to withdraw are read (and locked) first,
+    //    then every write goes in one script (one round trip).
     let mut changed = false;
+    let mut w = Script::default();
     if !db_withdraw.is_empty() {
-        let devs: Vec<Value> = db_withdraw.keys().map(|d| Value::from(*d)).collect();
-        let live: Vec<(u64, u64, String)> = tx
-            .exec(
-                format!(
-                    "SELECT id, address, purpose FROM emms WHERE addressing = 'unique' \
-                     AND address IN ({}) AND state = 'live' FOR UPDATE",
-                    placeholders(devs.len())
-                ),
-                devs,
-            )
-            .await?;
-        let gone: Vec<u64> = live
+        let gone: Vec<u64> = live_rows
             .into_iter()
             .filter(|(_, d, p)| {
                 db_withdraw
@@ -711,15 +800,14 @@ async fn try_batch(
             .collect();
         if !gone.is_empty() {
             let params: Vec<Value> = gone.iter().map(|i| Value::from(*i)).collect();
-            tx.exec_drop(
-                format!(
+            w.push(
+                &format!(
                     "UPDATE emms SET state = 'withdrawn' WHERE id IN ({})",
                     placeholders(gone.len())
                 ),
-                params,
-            )
-            .await?;
-            insert_events(&mut tx, &gone, "remove", now_dt).await?;
+                &params,
+            )?;
+            insert_events(&mut w, &gone, "remove", now_dt)?;
             changed = true;
         }
     }
@@ -751,17 +839,16 @@ async fn try_batch(
             ]);
         }
         let rows = vec!["(?,?,?,?,?,?,?,?,?,?,?,?)"; made.len()].join(",");
-        tx.exec_drop(
-            format!(
+        w.push(
+            &format!(
                 "INSERT INTO emms (id, request_id, addressing, address, key_version, class, purpose, \
                  emm_data, encrypted_emm, created_at, not_after, state) VALUES {rows}"
             ),
-            params,
-        )
-        .await?;
+            &params,
+        )?;
         let live: Vec<u64> = made.iter().filter(|m| m.live).map(|m| m.id).collect();
         if !live.is_empty() {
-            insert_events(&mut tx, &live, "add", now_dt).await?;
+            insert_events(&mut w, &live, "add", now_dt)?;
             changed = true;
         }
     }
@@ -769,15 +856,14 @@ async fn try_batch(
         let ids: Vec<Value> = done_items.iter().map(|i| Value::from(i.id)).collect();
         let mut params = vec![db_time(now_dt)];
         params.extend(ids);
-        tx.exec_drop(
-            format!(
+        w.push(
+            &format!(
                 "UPDATE work_items SET state = 'done', done_at = ?, attempts = attempts + 1, \
                  last_error = NULL WHERE id IN ({})",
                 placeholders(done_items.len())
             ),
-            params,
-        )
-        .await?;
+            &params,
+        )?;
         let reqs: Vec<Value> = done_items
             .iter()
             .filter_map(|i| i.request_id)
@@ -787,14 +873,13 @@ async fn try_batch(
             let n = reqs.len();
             let mut params = vec![db_time(now_dt)];
             params.extend(reqs);
-            tx.exec_drop(
-                format!(
+            w.push(
+                &format!(
                     "UPDATE sms_requests SET processed_at = ? WHERE id IN ({})",
                     placeholders(n)
                 ),
-                params,
-            )
-            .await?;
+                &params,
+            )?;
         }
     }
     for (item, msg) in &retry_items {
@@ -809,29 +894,28 @@ async fn try_batch(
             tracing::warn!(item = item.id, "work item will be retried: {msg}");
         }
         let delay = 1u64 << attempts.min(8);
-        tx.exec_drop(
+        w.push(
             "UPDATE work_items SET state = ?, attempts = ?, last_error = ?, \
              not_before = ? + INTERVAL ? SECOND WHERE id = ?",
-            (
+            &values((
                 if give_up { "failed" } else { "pending" },
                 attempts,
                 truncate(msg, 1024),
                 db_time(now_dt),
                 delay,
                 item.id,
-            ),
-        )
-        .await?;
+            )),
+        )?;
     }
     for (item, msg) in &failed_items {
         tracing::error!(item = item.id, "work item failed: {msg}");
-        tx.exec_drop(
+        w.push(
             "UPDATE work_items SET state = 'failed', attempts = attempts + 1, last_error = ?, \
              done_at = ? WHERE id = ?",
-            (truncate(msg, 1024), db_time(now_dt), item.id),
-        )
-        .await?;
+            &values((truncate(msg, 1024), db_time(now_dt), item.id)),
+        )?;
     }
+    w.run(&mut tx).await?;
     if opts.abandon_before_commit {
         drop(tx);
         return Err(EmmgError::Injected);
@@ -848,8 +932,8 @@ fn truncate(s: &str, max: usize) -> String {
     s[..end].to_owned()
 }
 
-async fn insert_events(
-    tx: &mut Transaction<'_>,
+fn insert_events(
+    w: &mut Script,
     ids: &[u64],
     op: &str,
     now: OffsetDateTime,
@@ -859,11 +943,10 @@ async fn insert_events(
         params.extend([Value::from(*id), Value::from(op), db_time(now)]);
     }
     let rows = vec!["(?,?,?)"; ids.len()].join(",");
-    tx.exec_drop(
-        format!("INSERT INTO carousel_events (emm_id, op, created_at) VALUES {rows}"),
-        params,
-    )
-    .await?;
+    w.push(
+        &format!("INSERT INTO carousel_events (emm_id, op, created_at) VALUES {rows}"),
+        &params,
+    )?;
     Ok(())
 }
 

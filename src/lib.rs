@@ -21,5 +21,6 @@ pub mod reqlog;
 pub mod scheduler;
 pub mod shutdown;
 pub mod sms;
+pub mod sqltext;
 pub mod testing;
 pub mod tls;

@@ -78,6 +78,15 @@ pub enum SmsError {
     Internal(String),
 }
 
+impl From<crate::sqltext::Error> for SmsError {
+    fn from(e: crate::sqltext::Error) -> Self {
+        match e {
+            crate::sqltext::Error::Db(e) => e.into(),
+            crate::sqltext::Error::Internal(m) => SmsError::Internal(m),
+        }
+    }
+}
+
 impl From<mysql_async::Error> for SmsError {
     fn from(e: mysql_async::Error) -> Self {
         SmsError::Db(DbError::from(e))

@@ -23,9 +23,8 @@
 //! back and run again, and then sees it (a replay, a 409). Deadlocks and
 //! lock-wait timeouts are retried the same way.
 
-use mysql_async::prelude::FromValue;
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Row, Value};
+use mysql_async::{Conn, Value};
 use serde_json::json;
 use time::OffsetDateTime;
 
@@ -33,6 +32,7 @@ use super::error::SmsError;
 use super::types::{Command, CommandRequest, Target};
 use super::work::Work;
 use crate::db::{Db, DbError};
+use crate::sqltext::{col, marks, Script};
 
 /// How long an OSM is carouselled when the SMS gives no `expires_at`.
 pub const DEFAULT_OSM_LIFETIME_S: u32 = 24 * 3600;
@@ -364,96 +364,6 @@ struct DeviceRow {
     group_id: Option<u32>,
     slot: Option<u8>,
     pmk_version: u32,
-}
-
-/// A SQL literal for `v`, the same under every `sql_mode` (with or without
-/// NO_BACKSLASH_ESCAPES): numbers and dates as digits; strings made only of
-/// printable ASCII other than `'` and `\` between quotes; every other
-/// string as a hex literal with a utf8mb4 introducer (`_utf8mb4 X'…'`), and
-/// bytes that are not UTF-8 as a plain hex literal. Nothing a client sends
-/// is ever parsed as SQL: no escaping is involved at all.
-fn lit(v: &Value) -> String {
-    match v {
-        Value::Bytes(b) => {
-            if b.iter()
-                .all(|c| (0x20..=0x7e).contains(c) && *c != b'\'' && *c != b'\\')
-            {
-                // Checked above: ASCII.
-                format!("'{}'", String::from_utf8_lossy(b))
-            } else if std::str::from_utf8(b).is_ok() {
-                format!("_utf8mb4 X'{}'", hex::encode(b))
-            } else {
-                format!("X'{}'", hex::encode(b))
-            }
-        }
-        // NULL, integers, floats, dates and times: no quotes or text.
-        other => other.as_sql(false),
-    }
-}
-
-/// `sql` with each `?` replaced by the literal of the next value (our
-/// statement texts have no other `?`).
-fn inline(sql: &str, values: &[Value]) -> Result<String, SmsError> {
-    let mut out = String::with_capacity(sql.len() + values.len() * 12);
-    let mut it = values.iter();
-    for ch in sql.chars() {
-        if ch == '?' {
-            let v = it
-                .next()
-                .ok_or_else(|| SmsError::Internal("fewer values than placeholders".into()))?;
-            out.push_str(&lit(v));
-        } else {
-            out.push(ch);
-        }
-    }
-    if it.next().is_some() {
-        return Err(SmsError::Internal("more values than placeholders".into()));
-    }
-    Ok(out)
-}
-
-fn marks(n: usize, one: &str) -> String {
-    vec![one; n].join(",")
-}
-
-/// Several statements sent as one text query (one round trip): a round is
-/// a script of reads and a script of writes, then COMMIT. Statement shapes
-/// (rows, IN lists) change with every batch, so prepared statements would
-/// cost a PREPARE round trip each and churn the statement cache; values
-/// are inlined with [`lit`] instead.
-#[derive(Default)]
-struct Script {
-    sql: String,
-    n: usize,
-}
-
-impl Script {
-    /// Appends a statement; returns its index among the script's results.
-    fn push(&mut self, sql: &str, values: &[Value]) -> Result<usize, SmsError> {
-        self.sql.push_str(&inline(sql, values)?);
-        self.sql.push_str(";\n");
-        self.n += 1;
-        Ok(self.n - 1)
-    }
-
-    /// Runs the script: one row set per statement (empty for statements
-    /// that return none). Stops at the first failing statement (the server
-    /// runs none after it) with its error.
-    async fn run(self, conn: &mut Conn) -> Result<Vec<Vec<Row>>, SmsError> {
-        let mut result = conn.query_iter(self.sql).await?;
-        let mut sets = Vec::with_capacity(self.n);
-        while sets.len() < self.n {
-            sets.push(result.collect::<Row>().await?);
-        }
-        result.drop_result().await?;
-        Ok(sets)
-    }
-}
-
-fn col<T: FromValue>(row: &Row, i: usize) -> Result<T, SmsError> {
-    row.get_opt::<T, usize>(i)
-        .and_then(|r| r.ok())
-        .ok_or_else(|| SmsError::Internal(format!("unexpected value in result column {i}")))
 }
 
 /// One round: a script of reads (the round's transaction begins, the
