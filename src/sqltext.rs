@@ -121,3 +121,55 @@ pub fn col<T: FromValue>(row: &Row, i: usize) -> Result<T, Error> {
         .and_then(|r| r.ok())
         .ok_or_else(|| Error::Internal(format!("unexpected value in result column {i}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn literals_are_plain_only_for_harmless_ascii() {
+        assert_eq!(lit(&Value::from("sms-1 a.b:c/d")), "'sms-1 a.b:c/d'");
+        assert_eq!(lit(&Value::from("it's")), "_utf8mb4 X'69742773'");
+        assert_eq!(lit(&Value::from("a\\b")), "_utf8mb4 X'615c62'");
+        assert_eq!(lit(&Value::from("é")), "_utf8mb4 X'c3a9'");
+        assert_eq!(lit(&Value::from(vec![0xffu8, 0x00])), "X'ff00'");
+        assert_eq!(lit(&Value::from(42u64)), "42");
+        assert_eq!(lit(&Value::NULL), "NULL");
+    }
+
+    #[test]
+    fn placeholders_must_match_values() {
+        assert_eq!(
+            inline("SELECT ?, ?", &[Value::from(1u8), Value::from("x")]).unwrap(),
+            "SELECT 1, 'x'"
+        );
+        assert!(inline("SELECT ?, ?", &[Value::from(1u8)]).is_err());
+        assert!(inline("SELECT ?", &[Value::from(1u8), Value::from(2u8)]).is_err());
+        // A `?` inside a value is data, not a placeholder.
+        assert_eq!(
+            inline("SELECT ?", &[Value::from("a?b")]).unwrap(),
+            "SELECT 'a?b'"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn no_string_can_close_its_literal(s in ".*", b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            for v in [Value::from(s.as_str()), Value::from(b.clone())] {
+                let l = lit(&v);
+                // Either 'plain' with no quote or backslash inside, or hex digits only.
+                if let Some(inner) = l.strip_prefix('\'').and_then(|x| x.strip_suffix('\'')) {
+                    prop_assert!(!inner.contains('\'') && !inner.contains('\\'));
+                    prop_assert!(inner.bytes().all(|c| (0x20..=0x7e).contains(&c)));
+                } else {
+                    let hex = l
+                        .strip_prefix("_utf8mb4 X'")
+                        .or_else(|| l.strip_prefix("X'"))
+                        .and_then(|x| x.strip_suffix('\''));
+                    prop_assert!(hex.is_some_and(|h| h.bytes().all(|c| c.is_ascii_hexdigit())), "{}", l);
+                }
+            }
+        }
+    }
+}
