@@ -384,15 +384,16 @@ impl Follower {
         } else {
             format!(" OR e.id IN ({})", hole_list.join(","))
         };
+        // Text, not a prepared statement: the hole list changes the
+        // statement at almost every poll (a PREPARE round trip each time);
+        // every value in it is an integer we hold.
         let rows: Vec<EventRow> = c
-            .exec(
-                format!(
-                    "SELECT e.id, e.emm_id, e.op, m.class, FLOOR(UNIX_TIMESTAMP(m.not_after)), m.encrypted_emm, m.state \
-                     FROM carousel_events e LEFT JOIN emms m ON m.id = e.emm_id \
-                     WHERE e.id > ?{holes_sql} ORDER BY e.id LIMIT ?"
-                ),
-                (self.watermark, PAGE as u64),
-            )
+            .query(format!(
+                "SELECT e.id, e.emm_id, e.op, m.class, FLOOR(UNIX_TIMESTAMP(m.not_after)), m.encrypted_emm, m.state \
+                 FROM carousel_events e LEFT JOIN emms m ON m.id = e.emm_id \
+                 WHERE e.id > {}{holes_sql} ORDER BY e.id LIMIT {PAGE}",
+                self.watermark
+            ))
             .await?;
         drop(c);
         let full = rows.len() >= PAGE;
