@@ -555,3 +555,27 @@ async fn the_slot_hint_keeps_lowest_free_first_within_a_process() {
     assert_eq!(slot_of(601).await, (1, 4));
     slots_consistent(&t.db).await;
 }
+
+#[tokio::test]
+async fn concurrent_rounds_with_the_same_command_replay_it() {
+    // Two committers holding the same adddevice (same transaction_id):
+    // whichever commits second must answer with the first's reply, never
+    // with "device exists" (its device lock waited for the first).
+    let t = TestDb::new().await;
+    for n in 0..20u64 {
+        let s = sub(
+            CommandKind::AddDevice,
+            &format!(r#"{{"transaction_id":"same{n}","device_id":{}}}"#, 500 + n),
+        );
+        let (a, b) = tokio::join!(
+            store::accept_batch(&t.db, std::slice::from_ref(&s)),
+            store::accept_batch(&t.db, std::slice::from_ref(&s))
+        );
+        let id = |r: &Result<Accepted, SmsError>| match r {
+            Ok(Accepted::New { request_id, .. }) => *request_id,
+            Ok(Accepted::Replay { original_id, .. }) => *original_id,
+            Err(e) => panic!("round {n}: {e:?}"),
+        };
+        assert_eq!(id(&a[0]), id(&b[0]), "round {n}");
+    }
+}

@@ -419,28 +419,6 @@ async fn round(
     } else {
         None
     };
-    let mut by_sender: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, s) in cmds.iter().enumerate() {
-        by_sender.entry(s.sender.as_str()).or_default().push(i);
-    }
-    let mut idem_sets: Vec<(usize, &Vec<usize>)> = Vec::new();
-    for (sender, idx) in &by_sender {
-        let mut v: Vec<Value> = vec![Value::from(*sender)];
-        v.extend(
-            idx.iter()
-                .map(|i| Value::from(cmds[*i].req.transaction_id.as_str())),
-        );
-        let k = reads.push(
-            &format!(
-                "SELECT i.transaction_id, i.body_sha256, i.request_id, r.response FROM idempotency i \
-                 LEFT JOIN sms_requests r ON r.id = i.request_id \
-                 WHERE i.sender = ? AND i.transaction_id IN ({})",
-                marks(idx.len(), "?")
-            ),
-            &v,
-        )?;
-        idem_sets.push((k, idx));
-    }
     // The devices, locked in ascending order (two rounds never wait on
     // each other in a cycle).
     let mut dev_ids: Vec<u64> = cmds
@@ -474,6 +452,34 @@ async fn round(
     } else {
         None
     };
+    // Idempotency, read *after* the device locks: a concurrent round that
+    // held one of our devices has committed by now, and a duplicate it
+    // accepted must be seen here as a replay (not as "device exists").
+    // One not seen (no shared device, not committed yet) makes our
+    // INSERT wait for it and fail with a duplicate key: the round is run
+    // again.
+    let mut by_sender: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, s) in cmds.iter().enumerate() {
+        by_sender.entry(s.sender.as_str()).or_default().push(i);
+    }
+    let mut idem_sets: Vec<(usize, &Vec<usize>)> = Vec::new();
+    for (sender, idx) in &by_sender {
+        let mut v: Vec<Value> = vec![Value::from(*sender)];
+        v.extend(
+            idx.iter()
+                .map(|i| Value::from(cmds[*i].req.transaction_id.as_str())),
+        );
+        let k = reads.push(
+            &format!(
+                "SELECT i.transaction_id, i.body_sha256, i.request_id, r.response FROM idempotency i \
+                 LEFT JOIN sms_requests r ON r.id = i.request_id \
+                 WHERE i.sender = ? AND i.transaction_id IN ({})",
+                marks(idx.len(), "?")
+            ),
+            &v,
+        )?;
+        idem_sets.push((k, idx));
+    }
     let mut groups: Vec<u32> = cmds
         .iter()
         .filter_map(|s| match &s.req.command {
