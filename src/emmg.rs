@@ -618,20 +618,14 @@ async fn try_batch(
             )
         })
         .transpose()?;
+    let live_sql = format!(
+        "SELECT id, address, purpose FROM emms WHERE addressing = 'unique' \
+         AND address IN ({}) AND state = 'live' FOR UPDATE",
+        placeholders(withdrawing.len())
+    );
+    let live_params: Vec<Value> = withdrawing.iter().map(|d| Value::from(*d)).collect();
     let live_at = (!withdrawing.is_empty())
-        .then(|| {
-            script.push(
-                &format!(
-                    "SELECT id, address, purpose FROM emms WHERE addressing = 'unique' \
-                     AND address IN ({}) AND state = 'live' FOR UPDATE",
-                    placeholders(withdrawing.len())
-                ),
-                &withdrawing
-                    .iter()
-                    .map(|d| Value::from(*d))
-                    .collect::<Vec<_>>(),
-            )
-        })
+        .then(|| script.push(&live_sql, &live_params))
         .transpose()?;
     let (ids, live_rows) = match script.run(&mut tx).await {
         Ok(sets) => {
@@ -662,18 +656,7 @@ async fn try_batch(
             let live: Vec<(u64, u64, String)> = if withdrawing.is_empty() {
                 Vec::new()
             } else {
-                tx.exec(
-                    format!(
-                        "SELECT id, address, purpose FROM emms WHERE addressing = 'unique' \
-                         AND address IN ({}) AND state = 'live' FOR UPDATE",
-                        placeholders(withdrawing.len())
-                    ),
-                    withdrawing
-                        .iter()
-                        .map(|d| Value::from(*d))
-                        .collect::<Vec<_>>(),
-                )
-                .await?
+                tx.exec(live_sql.as_str(), live_params.clone()).await?
             };
             (ids, live)
         }

@@ -338,24 +338,8 @@ enum RoundEnd {
 enum Plan {
     /// Answered without a change (refused, or a replay).
     Answer(Result<Accepted, SmsError>),
-    /// Accepted: the state change and its work item (slot filled in later).
-    Change(Change),
-}
-
-enum Change {
-    NewDevice,
-    ReenableDevice {
-        pmk_version: u32,
-    },
-    RemoveDevice {
-        group_id: Option<u32>,
-        slot: Option<u8>,
-    },
-    AddEntitlement,
-    RemoveEntitlement,
-    Osm {
-        not_after: u32,
-    },
+    /// Accepted: its work item, which also says the state change.
+    Accept(Work),
 }
 
 /// The device's row as the round found (and locked) it.
@@ -592,48 +576,70 @@ async fn round(
         }
     }
 
-    // 2. Each command against the state it found.
+    // 2. Each command against the state it found: refused, or accepted
+    //    with its work item (an adddevice's slot is given below, once the
+    //    number needed is known).
     let enabled = |d: u64| devices.get(&d).is_some_and(|r| r.enabled);
     for (i, s) in cmds.iter().enumerate() {
         if plans[i].is_some() {
             continue;
         }
         let refuse = |e: SmsError| Some(Plan::Answer(Err(e)));
+        let accept = |w: Work| Some(Plan::Accept(w));
         plans[i] = match &s.req.command {
-            Command::AddDevice { device_id } => {
-                let id = device_id.get();
-                match devices.get(&id) {
-                    Some(r) if r.enabled => refuse(SmsError::DeviceExists(id)),
-                    // Re-adding a removed device enables it again with a new
-                    // slot; its PMK version (burned into the card) is kept
-                    // and its old entitlements stay ended.
-                    Some(r) => Some(Plan::Change(Change::ReenableDevice {
-                        pmk_version: r.pmk_version,
-                    })),
-                    None => Some(Plan::Change(Change::NewDevice)),
-                }
-            }
-            Command::RemoveDevice { device_id } => {
-                let id = device_id.get();
-                match devices.get(&id) {
-                    Some(r) if r.enabled => Some(Plan::Change(Change::RemoveDevice {
-                        group_id: r.group_id,
-                        slot: r.slot,
-                    })),
-                    _ => refuse(SmsError::UnknownDevice(id)),
-                }
-            }
+            Command::AddDevice { device_id } => match devices.get(&device_id.get()) {
+                Some(r) if r.enabled => refuse(SmsError::DeviceExists(device_id.get())),
+                // Re-adding a removed device enables it again with a new
+                // slot; its PMK version (burned into the card) is kept and
+                // its old entitlements stay ended.
+                r => accept(Work::AddDevice {
+                    device_id: *device_id,
+                    group_id: 0,
+                    slot: 0,
+                    pmk_version: r.map_or(pmk_version, |r| r.pmk_version),
+                    reenabled: r.is_some(),
+                }),
+            },
+            Command::RemoveDevice { device_id } => match devices.get(&device_id.get()) {
+                Some(r) if r.enabled => accept(Work::RemoveDevice {
+                    device_id: *device_id,
+                    group_id: r.group_id,
+                    slot: r.slot,
+                }),
+                _ => refuse(SmsError::UnknownDevice(device_id.get())),
+            },
             // A removed (disabled) device is unknown to the SMS until re-added.
-            Command::AddEntitlement { device_id, .. } if !enabled(device_id.get()) => {
+            Command::AddEntitlement { device_id, .. }
+            | Command::RemoveEntitlement { device_id, .. }
+                if !enabled(device_id.get()) =>
+            {
                 refuse(SmsError::UnknownDevice(device_id.get()))
             }
-            Command::AddEntitlement { .. } => Some(Plan::Change(Change::AddEntitlement)),
-            Command::RemoveEntitlement { device_id, .. } if !enabled(device_id.get()) => {
-                refuse(SmsError::UnknownDevice(device_id.get()))
-            }
-            Command::RemoveEntitlement { .. } => Some(Plan::Change(Change::RemoveEntitlement)),
+            Command::AddEntitlement {
+                device_id,
+                product_id,
+                start,
+                end,
+            } => accept(Work::AddEntitlement {
+                device_id: *device_id,
+                product_id: *product_id,
+                start: start.0,
+                end: end.0,
+            }),
+            Command::RemoveEntitlement {
+                device_id,
+                product_id,
+            } => accept(Work::RemoveEntitlement {
+                device_id: *device_id,
+                product_id: *product_id,
+                was_active: active.contains(&(device_id.get(), product_id.get())),
+            }),
             Command::GenerateOsm {
-                target, expires_at, ..
+                target,
+                text,
+                duration_s,
+                forced,
+                expires_at,
             } => match (expires_at, target) {
                 (Some(t), _) if t.0 <= now_unix => refuse(SmsError::AlreadyExpired),
                 (_, Target::Device(d)) if !enabled(d.get()) => {
@@ -642,121 +648,50 @@ async fn round(
                 (_, Target::Group(g)) if !known_groups.contains(&g.get()) => {
                     refuse(SmsError::UnknownGroup(g.get()))
                 }
-                (e, _) => Some(Plan::Change(Change::Osm {
+                (e, _) => accept(Work::GenerateOsm {
+                    target: *target,
+                    text: text.as_str().to_owned(),
+                    duration_s: *duration_s,
+                    forced: *forced,
                     not_after: e
                         .map(|t| t.0)
                         .unwrap_or_else(|| now_unix.saturating_add(DEFAULT_OSM_LIFETIME_S)),
-                })),
+                }),
             },
         };
     }
-    let plans: Vec<Plan> = plans
+    let mut plans: Vec<Plan> = plans
         .into_iter()
         .map(|p| p.ok_or_else(|| SmsError::Internal("command without a plan".into())))
         .collect::<Result<_, _>>()?;
+
+    // 3. Slots for the devices being (re-)enabled, in arrival order.
     let need = plans
         .iter()
-        .filter(|p| {
-            matches!(
-                p,
-                Plan::Change(Change::NewDevice | Change::ReenableDevice { .. })
-            )
-        })
+        .filter(|p| matches!(p, Plan::Accept(Work::AddDevice { .. })))
         .count();
     if free.len() < need {
         return Ok(RoundEnd::NeedSlots(need));
     }
     let mut slots = free.into_iter();
-
-    // 3. The work items.
-    let mut accepted: Vec<(usize, Work)> = Vec::new();
-    for (i, (s, p)) in cmds.iter().zip(&plans).enumerate() {
-        let Plan::Change(c) = p else { continue };
-        let mut slot = || {
-            slots
+    for p in &mut plans {
+        if let Plan::Accept(Work::AddDevice { group_id, slot, .. }) = p {
+            (*group_id, *slot) = slots
                 .next()
-                .ok_or_else(|| SmsError::Internal("a slot per adddevice".into()))
-        };
-        let work = match (c, &s.req.command) {
-            (Change::NewDevice, Command::AddDevice { device_id }) => {
-                let (group_id, slot) = slot()?;
-                Work::AddDevice {
-                    device_id: *device_id,
-                    group_id,
-                    slot,
-                    pmk_version,
-                    reenabled: false,
-                }
-            }
-            (Change::ReenableDevice { pmk_version }, Command::AddDevice { device_id }) => {
-                let (group_id, slot) = slot()?;
-                Work::AddDevice {
-                    device_id: *device_id,
-                    group_id,
-                    slot,
-                    pmk_version: *pmk_version,
-                    reenabled: true,
-                }
-            }
-            (Change::RemoveDevice { group_id, slot }, Command::RemoveDevice { device_id }) => {
-                Work::RemoveDevice {
-                    device_id: *device_id,
-                    group_id: *group_id,
-                    slot: *slot,
-                }
-            }
-            (
-                Change::AddEntitlement,
-                Command::AddEntitlement {
-                    device_id,
-                    product_id,
-                    start,
-                    end,
-                },
-            ) => Work::AddEntitlement {
-                device_id: *device_id,
-                product_id: *product_id,
-                start: start.0,
-                end: end.0,
-            },
-            (
-                Change::RemoveEntitlement,
-                Command::RemoveEntitlement {
-                    device_id,
-                    product_id,
-                },
-            ) => Work::RemoveEntitlement {
-                device_id: *device_id,
-                product_id: *product_id,
-                was_active: active.contains(&(device_id.get(), product_id.get())),
-            },
-            (
-                Change::Osm { not_after },
-                Command::GenerateOsm {
-                    target,
-                    text,
-                    duration_s,
-                    forced,
-                    ..
-                },
-            ) => Work::GenerateOsm {
-                target: *target,
-                text: text.as_str().to_owned(),
-                duration_s: *duration_s,
-                forced: *forced,
-                not_after: *not_after,
-            },
-            _ => return Err(SmsError::Internal("plan does not match its command".into())),
-        };
-        accepted.push((i, work));
+                .ok_or_else(|| SmsError::Internal("a slot per adddevice".into()))?;
+        }
     }
-    let mut answers: Vec<Option<Result<Accepted, SmsError>>> = plans
-        .into_iter()
-        .map(|p| match p {
-            Plan::Answer(a) => Some(a),
-            Plan::Change(_) => None,
-        })
-        .collect();
+    let mut accepted: Vec<(usize, Work)> = Vec::new();
+    let mut answers: Vec<Option<Result<Accepted, SmsError>>> = Vec::with_capacity(plans.len());
+    for (i, p) in plans.into_iter().enumerate() {
+        match p {
+            Plan::Answer(a) => answers.push(Some(a)),
+            Plan::Accept(w) => {
+                accepted.push((i, w));
+                answers.push(None);
+            }
+        }
+    }
     if accepted.is_empty() {
         // Nothing to write: end the transaction (and its locks).
         conn.query_drop("ROLLBACK").await?;
@@ -827,13 +762,15 @@ async fn round(
             &[],
         )?;
     }
-    let mut idem = String::new();
+    // `n` VALUES rows of `shape`, its `{id}` the k-th request id.
+    let id_rows = |shape: &str| -> String {
+        (0..n)
+            .map(|k| shape.replace("{id}", &id_of(k)))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let mut v: Vec<Value> = Vec::with_capacity(n * 4);
-    for (k, (i, _)) in accepted.iter().enumerate() {
-        if k > 0 {
-            idem.push(',');
-        }
-        idem.push_str(&format!("(?,?,?,{},?)", id_of(k)));
+    for (i, _) in &accepted {
         v.extend([
             Value::from(cmds[*i].sender.as_str()),
             Value::from(cmds[*i].req.transaction_id.as_str()),
@@ -843,7 +780,8 @@ async fn round(
     }
     w.push(
         &format!(
-            "INSERT INTO idempotency (sender, transaction_id, body_sha256, request_id, created_at) VALUES {idem}"
+            "INSERT INTO idempotency (sender, transaction_id, body_sha256, request_id, created_at) VALUES {}",
+            id_rows("(?,?,?,{id},?)")
         ),
         &v,
     )?;
@@ -1005,13 +943,8 @@ async fn round(
         )?;
     }
     // The work items, in the round's order.
-    let mut items = String::new();
     let mut v: Vec<Value> = Vec::with_capacity(n * 5);
-    for (k, (_, work)) in accepted.iter().enumerate() {
-        if k > 0 {
-            items.push(',');
-        }
-        items.push_str(&format!("({},?,?,?,'pending',0,?,?)", id_of(k)));
+    for (_, work) in &accepted {
         v.extend([
             Value::from(work.kind()),
             work.device_id()
@@ -1025,7 +958,8 @@ async fn round(
     w.push(
         &format!(
             "INSERT INTO work_items (request_id, kind, device_id, payload, state, attempts, not_before, created_at) \
-             VALUES {items}"
+             VALUES {}",
+            id_rows("({id},?,?,?,'pending',0,?,?)")
         ),
         &v,
     )?;
