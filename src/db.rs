@@ -81,6 +81,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "indexes",
         sql: include_str!("../migrations/0005_indexes.sql"),
     },
+    Migration {
+        version: 6,
+        name: "request_ids",
+        sql: include_str!("../migrations/0006_request_ids.sql"),
+    },
 ];
 
 /// A handle on the database: one pool, cloned into every role.

@@ -23,6 +23,60 @@ fn env(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// CPU seconds (user + system, every thread) a process has used so far,
+/// from /proc (in USER_HZ ticks, 100 per second on Linux).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which is in parentheses).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// The MariaDB server's pid when it runs on this machine (its pid file is
+/// readable), so that its CPU time can be read.
+async fn server_pid(h: &Headend) -> Option<u32> {
+    let mut c = h.db().conn().await.ok()?;
+    let path: Option<String> = c.query_first("SELECT @@pid_file").await.ok()?;
+    let path = std::path::Path::new(&path?).to_path_buf();
+    let path = if path.is_absolute() {
+        path
+    } else {
+        let dir: Option<String> = c.query_first("SELECT @@datadir").await.ok()?;
+        std::path::Path::new(&dir?).join(path)
+    };
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// CPU used by this process and by the server between two readings.
+#[derive(Clone, Copy)]
+struct Cpu {
+    me: f64,
+    server: Option<f64>,
+}
+
+fn cpu_now(server: Option<u32>) -> Cpu {
+    Cpu {
+        me: cpu_secs(std::process::id()).unwrap_or(0.0),
+        server: server.and_then(cpu_secs),
+    }
+}
+
+/// "µs of CPU per operation" for this process and the server.
+fn per_op(a: Cpu, b: Cpu, ops: u64) -> String {
+    let us = |s: f64| s * 1e6 / ops.max(1) as f64;
+    match (a.server, b.server) {
+        (Some(x), Some(y)) => format!(
+            "{:.0} µs this process + {:.0} µs MariaDB = {:.0} µs",
+            us(b.me - a.me),
+            us(y - x),
+            us(b.me - a.me + y - x)
+        ),
+        _ => format!("{:.0} µs this process (MariaDB not local)", us(b.me - a.me)),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run with --ignored --nocapture"]
 async fn accepted_commands_per_second() {
@@ -31,6 +85,7 @@ async fn accepted_commands_per_second() {
     // CASD_BENCH_MIX=ent: one device per client, then only addentitlement.
     let ent_only = std::env::var("CASD_BENCH_MIX").is_ok_and(|m| m == "ent");
     let h = Arc::new(Headend::start().await);
+    let spid = server_pid(&h).await;
 
     // Baseline: 16 connections, one autocommitted single-row INSERT each.
     {
@@ -43,6 +98,7 @@ async fn accepted_commands_per_second() {
         .unwrap();
     }
     let stop = Instant::now() + Duration::from_secs(secs);
+    let cpu0 = cpu_now(spid);
     let n = Arc::new(AtomicU64::new(0));
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..16 {
@@ -59,6 +115,7 @@ async fn accepted_commands_per_second() {
     }
     while set.join_next().await.is_some() {}
     let baseline = n.load(Ordering::Relaxed) as f64 / secs as f64;
+    let base_cpu = per_op(cpu0, cpu_now(spid), n.load(Ordering::Relaxed));
     // The same on one connection: the commit (fsync) latency.
     let single = {
         let mut c = h.db().conn().await.unwrap();
@@ -131,6 +188,7 @@ async fn accepted_commands_per_second() {
     // A client whose rate limit no benchmark reaches.
     let bearer: Arc<str> = casd::auth::testing::bench_bearer(h.db()).await.into();
     let stop = Instant::now() + Duration::from_secs(secs);
+    let cpu1 = cpu_now(spid);
     let mut set = tokio::task::JoinSet::new();
     for w in 0..conns as u64 {
         let (h, ok, bad, lat, client, bearer) = (
@@ -193,6 +251,7 @@ async fn accepted_commands_per_second() {
         });
     }
     while set.join_next().await.is_some() {}
+    let sms_cpu = per_op(cpu1, cpu_now(spid), ok.load(Ordering::Relaxed));
     let rate = ok.load(Ordering::Relaxed) as f64 / secs as f64;
     let mut l = lat.lock().unwrap().clone();
     l.sort_unstable();
@@ -214,6 +273,8 @@ async fn accepted_commands_per_second() {
         "baseline: {baseline:.0} single-row INSERT commits/s over 16 connections\n\
          sms:      {rate:.0} accepted commands/s over {conns} HTTP connections ({} refused), \
          latency p50 {:.1} ms p99 {:.1} ms; {:.0}% of baseline\n\
+         CPU per baseline commit: {base_cpu}\n\
+         CPU per accepted command (HTTP client included): {sms_cpu}\n\
          work items committed: {}; request log lines dropped: {}",
         bad.load(Ordering::Relaxed),
         pct(0.5),
@@ -227,4 +288,120 @@ async fn accepted_commands_per_second() {
         ok.load(Ordering::Relaxed),
         "every 200 has its work item"
     );
+
+    // The same load from a load generator in a process of its own (wrk,
+    // when installed: `apt-get install wrk`), as an SMS on another machine
+    // would be: this process then only serves. Same mix: an adddevice
+    // for a new device, then an addentitlement for a device added 4,097
+    // requests earlier on the same wrk thread (long committed; until
+    // there is one, another adddevice).
+    if std::process::Command::new("wrk")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("wrk: not installed, external load generator skipped");
+        return;
+    }
+    let dir = h.log_path.parent().unwrap().to_path_buf();
+    let script = dir.join("sms.lua");
+    std::fs::write(
+        &script,
+        format!(
+            r#"
+local counter = 0
+local threads = {{}}
+function setup(thread)
+  thread:set("tid", #threads + 1)
+  table.insert(threads, thread)
+end
+function init(args)
+  base = 2000000000 + tid * 100000000
+  n = 0
+end
+function request()
+  n = n + 1
+  local path, body
+  if n % 2 == 1 or n < 4098 then
+    local d = base + n
+    path = "/adddevice"
+    body = '{{"transaction_id":"w' .. d .. '","device_id":' .. d .. '}}'
+  else
+    local d = base + n - 4097
+    path = "/addentitlement"
+    body = '{{"transaction_id":"we' .. d .. '","device_id":' .. d .. ',"product_id":1,"start":0,"end":2000000000}}'
+  end
+  return wrk.format("POST", path, {{["authorization"] = "{bearer}", ["content-type"] = "application/json"}}, body)
+end
+function response(status, headers, body)
+  if status ~= 200 then
+    io.write("wrk: status " .. status .. ": " .. body .. "\n")
+  end
+end
+"#,
+            bearer = &*bearer
+        ),
+    )
+    .unwrap();
+    let work_before = work.unwrap_or(0);
+    let cpu2 = cpu_now(spid);
+    let out = tokio::process::Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{conns}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(&script)
+        .arg(h.url("/"))
+        .output()
+        .await
+        .unwrap();
+    let cpu3 = cpu_now(spid);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let work: u64 = h
+        .db()
+        .conn()
+        .await
+        .unwrap()
+        .query_first("SELECT COUNT(*) FROM work_items")
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    let accepted = work - work_before;
+    // The children's CPU (wrk, waited for) from /proc/self/stat.
+    let child = |stat: &str| -> f64 {
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        (f[13].parse::<u64>().unwrap() + f[14].parse::<u64>().unwrap()) as f64 / 100.0
+    };
+    let wrk_cpu = child(&std::fs::read_to_string("/proc/self/stat").unwrap());
+    let pick = |key: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_owned())
+            .unwrap_or_else(|| "?".into())
+    };
+    let non2xx = text
+        .lines()
+        .find(|l| l.contains("Non-2xx"))
+        .unwrap_or("Non-2xx or 3xx responses: 0")
+        .to_owned();
+    println!(
+        "wrk:      {:.0} accepted commands/s over {conns} HTTP connections, latency p50 {} p99 {}; {:.0}% of baseline ({})\n\
+         CPU per accepted command (casd only): {}; wrk {:.0} µs",
+        accepted as f64 / secs as f64,
+        pick("50%"),
+        pick("99%"),
+        100.0 * accepted as f64 / secs as f64 / baseline,
+        non2xx.trim(),
+        per_op(cpu2, cpu3, accepted),
+        wrk_cpu * 1e6 / accepted.max(1) as f64,
+    );
+    if !non2xx.ends_with(" 0") {
+        println!("{text}");
+    }
+    assert!(out.status.success(), "wrk: {text}");
+    assert!(accepted > 0, "wrk: {text}");
 }

@@ -522,8 +522,8 @@ async fn the_slot_hint_keeps_lowest_free_first_within_a_process() {
     assert_eq!(slot_of(600).await, (3, 87));
     assert_eq!(
         hint.floor(),
-        3,
-        "the scan starts at the group with free slots"
+        (3, 88),
+        "the scan starts after the slots the last round took (577..=600 took 3/64..=3/87)"
     );
     // Freed by another process (behind this one's back): found once the
     // hint has expired; an expired (zero-TTL) hint always scans from 1.
@@ -539,7 +539,7 @@ async fn the_slot_hint_keeps_lowest_free_first_within_a_process() {
     assert_eq!(
         slot_of(602).await,
         (3, 88),
-        "hint still trusted: from group 3"
+        "hint still trusted: from slot 3/88"
     );
     let expired = store::SlotHint::with_ttl(Duration::ZERO);
     store::accept_batch_on(&mut c, &[add(603)], &expired).await;
@@ -550,7 +550,7 @@ async fn the_slot_hint_keeps_lowest_free_first_within_a_process() {
         r#"{"transaction_id":"r5","device_id":5}"#,
     );
     store::accept_batch_on(&mut c, &[rm], &hint).await;
-    assert_eq!(hint.floor(), 1);
+    assert_eq!(hint.floor(), (1, 4));
     store::accept_batch_on(&mut c, &[add(601)], &hint).await;
     assert_eq!(slot_of(601).await, (1, 4));
     slots_consistent(&t.db).await;

@@ -11,8 +11,12 @@
 //! straight through (nothing waits for a batch to fill: a committer that
 //! is free takes whatever is there, even one command).
 //!
-//! `api.committers` rounds run at once (default 2), so one batch is being
-//! built while the other waits for its fsync. The queue is bounded
+//! `api.committers` tasks (default 2) take turns: one batch is built (its
+//! reads and writes) while the one before waits for its fsync. A task
+//! collects its batch only once the previous round has reached its COMMIT
+//! (the `stage` lock), so everything that arrived meanwhile goes into one
+//! round: starting a second round at once would split the waiting
+//! commands into small rounds that only contend for the same rows. The queue is bounded
 //! (16 batches): past it a command is refused at once with 503 and
 //! `Retry-After` (nothing stored), instead of waiting without limit.
 //!
@@ -73,8 +77,15 @@ impl Committer {
                     // Shared by the committers: they take slots of the
                     // same table.
                     let hint = Arc::new(store::SlotHint::default());
+                    let stage = Arc::new(Mutex::new(()));
                     for _ in 0..committers.max(1) {
-                        set.spawn(run(db.clone(), rx.clone(), batch, hint.clone()));
+                        set.spawn(run(
+                            db.clone(),
+                            rx.clone(),
+                            batch,
+                            hint.clone(),
+                            stage.clone(),
+                        ));
                     }
                     while set.join_next().await.is_some() {}
                 });
@@ -105,6 +116,7 @@ async fn run(
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
     batch: usize,
     hint: Arc<store::SlotHint>,
+    stage: Arc<Mutex<()>>,
 ) {
     let mut jobs: Vec<Job> = Vec::with_capacity(batch);
     // The task's own connection, kept between batches; dropped after a
@@ -112,8 +124,10 @@ async fn run(
     let mut own: Option<mysql_async::Conn> = None;
     let hint = hint.as_ref();
     loop {
+        // One task at a time collects and builds its round; the other is
+        // at its COMMIT (or idle). Held until this round's COMMIT.
+        let mut building = Some(stage.clone().lock_owned().await);
         {
-            // One task at a time collects; the other is committing.
             let mut rx = rx.lock().await;
             if rx.recv_many(&mut jobs, batch).await == 0 {
                 return; // every handle dropped and nothing queued
@@ -127,7 +141,10 @@ async fn run(
         };
         let outcomes = match conn {
             Ok(mut c) => {
-                let outcomes = store::accept_batch_on(&mut c, &subs, hint).await;
+                let outcomes = store::accept_batch_gated(&mut c, &subs, hint, &mut || {
+                    building.take();
+                })
+                .await;
                 if !outcomes
                     .iter()
                     .any(|o| matches!(o, Err(SmsError::Db(_) | SmsError::Internal(_))))

@@ -163,12 +163,24 @@ pub async fn accept_batch_on(
     subs: &[Submission],
     hint: &SlotHint,
 ) -> Vec<Result<Accepted, SmsError>> {
+    accept_batch_gated(conn, subs, hint, &mut || {}).await
+}
+
+/// [`accept_batch_on`], calling `before_commit` when a round has done its
+/// reads and writes and only its COMMIT (the fsync) is left: the
+/// committer lets the next batch start building then.
+pub async fn accept_batch_gated(
+    conn: &mut Conn,
+    subs: &[Submission],
+    hint: &SlotHint,
+    before_commit: &mut (dyn FnMut() + Send),
+) -> Vec<Result<Accepted, SmsError>> {
     let mut out: Vec<Option<Result<Accepted, SmsError>>> =
         std::iter::repeat_with(|| None).take(subs.len()).collect();
     let mut pending: Vec<usize> = (0..subs.len()).collect();
     while !pending.is_empty() {
         let (round, rest) = pick_round(subs, &pending);
-        match run_round(conn, subs, &round, hint).await {
+        match run_round(conn, subs, &round, hint, before_commit).await {
             Ok(results) => {
                 for (i, r) in round.iter().zip(results) {
                     out[*i] = Some(r);
@@ -194,19 +206,29 @@ pub async fn accept_batch_on(
 }
 
 /// Where this process last found the lowest free group slot: the slot
-/// query starts at that group instead of at group 1. Without it, every
-/// round's `device_id IS NULL` index scan walked over the entries of the
-/// slots just taken (delete-marked until InnoDB's purge catches up):
+/// query starts at that slot instead of at group 1, slot 0. Without it,
+/// every round's `device_id IS NULL` index scan walked over the entries of
+/// the slots just taken (delete-marked until InnoDB's purge catches up):
 /// thousands per query under load, the costliest statement of a round.
 /// A slot freed below the hint by this process lowers it at once; one
 /// freed by another process is found when the hint expires (after
-/// [`SLOT_HINT_TTL`]) and the next round scans from group 1 again. So
+/// [`SLOT_HINT_TTL`]) and the next round scans from the start again. So
 /// "the lowest free slot" holds within a process, and across processes
 /// within that delay.
 #[derive(Debug)]
 pub struct SlotHint {
-    at: std::sync::Mutex<Option<(u32, std::time::Instant)>>,
+    state: std::sync::Mutex<HintState>,
     ttl: std::time::Duration,
+}
+
+#[derive(Debug, Default)]
+struct HintState {
+    /// The floor and when it was first trusted.
+    floor: Option<((u32, u8), std::time::Instant)>,
+    /// Bumped whenever the floor is lowered or dropped: a round that
+    /// scanned before that must not raise the floor past a slot freed
+    /// meanwhile.
+    generation: u64,
 }
 
 impl Default for SlotHint {
@@ -219,41 +241,57 @@ impl Default for SlotHint {
 pub const SLOT_HINT_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl SlotHint {
-    /// A hint trusted for `ttl` (tests use zero: always from group 1).
+    /// A hint trusted for `ttl` (tests use zero: always from the start).
     pub fn with_ttl(ttl: std::time::Duration) -> SlotHint {
         SlotHint {
-            at: std::sync::Mutex::new(None),
+            state: std::sync::Mutex::new(HintState::default()),
             ttl,
         }
     }
-    /// The group the next slot query starts at.
-    pub fn floor(&self) -> u32 {
-        match self.at.lock().ok().and_then(|h| *h) {
-            Some((g, at)) if at.elapsed() < self.ttl => g,
-            _ => 0,
+    /// The (group, slot) the next slot query starts at.
+    pub fn floor(&self) -> (u32, u8) {
+        self.start().0
+    }
+    /// The floor, and the generation to give back to [`SlotHint::found`].
+    fn start(&self) -> ((u32, u8), u64) {
+        match self.state.lock() {
+            Ok(h) => match h.floor {
+                Some((gs, at)) if at.elapsed() < self.ttl => (gs, h.generation),
+                _ => ((0, 0), h.generation),
+            },
+            Err(_) => ((0, 0), 0),
         }
     }
-    fn found(&self, g: u32) {
-        if let Ok(mut h) = self.at.lock() {
-            let at = match *h {
+    /// `gs`: the slot after the free ones a round found (and locked) in a
+    /// scan begun at `generation`. The next scan starts there; if the
+    /// round rolls back, [`SlotHint::freed`] lowers the floor again.
+    fn found(&self, gs: (u32, u8), generation: u64) {
+        if let Ok(mut h) = self.state.lock() {
+            if h.generation != generation {
+                return; // lowered meanwhile: keep the lower floor
+            }
+            let at = match h.floor {
                 // Keep the age of a trusted hint: it must expire even
                 // under constant load.
                 Some((_, at)) if at.elapsed() < self.ttl => at,
                 _ => std::time::Instant::now(),
             };
-            *h = Some((g, at));
+            h.floor = Some((gs, at));
         }
     }
-    fn freed(&self, g: u32) {
-        if let Ok(mut h) = self.at.lock() {
-            if let Some((floor, _)) = h.as_mut() {
-                *floor = (*floor).min(g);
+    /// `gs` is free again (a device removed, or a round rolled back).
+    fn freed(&self, gs: (u32, u8)) {
+        if let Ok(mut h) = self.state.lock() {
+            h.generation += 1;
+            if let Some((floor, _)) = h.floor.as_mut() {
+                *floor = (*floor).min(gs);
             }
         }
     }
     fn reset(&self) {
-        if let Ok(mut h) = self.at.lock() {
-            *h = None;
+        if let Ok(mut h) = self.state.lock() {
+            h.generation += 1;
+            h.floor = None;
         }
     }
 }
@@ -298,6 +336,7 @@ async fn run_round(
     subs: &[Submission],
     round: &[usize],
     hint: &SlotHint,
+    before_commit: &mut (dyn FnMut() + Send),
 ) -> Result<Vec<Result<Accepted, SmsError>>, SmsError> {
     let cmds: Vec<&Submission> = round.iter().map(|i| &subs[*i]).collect();
     let shas: Vec<[u8; 32]> = cmds.iter().map(|s| s.req.canonical_sha256()).collect();
@@ -305,7 +344,7 @@ async fn run_round(
     let mut slot_rounds = 0;
     loop {
         attempt += 1;
-        match try_round(conn, &cmds, &shas, hint).await {
+        match try_round(conn, &cmds, &shas, hint, before_commit).await {
             Ok(RoundEnd::Committed(r)) => return Ok(r),
             Ok(RoundEnd::NeedSlots(n)) => {
                 // Not an attempt lost to contention: a burst of adddevice
@@ -358,21 +397,30 @@ async fn try_round(
     cmds: &[&Submission],
     shas: &[[u8; 32]],
     hint: &SlotHint,
+    before_commit: &mut (dyn FnMut() + Send),
 ) -> Result<RoundEnd, SmsError> {
-    let r = round(conn, cmds, shas, hint).await;
+    let mut scanned = None;
+    let r = round(conn, cmds, shas, hint, &mut scanned, before_commit).await;
     if !matches!(r, Ok(RoundEnd::Committed(_))) {
         // Also after a failed statement or COMMIT: the transaction may be
         // open. A broken connection fails here too; it is not reused.
         let _ = conn.query_drop("ROLLBACK").await;
+        // The slots it found are free again.
+        if let Some(gs) = scanned {
+            hint.freed(gs);
+        }
     }
     r
 }
 
+/// `scanned`: set to the lowest free slot the round found.
 async fn round(
     conn: &mut Conn,
     cmds: &[&Submission],
     shas: &[[u8; 32]],
     hint: &SlotHint,
+    scanned: &mut Option<(u32, u8)>,
+    before_commit: &mut (dyn FnMut() + Send),
 ) -> Result<RoundEnd, SmsError> {
     use std::collections::{HashMap, HashSet};
     let now = OffsetDateTime::now_utc();
@@ -385,7 +433,6 @@ async fn round(
     let mut reads = Script::default();
     reads.push("SET TRANSACTION ISOLATION LEVEL READ COMMITTED", &[])?;
     reads.push("START TRANSACTION", &[])?;
-    let facts = reads.push("SELECT @@innodb_autoinc_lock_mode", &[])?;
     let adds = cmds
         .iter()
         .filter(|s| matches!(s.req.command, Command::AddDevice { .. }))
@@ -427,11 +474,21 @@ async fn round(
     // Free slots, the lowest first, as many as there are adddevice (some
     // may go unused: refused or replayed); slots locked by concurrent
     // rounds are skipped, never waited for.
+    let (hint_floor, hint_generation) = hint.start();
     let slot_set = if adds > 0 {
         Some(reads.push(
-            "SELECT group_id, slot FROM group_slots WHERE device_id IS NULL AND group_id >= ? \
+            "SELECT group_id, slot FROM group_slots WHERE device_id IS NULL \
+             AND (group_id > ? OR (group_id = ? AND slot >= ?)) \
              ORDER BY group_id, slot LIMIT ? FOR UPDATE SKIP LOCKED",
-            &[Value::from(hint.floor()), Value::from(adds as u64)],
+            &{
+                let (g, s) = hint_floor;
+                [
+                    Value::from(g),
+                    Value::from(g),
+                    Value::from(s),
+                    Value::from(adds as u64),
+                ]
+            },
         )?)
     } else {
         None
@@ -508,11 +565,6 @@ async fn round(
     };
     let sets = reads.run(conn).await?;
 
-    let consecutive = sets[facts]
-        .first()
-        .map(|r| col::<u32>(r, 0))
-        .transpose()?
-        .is_some_and(|m| m < 2);
     let pmk_version: u32 = match pmk {
         Some(k) => sets[k].first().map(|r| col(r, 0)).transpose()?.unwrap_or(1),
         None => 1,
@@ -560,8 +612,12 @@ async fn round(
             free.push((col(row, 0)?, col(row, 1)?));
         }
     }
-    if let Some(&(g, _)) = free.first() {
-        hint.found(g);
+    if let (Some(&lowest), Some(&(g, s))) = (free.first(), free.last()) {
+        // The next scan starts after the slots this round took (and
+        // locked); if the round rolls back, they are freed again.
+        let next = if s == u8::MAX { (g + 1, 0) } else { (g, s + 1) };
+        hint.found(next, hint_generation);
+        *scanned = Some(lowest);
     }
     let mut known_groups: HashSet<u32> = HashSet::new();
     if let Some(k) = group_set {
@@ -694,6 +750,7 @@ async fn round(
     }
     if accepted.is_empty() {
         // Nothing to write: end the transaction (and its locks).
+        before_commit();
         conn.query_drop("ROLLBACK").await?;
         return Ok(RoundEnd::Committed(
             answers
@@ -703,14 +760,23 @@ async fn round(
         ));
     }
 
-    // 4. Writes, one script. The request rows first; their ids, known only
-    //    to the server until the script's end, are `@casd_r + k` (one
-    //    multi-row INSERT gets consecutive ids unless innodb_autoinc_lock_mode
-    //    is 2) or `@casd_rk` (one INSERT per row).
+    // 4. Writes, one script. The request ids first, from the sequence
+    //    (not transactional: a rolled-back round leaves a gap), into
+    //    `@casd_r{k}`; each request row is inserted with its whole reply,
+    //    `{"request_id":N` + a suffix (serde_json's key order).
     let n = accepted.len();
     let mut w = Script::default();
-    // The reply is `{"request_id":N` + this suffix (serde_json's key order);
-    // the row is inserted with the suffix and completed once N is known.
+    let id_of = |k: usize| format!("@casd_r{k}");
+    w.push(
+        &format!(
+            "SET {}",
+            (0..n)
+                .map(|k| format!("{} = NEXTVAL(sms_request_ids)", id_of(k)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        &[],
+    )?;
     let suffixes: Vec<String> = accepted
         .iter()
         .map(|(i, _)| {
@@ -720,48 +786,32 @@ async fn round(
             )
         })
         .collect();
-    let row = |k: usize| -> Vec<Value> {
-        let s = cmds[accepted[k].0];
-        vec![
+    let mut v: Vec<Value> = Vec::with_capacity(n * 6);
+    for (k, (i, _)) in accepted.iter().enumerate() {
+        let s = cmds[*i];
+        v.extend([
             Value::from(s.sender.as_str()),
             Value::from(s.req.transaction_id.as_str()),
             Value::from(s.path),
             Value::from(s.message.as_str()),
             db_time(s.received_at),
             Value::from(suffixes[k].as_str()),
-        ]
-    };
-    const REQ_INSERT: &str = "INSERT INTO sms_requests \
-        (sender, transaction_id, path, message, received_at, status_code, response) VALUES ";
-    let id_of = |k: usize| -> String {
-        if consecutive {
-            format!("@casd_r + {k}")
-        } else {
-            format!("@casd_r{k}")
-        }
-    };
-    let ids_set;
-    if consecutive {
-        let v: Vec<Value> = (0..n).flat_map(row).collect();
-        w.push(
-            &format!("{REQ_INSERT}{}", marks(n, "(?,?,?,?,?,200,?)")),
-            &v,
-        )?;
-        ids_set = w.push("SELECT LAST_INSERT_ID(), ROW_COUNT()", &[])?;
-        w.push("SET @casd_r = LAST_INSERT_ID()", &[])?;
-    } else {
-        for k in 0..n {
-            w.push(&format!("{REQ_INSERT}(?,?,?,?,?,200,?)"), &row(k))?;
-            w.push(&format!("SET @casd_r{k} = LAST_INSERT_ID()"), &[])?;
-        }
-        ids_set = w.push(
-            &(0..n)
-                .map(|k| format!("SELECT @casd_r{k}, 1"))
-                .collect::<Vec<_>>()
-                .join(" UNION ALL "),
-            &[],
-        )?;
+        ]);
     }
+    w.push(
+        &format!(
+            "INSERT INTO sms_requests \
+             (id, sender, transaction_id, path, message, received_at, status_code, response) VALUES {}",
+            (0..n)
+                .map(|k| {
+                    let id = id_of(k);
+                    format!("({id},?,?,?,?,?,200,CONCAT('{{\"request_id\":', {id}, ?))")
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        &v,
+    )?;
     // `n` VALUES rows of `shape`, its `{id}` the k-th request id.
     let id_rows = |shape: &str| -> String {
         (0..n)
@@ -963,35 +1013,20 @@ async fn round(
         ),
         &v,
     )?;
-    // The replies, completed with their ids.
-    let ids_list: Vec<String> = (0..n).map(id_of).collect();
-    w.push(
+    let ids_set = w.push(
         &format!(
-            "UPDATE sms_requests SET response = CONCAT('{{\"request_id\":', id, response) \
-             WHERE id IN ({})",
-            ids_list.join(",")
+            "SELECT {}",
+            (0..n).map(id_of).collect::<Vec<_>>().join(", ")
         ),
         &[],
     )?;
     let sets = w.run(conn).await?;
 
     // 5. Checks, then COMMIT.
-    let mut request_ids: Vec<u64> = Vec::with_capacity(n);
-    if consecutive {
-        let r = sets[ids_set]
-            .first()
-            .ok_or_else(|| SmsError::Internal("no request id".into()))?;
-        let first: u64 = col(r, 0)?;
-        let count: i64 = col(r, 1)?;
-        if count != n as i64 {
-            return Err(SmsError::Internal("sms_requests insert count".into()));
-        }
-        request_ids.extend((0..n as u64).map(|k| first + k));
-    } else {
-        for r in &sets[ids_set] {
-            request_ids.push(col(r, 0)?);
-        }
-    }
+    let request_ids: Vec<u64> = match sets[ids_set].first() {
+        Some(r) => (0..n).map(|k| col(r, k)).collect::<Result<_, _>>()?,
+        None => Vec::new(),
+    };
     if request_ids.len() != n {
         return Err(SmsError::Internal("request ids".into()));
     }
@@ -1010,13 +1045,16 @@ async fn round(
             ));
         }
     }
+    before_commit();
     conn.query_drop("COMMIT").await?;
     for (_, w) in &accepted {
         if let Work::RemoveDevice {
-            group_id: Some(g), ..
+            group_id: Some(g),
+            slot,
+            ..
         } = w
         {
-            hint.freed(*g);
+            hint.freed((*g, slot.unwrap_or(0)));
         }
     }
 
@@ -1097,9 +1135,10 @@ pub async fn record(
 ) -> Result<u64, DbError> {
     let mut conn = db.conn().await?;
     conn.reset_connection(false);
-    conn.exec_drop(
-        "INSERT INTO sms_requests (sender, transaction_id, path, message, received_at, processed_at, status_code, response) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    let id: Option<u64> = conn
+        .exec_first(
+        "INSERT INTO sms_requests (id, sender, transaction_id, path, message, received_at, processed_at, status_code, response) \
+         VALUES (NEXTVAL(sms_request_ids), ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (
             sender,
             transaction_id,
@@ -1116,8 +1155,7 @@ pub async fn record(
         ),
     )
     .await?;
-    conn.last_insert_id()
-        .ok_or_else(|| DbError::Unreachable("no insert id for sms_requests".into()))
+    id.ok_or_else(|| DbError::Unreachable("no id returned for sms_requests".into()))
 }
 
 /// `GET /requests/{id}`: the request's progress, or None when unknown (or
@@ -1246,4 +1284,36 @@ pub async fn device_status(db: &Db, device_id: u64) -> Result<Option<serde_json:
         "updated_at": updated_at,
         "entitlements": entitlements,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SlotHint;
+
+    #[test]
+    fn slot_hint_follows_found_slots_and_never_rises_past_a_freed_one() {
+        let h = SlotHint::default();
+        assert_eq!(h.floor(), (0, 0), "no hint yet: from the start");
+        let (_, g) = h.start();
+        h.found((3, 64), g);
+        assert_eq!(h.floor(), (3, 64));
+        // A round scans (generation g2); meanwhile another round rolls
+        // back and frees 3/70. The first round's later, higher find must
+        // not hide 3/70.
+        let (_, g2) = h.start();
+        h.found((3, 80), g2);
+        let (_, g3) = h.start();
+        h.freed((3, 70));
+        assert_eq!(h.floor(), (3, 70));
+        h.found((3, 96), g3);
+        assert_eq!(h.floor(), (3, 70), "a find from before the free is ignored");
+        h.freed((1, 4));
+        assert_eq!(h.floor(), (1, 4));
+        h.reset();
+        assert_eq!(h.floor(), (0, 0));
+        let expired = SlotHint::with_ttl(std::time::Duration::ZERO);
+        let (_, g) = expired.start();
+        expired.found((2, 2), g);
+        assert_eq!(expired.floor(), (0, 0), "an expired hint is not used");
+    }
 }
