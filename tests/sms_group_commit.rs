@@ -579,3 +579,72 @@ async fn concurrent_rounds_with_the_same_command_replay_it() {
         assert_eq!(id(&a[0]), id(&b[0]), "round {n}");
     }
 }
+
+/// Migration 0006 on a database that already has requests (an upgrade):
+/// the sequence continues after the highest id, for accepted commands and
+/// for recorded refusals, and a replay keeps its original id and reply.
+#[tokio::test]
+async fn request_ids_continue_after_existing_rows_when_migration_6_runs() {
+    let t = TestDb::new().await;
+    let mut c = t.db.conn().await.unwrap();
+    // Rows written before the upgrade (by AUTO_INCREMENT, up to 41,000).
+    c.query_drop(
+        "INSERT INTO sms_requests (id, sender, transaction_id, path, message, received_at, status_code, response) \
+         VALUES (41000, 's', 'old', '/adddevice', '', UTC_TIMESTAMP(6), 200, '')",
+    )
+    .await
+    .unwrap();
+    let m6 = casd::db::MIGRATIONS
+        .iter()
+        .find(|m| m.version == 6)
+        .expect("migration 6");
+    for stmt in casd::db::split_statements(m6.sql) {
+        c.query_drop(stmt).await.unwrap();
+    }
+    let s = sub(
+        CommandKind::AddDevice,
+        r#"{"transaction_id":"up1","device_id":77}"#,
+    );
+    let r = store::accept_batch_on(&mut c, std::slice::from_ref(&s), &Default::default()).await;
+    let Ok(Accepted::New { request_id, reply }) = &r[0] else {
+        panic!("{r:?}");
+    };
+    assert_eq!(*request_id, 41001, "the next id after the existing rows");
+    assert!(reply.starts_with(r#"{"request_id":41001,"#), "{reply}");
+    let stored: Option<String> = c
+        .exec_first("SELECT response FROM sms_requests WHERE id = ?", (41001,))
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.as_deref(),
+        Some(reply.as_str()),
+        "stored reply = sent reply"
+    );
+    // A refusal recorded on its own takes the next id.
+    let refused = store::record(
+        &t.db,
+        "sms1",
+        Some("bad"),
+        "/adddevice",
+        "{}",
+        time::OffsetDateTime::now_utc(),
+        400,
+        "{}",
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused, 41002);
+    // The replay keeps the original id and reply.
+    let r = store::accept_batch_on(&mut c, std::slice::from_ref(&s), &Default::default()).await;
+    match &r[0] {
+        Ok(Accepted::Replay {
+            original_id,
+            reply: again,
+        }) => {
+            assert_eq!(*original_id, 41001);
+            assert_eq!(again, reply);
+        }
+        other => panic!("{other:?}"),
+    }
+}
