@@ -648,3 +648,84 @@ async fn request_ids_continue_after_existing_rows_when_migration_6_runs() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A round waiting on a row lock taken elsewhere (another process, or the
+/// EMMG's share lock while it delivers keys) holds the committers' building
+/// turn for at most `BUILD_TURN_MAX`: commands about other devices are
+/// committed meanwhile, and the blocked one once the lock goes.
+#[tokio::test]
+async fn a_round_blocked_on_a_lock_does_not_hold_up_other_commands() {
+    let t = TestDb::new().await;
+    let committer = casd::sms::commit::Committer::start(t.db.clone(), 256, 2);
+    let add = |d: u64| {
+        sub(
+            CommandKind::AddDevice,
+            &format!(r#"{{"transaction_id":"a{d}","device_id":{d}}}"#),
+        )
+    };
+    assert!(matches!(
+        committer.submit(add(1)).await,
+        Ok(Accepted::New { .. })
+    ));
+    // Another session holds device 1's row.
+    let mut other = t.db.conn().await.unwrap();
+    other.query_drop("START TRANSACTION").await.unwrap();
+    other
+        .query_drop("SELECT * FROM devices WHERE device_id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let blocked = {
+        let c = committer.clone();
+        tokio::spawn(async move {
+            c.submit(sub(
+                CommandKind::RemoveDevice,
+                r#"{"transaction_id":"r1","device_id":1}"#,
+            ))
+            .await
+        })
+    };
+    // Wait until that round is waiting for the lock (polling the server's
+    // process list, not a fixed delay).
+    let mut probe = t.db.conn().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        // The committer's statement locking device 1 still running.
+        let waits: Option<u64> = probe
+            .query_first(
+                "SELECT COUNT(*) FROM information_schema.processlist WHERE db = DATABASE() \
+                 AND info LIKE 'SELECT device_id, state, group_id, slot, pmk_version FROM devices%'",
+            )
+            .await
+            .unwrap();
+        if waits.unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the round never waited"
+        );
+        tokio::task::yield_now().await;
+    }
+    // Commands about other devices still go through, well before the
+    // lock wait times out (10 s).
+    let other_cmds = tokio::time::timeout(Duration::from_secs(5), async {
+        (
+            committer.submit(add(2)).await,
+            committer.submit(add(3)).await,
+        )
+    })
+    .await
+    .expect("other devices' commands were held up by the blocked round");
+    assert!(
+        matches!(other_cmds.0, Ok(Accepted::New { .. })),
+        "{other_cmds:?}"
+    );
+    assert!(
+        matches!(other_cmds.1, Ok(Accepted::New { .. })),
+        "{other_cmds:?}"
+    );
+    assert!(!blocked.is_finished(), "still waiting for device 1");
+    other.query_drop("ROLLBACK").await.unwrap();
+    let r = blocked.await.unwrap();
+    assert!(matches!(r, Ok(Accepted::New { .. })), "{r:?}");
+}

@@ -16,7 +16,9 @@
 //! collects its batch only once the previous round has reached its COMMIT
 //! (the `stage` lock), so everything that arrived meanwhile goes into one
 //! round: starting a second round at once would split the waiting
-//! commands into small rounds that only contend for the same rows. The queue is bounded
+//! commands into small rounds that only contend for the same rows. A turn
+//! lasts at most [`BUILD_TURN_MAX`]: a round held up by a lock taken
+//! elsewhere lets the next one build meanwhile. The queue is bounded
 //! (16 batches): past it a command is refused at once with 503 and
 //! `Retry-After` (nothing stored), instead of waiting without limit.
 //!
@@ -37,6 +39,11 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use super::error::SmsError;
 use super::store::{self, Accepted, Submission};
 use crate::db::Db;
+
+/// How long a round may keep the other committers from building theirs:
+/// far above a normal round (a few ms at hundreds of commands waiting),
+/// short enough that a round stuck on a lock does not hold up the rest.
+pub const BUILD_TURN_MAX: std::time::Duration = std::time::Duration::from_millis(20);
 
 struct Job {
     sub: Submission,
@@ -125,8 +132,17 @@ async fn run(
     let hint = hint.as_ref();
     loop {
         // One task at a time collects and builds its round; the other is
-        // at its COMMIT (or idle). Held until this round's COMMIT.
-        let mut building = Some(stage.clone().lock_owned().await);
+        // at its COMMIT (or idle). Held until this round's COMMIT, or for
+        // at most BUILD_TURN_MAX: a round waiting on a row lock held
+        // elsewhere (another process, the EMMG's share lock during key
+        // delivery) or on a slow connect must not stall every command
+        // behind it.
+        let building = std::sync::Mutex::new(Some(stage.clone().lock_owned().await));
+        let end_turn = || {
+            if let Ok(mut b) = building.lock() {
+                b.take();
+            }
+        };
         {
             let mut rx = rx.lock().await;
             if rx.recv_many(&mut jobs, batch).await == 0 {
@@ -135,29 +151,38 @@ async fn run(
         }
         let (subs, dones): (Vec<Submission>, Vec<_>) =
             jobs.drain(..).map(|j| (j.sub, j.done)).unzip();
-        let conn = match own.take() {
-            Some(c) => Ok(c),
-            None => db.connect_own().await,
-        };
-        let outcomes = match conn {
-            Ok(mut c) => {
-                let outcomes = store::accept_batch_gated(&mut c, &subs, hint, &mut || {
-                    building.take();
-                })
-                .await;
-                if !outcomes
-                    .iter()
-                    .any(|o| matches!(o, Err(SmsError::Db(_) | SmsError::Internal(_))))
-                {
-                    own = Some(c);
+        let work = async {
+            let conn = match own.take() {
+                Some(c) => Ok(c),
+                None => db.connect_own().await,
+            };
+            match conn {
+                Ok(mut c) => {
+                    let outcomes =
+                        store::accept_batch_gated(&mut c, &subs, hint, &mut || end_turn()).await;
+                    if !outcomes
+                        .iter()
+                        .any(|o| matches!(o, Err(SmsError::Db(_) | SmsError::Internal(_))))
+                    {
+                        own = Some(c);
+                    }
+                    outcomes
                 }
-                outcomes
-            }
-            Err(e) => {
-                let e = SmsError::Db(e);
-                subs.iter().map(|_| Err(store::shared_error(&e))).collect()
+                Err(e) => {
+                    let e = SmsError::Db(e);
+                    subs.iter().map(|_| Err(store::shared_error(&e))).collect()
+                }
             }
         };
+        tokio::pin!(work);
+        let outcomes = tokio::select! {
+            o = &mut work => o,
+            _ = tokio::time::sleep(BUILD_TURN_MAX) => {
+                end_turn();
+                work.await
+            }
+        };
+        end_turn();
         for (done, outcome) in dones.into_iter().zip(outcomes) {
             // The handler may have gone (client disconnected): the command
             // is stored all the same.
