@@ -41,9 +41,11 @@ use super::store::{self, Accepted, Submission};
 use crate::db::Db;
 
 /// How long a round may keep the other committers from building theirs:
-/// far above a normal round (a few ms at hundreds of commands waiting),
-/// short enough that a round stuck on a lock does not hold up the rest.
-pub const BUILD_TURN_MAX: std::time::Duration = std::time::Duration::from_millis(20);
+/// above a normal round (a few ms at tens of commands, up to about 40 ms
+/// for a full batch of 256 on a 2-core machine; at 20 ms, rounds under
+/// load overlapped and each command cost a third more CPU), short enough
+/// that a round stuck on a lock does not hold up the rest for long.
+pub const BUILD_TURN_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 
 struct Job {
     sub: Submission,
