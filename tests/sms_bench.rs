@@ -27,14 +27,26 @@ fn env(name: &str, default: u64) -> u64 {
 }
 
 /// CPU seconds (user + system, every thread) a process has used so far,
-/// from /proc (in USER_HZ ticks, 100 per second on Linux).
-fn cpu_secs(pid: u32) -> Option<f64> {
+/// from /proc (in USER_HZ ticks, 100 per second on Linux); `children`: of
+/// its children it has waited for instead.
+fn cpu_secs(pid: u32, children: bool) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which is in parentheses).
+    // Fields after the command name (which is in parentheses): utime and
+    // stime are the 12th and 13th, cutime and cstime the next two.
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let at = if children { 13 } else { 11 };
+    let ticks: u64 = f.get(at)?.parse::<u64>().ok()? + f.get(at + 1)?.parse::<u64>().ok()?;
     Some(ticks as f64 / 100.0)
+}
+
+/// Work items committed so far: one per accepted command.
+async fn work_items(h: &Headend) -> u64 {
+    let mut c = h.db().conn().await.unwrap();
+    c.query_first("SELECT COUNT(*) FROM work_items")
+        .await
+        .unwrap()
+        .unwrap_or(0)
 }
 
 /// The MariaDB server's pid when it runs on this machine (its pid file is
@@ -61,8 +73,8 @@ struct Cpu {
 
 fn cpu_now(server: Option<u32>) -> Cpu {
     Cpu {
-        me: cpu_secs(std::process::id()).unwrap_or(0.0),
-        server: server.and_then(cpu_secs),
+        me: cpu_secs(std::process::id(), false).unwrap_or(0.0),
+        server: server.and_then(|p| cpu_secs(p, false)),
     }
 }
 
@@ -215,15 +227,7 @@ async fn accepted_commands_per_second() {
         );
     }
 
-    let work_before: u64 = h
-        .db()
-        .conn()
-        .await
-        .unwrap()
-        .query_first("SELECT COUNT(*) FROM work_items")
-        .await
-        .unwrap()
-        .unwrap_or(0);
+    let work_before = work_items(&h).await;
     // The interface: `conns` concurrent clients posting adddevice then
     // addentitlement for fresh devices, each a durable commit.
     let client = reqwest::Client::builder()
@@ -317,14 +321,7 @@ async fn accepted_commands_per_second() {
             .unwrap_or(0) as f64
             / 1000.0
     };
-    let work: Option<u64> = h
-        .db()
-        .conn()
-        .await
-        .unwrap()
-        .query_first("SELECT COUNT(*) FROM work_items")
-        .await
-        .unwrap();
+    let work = work_items(&h).await;
     println!(
         "baseline: {baseline:.0} single-row INSERT commits/s over 16 connections\n\
          sms:      {rate:.0} accepted commands/s over {conns} HTTP connections ({} refused), \
@@ -336,11 +333,11 @@ async fn accepted_commands_per_second() {
         pct(0.5),
         pct(0.99),
         100.0 * rate / baseline,
-        work.unwrap_or(0) - work_before,
+        work - work_before,
         h.log.dropped(),
     );
     assert_eq!(
-        work.unwrap_or(0) - work_before,
+        work - work_before,
         ok.load(Ordering::Relaxed),
         "every 200 has its work item"
     );
@@ -400,7 +397,7 @@ end
         ),
     )
     .unwrap();
-    let work_before = work.unwrap_or(0);
+    let work_before = work;
     let cpu2 = cpu_now(spid);
     let out = tokio::process::Command::new("wrk")
         .args([
@@ -417,23 +414,10 @@ end
         .unwrap();
     let cpu3 = cpu_now(spid);
     let text = String::from_utf8_lossy(&out.stdout);
-    let work: u64 = h
-        .db()
-        .conn()
-        .await
-        .unwrap()
-        .query_first("SELECT COUNT(*) FROM work_items")
-        .await
-        .unwrap()
-        .unwrap_or(0);
+    let work = work_items(&h).await;
     let accepted = work - work_before;
-    // The children's CPU (wrk, waited for) from /proc/self/stat.
-    let child = |stat: &str| -> f64 {
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        (f[13].parse::<u64>().unwrap() + f[14].parse::<u64>().unwrap()) as f64 / 100.0
-    };
-    let wrk_cpu = child(&std::fs::read_to_string("/proc/self/stat").unwrap());
+    // wrk's CPU: this process's only child waited for.
+    let wrk_cpu = cpu_secs(std::process::id(), true).unwrap_or(0.0);
     let pick = |key: &str| {
         text.lines()
             .find(|l| l.trim_start().starts_with(key))
