@@ -189,13 +189,6 @@ async fn accepted_commands_per_second() {
     for k in [1usize, 4, 16, 64] {
         let mut c = h.db().conn().await.unwrap();
         let hint = casd::sms::store::SlotHint::default();
-        let sub = |kind, body: String| casd::sms::store::Submission {
-            sender: "bench".into(),
-            path: "/x",
-            req: casd::sms::types::parse_command(kind, body.as_bytes(), 256).unwrap(),
-            message: body,
-            received_at: time::OffsetDateTime::now_utc(),
-        };
         let a = cpu_now(spid);
         let t0 = Instant::now();
         let mut done = 0u64;
@@ -203,17 +196,17 @@ async fn accepted_commands_per_second() {
         while t0.elapsed() < Duration::from_millis(1500) {
             let mut subs = Vec::with_capacity(k);
             for d in prev.drain(..) {
-                subs.push(sub(
+                subs.push(sms_common::submission(
                     casd::sms::CommandKind::AddEntitlement,
-                    format!(r#"{{"transaction_id":"ye{d}","device_id":{d},"product_id":1,"start":0,"end":2000000000}}"#),
+                    &format!(r#"{{"transaction_id":"ye{d}","device_id":{d},"product_id":1,"start":0,"end":2000000000}}"#),
                 ));
             }
             while subs.len() < k {
                 next += 1;
                 prev.push(next);
-                subs.push(sub(
+                subs.push(sms_common::submission(
                     casd::sms::CommandKind::AddDevice,
-                    format!(r#"{{"transaction_id":"y{next}","device_id":{next}}}"#),
+                    &format!(r#"{{"transaction_id":"y{next}","device_id":{next}}}"#),
                 ));
             }
             let r = casd::sms::store::accept_batch_on(&mut c, &subs, &hint).await;
@@ -363,7 +356,6 @@ async fn accepted_commands_per_second() {
         &script,
         format!(
             r#"
-local counter = 0
 local threads = {{}}
 function setup(thread)
   thread:set("tid", #threads + 1)

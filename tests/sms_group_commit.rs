@@ -8,24 +8,15 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
+mod sms_common;
+
 use casd::sms::store::{self, Accepted, Submission};
-use casd::sms::types::parse_command;
 use casd::sms::{CommandKind, SmsError};
 use casd::testing::TestDb;
 use mysql_async::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn sub(kind: CommandKind, body: &str) -> Submission {
-    let req = parse_command(kind, body.as_bytes(), 1024).expect("valid command");
-    Submission {
-        sender: "sms".into(),
-        path: kind.path(),
-        message: body.into(),
-        received_at: time::OffsetDateTime::now_utc(),
-        req,
-    }
-}
+use sms_common::submission as sub;
 
 /// What an outcome says, without ids that differ between databases.
 fn summary(r: &Result<Accepted, SmsError>) -> String {

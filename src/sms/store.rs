@@ -167,8 +167,9 @@ pub async fn accept_batch_on(
 }
 
 /// [`accept_batch_on`], calling `before_commit` when a round has done its
-/// reads and writes and only its COMMIT (the fsync) is left: the
-/// committer lets the next batch start building then.
+/// reads and writes and only its end is left (its COMMIT and fsync, or a
+/// ROLLBACK when it has nothing to write): the committer lets the next
+/// batch start building then.
 pub async fn accept_batch_gated(
     conn: &mut Conn,
     subs: &[Submission],
@@ -205,8 +206,8 @@ pub async fn accept_batch_gated(
         .collect()
 }
 
-/// Where this process last found the lowest free group slot: the slot
-/// query starts at that slot instead of at group 1, slot 0. Without it,
+/// Where the next free-slot scan of this process starts: after the slots
+/// it last took, instead of at group 1, slot 0. Without it,
 /// every round's `device_id IS NULL` index scan walked over the entries of
 /// the slots just taken (delete-marked until InnoDB's purge catches up):
 /// thousands per query under load, the costliest statement of a round.
@@ -474,21 +475,18 @@ async fn round(
     // Free slots, the lowest first, as many as there are adddevice (some
     // may go unused: refused or replayed); slots locked by concurrent
     // rounds are skipped, never waited for.
-    let (hint_floor, hint_generation) = hint.start();
+    let ((floor_group, floor_slot), hint_generation) = hint.start();
     let slot_set = if adds > 0 {
         Some(reads.push(
             "SELECT group_id, slot FROM group_slots WHERE device_id IS NULL \
              AND (group_id > ? OR (group_id = ? AND slot >= ?)) \
              ORDER BY group_id, slot LIMIT ? FOR UPDATE SKIP LOCKED",
-            &{
-                let (g, s) = hint_floor;
-                [
-                    Value::from(g),
-                    Value::from(g),
-                    Value::from(s),
-                    Value::from(adds as u64),
-                ]
-            },
+            &[
+                Value::from(floor_group),
+                Value::from(floor_group),
+                Value::from(floor_slot),
+                Value::from(adds as u64),
+            ],
         )?)
     } else {
         None
@@ -766,12 +764,12 @@ async fn round(
     //    `{"request_id":N` + a suffix (serde_json's key order).
     let n = accepted.len();
     let mut w = Script::default();
-    let id_of = |k: usize| format!("@casd_r{k}");
+    let ids: Vec<String> = (0..n).map(|k| format!("@casd_r{k}")).collect();
     w.push(
         &format!(
             "SET {}",
-            (0..n)
-                .map(|k| format!("{} = NEXTVAL(sms_request_ids)", id_of(k)))
+            ids.iter()
+                .map(|id| format!("{id} = NEXTVAL(sms_request_ids)"))
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
@@ -802,11 +800,8 @@ async fn round(
         &format!(
             "INSERT INTO sms_requests \
              (id, sender, transaction_id, path, message, received_at, status_code, response) VALUES {}",
-            (0..n)
-                .map(|k| {
-                    let id = id_of(k);
-                    format!("({id},?,?,?,?,?,200,CONCAT('{{\"request_id\":', {id}, ?))")
-                })
+            ids.iter()
+                .map(|id| format!("({id},?,?,?,?,?,200,CONCAT('{{\"request_id\":', {id}, ?))"))
                 .collect::<Vec<_>>()
                 .join(",")
         ),
@@ -814,8 +809,8 @@ async fn round(
     )?;
     // `n` VALUES rows of `shape`, its `{id}` the k-th request id.
     let id_rows = |shape: &str| -> String {
-        (0..n)
-            .map(|k| shape.replace("{id}", &id_of(k)))
+        ids.iter()
+            .map(|id| shape.replace("{id}", id))
             .collect::<Vec<_>>()
             .join(",")
     };
@@ -1013,13 +1008,7 @@ async fn round(
         ),
         &v,
     )?;
-    let ids_set = w.push(
-        &format!(
-            "SELECT {}",
-            (0..n).map(id_of).collect::<Vec<_>>().join(", ")
-        ),
-        &[],
-    )?;
+    let ids_set = w.push(&format!("SELECT {}", ids.join(", ")), &[])?;
     let sets = w.run(conn).await?;
 
     // 5. Checks, then COMMIT.
@@ -1050,11 +1039,11 @@ async fn round(
     for (_, w) in &accepted {
         if let Work::RemoveDevice {
             group_id: Some(g),
-            slot,
+            slot: Some(s),
             ..
         } = w
         {
-            hint.freed((*g, slot.unwrap_or(0)));
+            hint.freed((*g, *s));
         }
     }
 

@@ -21,6 +21,17 @@ pub fn config(url: &str, log: &std::path::Path) -> Config {
     Config::from_toml_str(&text, std::path::Path::new("test.toml"), std::iter::empty()).unwrap()
 }
 
+/// A parsed command as the committer receives it, from sender `sms`.
+pub fn submission(kind: casd::sms::CommandKind, body: &str) -> casd::sms::store::Submission {
+    casd::sms::store::Submission {
+        sender: "sms".into(),
+        path: kind.path(),
+        message: body.into(),
+        received_at: time::OffsetDateTime::now_utc(),
+        req: casd::sms::types::parse_command(kind, body.as_bytes(), 1024).expect("valid command"),
+    }
+}
+
 pub fn shared_for(cfg: Config, db: Db) -> Shared {
     casd::testing::shared(cfg, db, None)
 }
