@@ -343,9 +343,12 @@ async fn run_round(
     let shas: Vec<[u8; 32]> = cmds.iter().map(|s| s.req.canonical_sha256()).collect();
     let mut attempt = 0;
     let mut slot_rounds = 0;
+    // The first attempt does without the idempotency lookup; any attempt
+    // after a failure (a duplicate key among them) does it.
+    let mut lookup = false;
     loop {
         attempt += 1;
-        match try_round(conn, &cmds, &shas, hint, before_commit).await {
+        match try_round(conn, &cmds, &shas, hint, lookup, before_commit).await {
             Ok(RoundEnd::Committed(r)) => return Ok(r),
             Ok(RoundEnd::NeedSlots(n)) => {
                 // Not an attempt lost to contention: a burst of adddevice
@@ -362,7 +365,7 @@ async fn run_round(
                 hint.reset();
                 ensure_free_slots(conn, n).await?;
             }
-            Err(e) if attempt < ATTEMPTS && is_retryable(&e) => continue,
+            Err(e) if attempt < ATTEMPTS && is_retryable(&e) => lookup = true,
             Err(e) => return Err(e),
         }
     }
@@ -398,10 +401,11 @@ async fn try_round(
     cmds: &[&Submission],
     shas: &[[u8; 32]],
     hint: &SlotHint,
+    lookup: bool,
     before_commit: &mut (dyn FnMut() + Send),
 ) -> Result<RoundEnd, SmsError> {
     let mut scanned = None;
-    let r = round(conn, cmds, shas, hint, &mut scanned, before_commit).await;
+    let r = round(conn, cmds, shas, hint, &mut scanned, lookup, before_commit).await;
     if !matches!(r, Ok(RoundEnd::Committed(_))) {
         // Also after a failed statement or COMMIT: the transaction may be
         // open. A broken connection fails here too; it is not reused.
@@ -421,6 +425,7 @@ async fn round(
     shas: &[[u8; 32]],
     hint: &SlotHint,
     scanned: &mut Option<(u32, u8)>,
+    lookup: bool,
     before_commit: &mut (dyn FnMut() + Send),
 ) -> Result<RoundEnd, SmsError> {
     use std::collections::{HashMap, HashSet};
@@ -497,28 +502,19 @@ async fn round(
     // One not seen (no shared device, not committed yet) makes our
     // INSERT wait for it and fail with a duplicate key: the round is run
     // again.
-    let mut by_sender: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, s) in cmds.iter().enumerate() {
-        by_sender.entry(s.sender.as_str()).or_default().push(i);
-    }
-    let mut idem_sets: Vec<(usize, &Vec<usize>)> = Vec::new();
-    for (sender, idx) in &by_sender {
-        let mut v: Vec<Value> = vec![Value::from(*sender)];
-        v.extend(
-            idx.iter()
-                .map(|i| Value::from(cmds[*i].req.transaction_id.as_str())),
-        );
-        let k = reads.push(
-            &format!(
-                "SELECT i.transaction_id, i.body_sha256, i.request_id, r.response FROM idempotency i \
-                 LEFT JOIN sms_requests r ON r.id = i.request_id \
-                 WHERE i.sender = ? AND i.transaction_id IN ({})",
-                marks(idx.len(), "?")
-            ),
-            &v,
-        )?;
-        idem_sets.push((k, idx));
-    }
+    //
+    // Only when `lookup`: a round first runs without it (a replay is rare,
+    // and the lookup was a tenth of a command's cost). Then a replay that
+    // would be accepted again fails on the idempotency key and the round
+    // is run again with the lookup; a command refused against the state
+    // (a replayed adddevice finds its device) has its key looked up after
+    // the plan, below, in the same transaction.
+    let idem_sets = if lookup {
+        let all: Vec<usize> = (0..cmds.len()).collect();
+        push_idempotency_lookup(&mut reads, cmds, &all)?
+    } else {
+        Vec::new()
+    };
     let mut groups: Vec<u32> = cmds
         .iter()
         .filter_map(|s| match &s.req.command {
@@ -568,27 +564,7 @@ async fn round(
         None => 1,
     };
     let mut plans: Vec<Option<Plan>> = std::iter::repeat_with(|| None).take(cmds.len()).collect();
-    for (k, idx) in idem_sets {
-        for row in &sets[k] {
-            let tid: String = col(row, 0)?;
-            let stored: Vec<u8> = col(row, 1)?;
-            let original_id: u64 = col(row, 2)?;
-            let response: Option<String> = col(row, 3)?;
-            let Some(&i) = idx
-                .iter()
-                .find(|i| cmds[**i].req.transaction_id.as_str() == tid)
-            else {
-                continue;
-            };
-            plans[i] = Some(Plan::Answer(match response {
-                _ if stored.as_slice() != shas[i].as_slice() => Err(SmsError::TransactionReused),
-                Some(reply) if !reply.is_empty() => Ok(Accepted::Replay { original_id, reply }),
-                _ => Err(SmsError::Internal(format!(
-                    "idempotency row of request {original_id} has no stored reply"
-                ))),
-            }));
-        }
-    }
+    apply_idempotency(&sets, &idem_sets, cmds, shas, &mut plans)?;
     let mut devices: HashMap<u64, DeviceRow> = HashMap::new();
     if let Some(k) = dev_set {
         for row in &sets[k] {
@@ -713,6 +689,27 @@ async fn round(
                 }),
             },
         };
+    }
+    if !lookup {
+        // Refused against the state: a replay of an accepted command
+        // looks the same (its device exists, or is gone); its stored
+        // reply is the answer.
+        let refused: Vec<usize> = (0..cmds.len())
+            .filter(|i| matches!(plans[*i], Some(Plan::Answer(Err(_)))))
+            .collect();
+        if !refused.is_empty() {
+            let mut q = Script::default();
+            let idem_sets = push_idempotency_lookup(&mut q, cmds, &refused)?;
+            let sets = q.run(conn).await?;
+            let mut found: Vec<Option<Plan>> =
+                std::iter::repeat_with(|| None).take(cmds.len()).collect();
+            apply_idempotency(&sets, &idem_sets, cmds, shas, &mut found)?;
+            for i in refused {
+                if let Some(p) = found[i].take() {
+                    plans[i] = Some(p);
+                }
+            }
+        }
     }
     let mut plans: Vec<Plan> = plans
         .into_iter()
@@ -1059,6 +1056,75 @@ async fn round(
             .map(|a| a.unwrap_or_else(|| Err(SmsError::Internal("unanswered".into()))))
             .collect(),
     ))
+}
+
+/// Pushes the idempotency lookup of commands `idx` (one statement per
+/// sender) onto `script`; returns each statement's index with its commands.
+fn push_idempotency_lookup(
+    script: &mut Script,
+    cmds: &[&Submission],
+    idx: &[usize],
+) -> Result<Vec<(usize, Vec<usize>)>, SmsError> {
+    let mut by_sender: Vec<(&str, Vec<usize>)> = Vec::new();
+    for &i in idx {
+        let sender = cmds[i].sender.as_str();
+        match by_sender.iter_mut().find(|(s, _)| *s == sender) {
+            Some((_, v)) => v.push(i),
+            None => by_sender.push((sender, vec![i])),
+        }
+    }
+    let mut out = Vec::with_capacity(by_sender.len());
+    for (sender, idx) in by_sender {
+        let mut v: Vec<Value> = vec![Value::from(sender)];
+        v.extend(
+            idx.iter()
+                .map(|i| Value::from(cmds[*i].req.transaction_id.as_str())),
+        );
+        let k = script.push(
+            &format!(
+                "SELECT i.transaction_id, i.body_sha256, i.request_id, r.response FROM idempotency i \
+                 LEFT JOIN sms_requests r ON r.id = i.request_id \
+                 WHERE i.sender = ? AND i.transaction_id IN ({})",
+                marks(idx.len(), "?")
+            ),
+            &v,
+        )?;
+        out.push((k, idx));
+    }
+    Ok(out)
+}
+
+/// The answers of the commands the lookup found: the stored reply (same
+/// body) or `TransactionReused`.
+fn apply_idempotency(
+    sets: &[Vec<mysql_async::Row>],
+    idem_sets: &[(usize, Vec<usize>)],
+    cmds: &[&Submission],
+    shas: &[[u8; 32]],
+    plans: &mut [Option<Plan>],
+) -> Result<(), SmsError> {
+    for (k, idx) in idem_sets {
+        for row in &sets[*k] {
+            let tid: String = col(row, 0)?;
+            let stored: Vec<u8> = col(row, 1)?;
+            let original_id: u64 = col(row, 2)?;
+            let response: Option<String> = col(row, 3)?;
+            let Some(&i) = idx
+                .iter()
+                .find(|i| cmds[**i].req.transaction_id.as_str() == tid)
+            else {
+                continue;
+            };
+            plans[i] = Some(Plan::Answer(match response {
+                _ if stored.as_slice() != shas[i].as_slice() => Err(SmsError::TransactionReused),
+                Some(reply) if !reply.is_empty() => Ok(Accepted::Replay { original_id, reply }),
+                _ => Err(SmsError::Internal(format!(
+                    "idempotency row of request {original_id} has no stored reply"
+                ))),
+            }));
+        }
+    }
+    Ok(())
 }
 
 /// Makes at least `needed` group slots free, creating groups of 256 free
