@@ -28,21 +28,57 @@ pub enum Error {
 /// bytes that are not UTF-8 as a plain hex literal. Nothing a client sends
 /// is ever parsed as SQL: no escaping is involved at all.
 pub fn lit(v: &Value) -> String {
+    let mut out = String::new();
+    push_lit(&mut out, v);
+    out
+}
+
+/// [`lit`], appended to `out` (a round's script is built in one buffer:
+/// building a string per value was half of the committer's own CPU).
+fn push_lit(out: &mut String, v: &Value) {
+    use std::fmt::Write;
     match v {
         Value::Bytes(b) => {
             if b.iter()
                 .all(|c| (0x20..=0x7e).contains(c) && *c != b'\'' && *c != b'\\')
             {
-                // Checked above: ASCII.
-                format!("'{}'", String::from_utf8_lossy(b))
-            } else if std::str::from_utf8(b).is_ok() {
-                format!("_utf8mb4 X'{}'", hex::encode(b))
+                out.push('\'');
+                // Checked above: printable ASCII, so one char per byte.
+                out.extend(b.iter().map(|c| char::from(*c)));
+                out.push('\'');
             } else {
-                format!("X'{}'", hex::encode(b))
+                if std::str::from_utf8(b).is_ok() {
+                    out.push_str("_utf8mb4 ");
+                }
+                out.push_str("X'");
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.reserve(b.len() * 2 + 1);
+                for c in b.iter() {
+                    out.push(char::from(HEX[usize::from(c >> 4)]));
+                    out.push(char::from(HEX[usize::from(c & 0xf)]));
+                }
+                out.push('\'');
             }
         }
-        // NULL, integers, floats, dates and times: no quotes or text.
-        other => other.as_sql(false),
+        Value::Int(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Value::UInt(u) => {
+            let _ = write!(out, "{u}");
+        }
+        Value::NULL => out.push_str("NULL"),
+        // As `as_sql` writes them, without a string per value.
+        Value::Date(y, mo, d, 0, 0, 0, 0) => {
+            let _ = write!(out, "'{y:04}-{mo:02}-{d:02}'");
+        }
+        Value::Date(y, mo, d, h, mi, s, 0) => {
+            let _ = write!(out, "'{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}'");
+        }
+        Value::Date(y, mo, d, h, mi, s, us) => {
+            let _ = write!(out, "'{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}.{us:06}'");
+        }
+        // Floats and times: no quotes or text.
+        other => out.push_str(&other.as_sql(false)),
     }
 }
 
@@ -50,21 +86,29 @@ pub fn lit(v: &Value) -> String {
 /// statement texts have no other `?`).
 pub fn inline(sql: &str, values: &[Value]) -> Result<String, Error> {
     let mut out = String::with_capacity(sql.len() + values.len() * 12);
+    inline_into(&mut out, sql, values)?;
+    Ok(out)
+}
+
+/// [`inline`], appended to `out`. On an error `out` may hold part of the
+/// statement (a [`Script`] is then dropped, never run).
+fn inline_into(out: &mut String, sql: &str, values: &[Value]) -> Result<(), Error> {
     let mut it = values.iter();
-    for ch in sql.chars() {
-        if ch == '?' {
-            let v = it
-                .next()
-                .ok_or_else(|| Error::Internal("fewer values than placeholders".into()))?;
-            out.push_str(&lit(v));
-        } else {
-            out.push(ch);
-        }
+    let mut parts = sql.split('?');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    for part in parts {
+        let v = it
+            .next()
+            .ok_or_else(|| Error::Internal("fewer values than placeholders".into()))?;
+        push_lit(out, v);
+        out.push_str(part);
     }
     if it.next().is_some() {
         return Err(Error::Internal("more values than placeholders".into()));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The positional values of `p` (a tuple, a `Vec<Value>`…).
@@ -93,7 +137,7 @@ pub struct Script {
 impl Script {
     /// Appends a statement; returns its index among the script's results.
     pub fn push(&mut self, sql: &str, values: &[Value]) -> Result<usize, Error> {
-        self.sql.push_str(&inline(sql, values)?);
+        inline_into(&mut self.sql, sql, values)?;
         self.sql.push_str(";\n");
         self.n += 1;
         Ok(self.n - 1)
@@ -103,16 +147,35 @@ impl Script {
     /// that return none). Stops at the first failing statement (the server
     /// runs none after it) with its error.
     pub async fn run<Q: Queryable>(self, conn: &mut Q) -> Result<Vec<Vec<Row>>, Error> {
+        Ok(self.run_counted(conn).await?.0)
+    }
+
+    /// [`Script::run`], with each statement's affected-row count (from its
+    /// OK packet; 0 for a statement that returns rows).
+    pub async fn run_counted<Q: Queryable>(
+        self,
+        conn: &mut Q,
+    ) -> Result<(Vec<Vec<Row>>, Vec<u64>), Error> {
         if self.n == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let mut result = conn.query_iter(self.sql).await?;
         let mut sets = Vec::with_capacity(self.n);
+        let mut affected = Vec::with_capacity(self.n);
         while sets.len() < self.n {
+            // Read before the set is collected: collecting reads the next
+            // set's header (an OK packet replaces the count). A set with
+            // columns has not had its own OK packet yet: the count there
+            // is still the previous statement's.
+            affected.push(if result.columns_ref().is_empty() {
+                result.affected_rows()
+            } else {
+                0
+            });
             sets.push(result.collect::<Row>().await?);
         }
         result.drop_result().await?;
-        Ok(sets)
+        Ok((sets, affected))
     }
 }
 
@@ -154,6 +217,25 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn numbers_and_dates_are_written_as_mysql_common_writes_them(
+            i in any::<i64>(), u in any::<u64>(),
+            y in 0u16..10000, mo in 1u8..13, d in 1u8..29,
+            h in 0u8..24, mi in 0u8..60, s in 0u8..60, us in 0u32..1_000_000,
+        ) {
+            for v in [
+                Value::Int(i),
+                Value::UInt(u),
+                Value::NULL,
+                Value::Date(y, mo, d, 0, 0, 0, 0),
+                Value::Date(y, mo, d, h, mi, s, 0),
+                Value::Date(y, mo, d, h, mi, s, us),
+                Value::Double(1.5),
+            ] {
+                prop_assert_eq!(lit(&v), v.as_sql(false));
+            }
+        }
+
         #[test]
         fn no_string_can_close_its_literal(s in ".*", b in proptest::collection::vec(any::<u8>(), 0..64)) {
             for v in [Value::from(s.as_str()), Value::from(b.clone())] {

@@ -445,17 +445,28 @@ async fn round(
         .count();
     // The PMK version new devices' DUKs derive from: the key store's
     // current PMK (metadata only, never key bytes); 1 on a store without
-    // any PMK yet (a database the Encryptor has not initialised).
-    let pmk = if adds > 0 {
-        Some(reads.push(
-            "SELECT version FROM `keys` WHERE kind = 'pmk' AND group_id = 0 \
-             AND state <> 'retired' AND activates_at <= FROM_UNIXTIME(?) \
-             ORDER BY version DESC LIMIT 1",
-            &[Value::from(now_unix)],
-        )?)
-    } else {
-        None
-    };
+    // any PMK yet (a database the Encryptor has not initialised). In the
+    // same statement, a request id per command from the sequence (not
+    // transactional: a refused command, a replay or a rolled-back round
+    // leaves a gap), so that the writes below carry them as literals.
+    let pmk_and_ids = reads.push(
+        &format!(
+            "SELECT {}, {}",
+            if adds > 0 {
+                "(SELECT version FROM `keys` WHERE kind = 'pmk' AND group_id = 0 \
+                 AND state <> 'retired' AND activates_at <= FROM_UNIXTIME(?) \
+                 ORDER BY version DESC LIMIT 1)"
+            } else {
+                "NULL"
+            },
+            vec!["NEXTVAL(sms_request_ids)"; cmds.len()].join(", ")
+        ),
+        &if adds > 0 {
+            vec![Value::from(now_unix)]
+        } else {
+            Vec::new()
+        },
+    )?;
     // The devices, locked in ascending order (two rounds never wait on
     // each other in a cycle).
     let mut dev_ids: Vec<u64> = cmds
@@ -559,9 +570,14 @@ async fn round(
     };
     let sets = reads.run(conn).await?;
 
-    let pmk_version: u32 = match pmk {
-        Some(k) => sets[k].first().map(|r| col(r, 0)).transpose()?.unwrap_or(1),
-        None => 1,
+    let (pmk_version, round_ids): (u32, Vec<u64>) = match sets[pmk_and_ids].first() {
+        Some(r) => (
+            col::<Option<u32>>(r, 0)?.unwrap_or(1),
+            (1..=cmds.len())
+                .map(|k| col(r, k))
+                .collect::<Result<_, _>>()?,
+        ),
+        None => return Err(SmsError::Internal("no request ids".into())),
     };
     let mut plans: Vec<Option<Plan>> = std::iter::repeat_with(|| None).take(cmds.len()).collect();
     apply_idempotency(&sets, &idem_sets, cmds, shas, &mut plans)?;
@@ -755,75 +771,58 @@ async fn round(
         ));
     }
 
-    // 4. Writes, one script. The request ids first, from the sequence
-    //    (not transactional: a rolled-back round leaves a gap), into
-    //    `@casd_r{k}`; each request row is inserted with its whole reply,
-    //    `{"request_id":N` + a suffix (serde_json's key order).
+    // 4. Writes, one script. Each request row is inserted with its id
+    //    (read above) and its whole reply.
     let n = accepted.len();
     let mut w = Script::default();
-    let ids: Vec<String> = (0..n).map(|k| format!("@casd_r{k}")).collect();
-    w.push(
-        &format!(
-            "SET {}",
-            ids.iter()
-                .map(|id| format!("{id} = NEXTVAL(sms_request_ids)"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        &[],
-    )?;
-    let suffixes: Vec<String> = accepted
+    let replies: Vec<(u64, String)> = accepted
         .iter()
         .map(|(i, _)| {
-            format!(
-                ",\"status\":\"accepted\",\"transaction_id\":{}}}",
-                serde_json::Value::from(cmds[*i].req.transaction_id.as_str())
+            let rid = round_ids[*i];
+            (
+                rid,
+                format!(
+                    "{{\"request_id\":{rid},\"status\":\"accepted\",\"transaction_id\":{}}}",
+                    serde_json::Value::from(cmds[*i].req.transaction_id.as_str())
+                ),
             )
         })
         .collect();
-    let mut v: Vec<Value> = Vec::with_capacity(n * 6);
-    for (k, (i, _)) in accepted.iter().enumerate() {
+    let mut v: Vec<Value> = Vec::with_capacity(n * 7);
+    for ((i, _), (rid, reply)) in accepted.iter().zip(&replies) {
         let s = cmds[*i];
         v.extend([
+            Value::from(*rid),
             Value::from(s.sender.as_str()),
             Value::from(s.req.transaction_id.as_str()),
             Value::from(s.path),
             Value::from(s.message.as_str()),
             db_time(s.received_at),
-            Value::from(suffixes[k].as_str()),
+            Value::from(reply.as_str()),
         ]);
     }
     w.push(
         &format!(
             "INSERT INTO sms_requests \
              (id, sender, transaction_id, path, message, received_at, status_code, response) VALUES {}",
-            ids.iter()
-                .map(|id| format!("({id},?,?,?,?,?,200,CONCAT('{{\"request_id\":', {id}, ?))"))
-                .collect::<Vec<_>>()
-                .join(",")
+            marks(n, "(?,?,?,?,?,?,200,?)")
         ),
         &v,
     )?;
-    // `n` VALUES rows of `shape`, its `{id}` the k-th request id.
-    let id_rows = |shape: &str| -> String {
-        ids.iter()
-            .map(|id| shape.replace("{id}", id))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let mut v: Vec<Value> = Vec::with_capacity(n * 4);
-    for (i, _) in &accepted {
+    let mut v: Vec<Value> = Vec::with_capacity(n * 5);
+    for ((i, _), (rid, _)) in accepted.iter().zip(&replies) {
         v.extend([
             Value::from(cmds[*i].sender.as_str()),
             Value::from(cmds[*i].req.transaction_id.as_str()),
             Value::from(&shas[*i][..]),
+            Value::from(*rid),
             db_time(now),
         ]);
     }
     w.push(
         &format!(
             "INSERT INTO idempotency (sender, transaction_id, body_sha256, request_id, created_at) VALUES {}",
-            id_rows("(?,?,?,{id},?)")
+            marks(n, "(?,?,?,?,?)")
         ),
         &v,
     )?;
@@ -881,7 +880,7 @@ async fn round(
         for (d, g, s, _, _) in &given {
             v.extend([Value::from(*g), Value::from(*s), Value::from(*d)]);
         }
-        w.push(
+        let k = w.push(
             &format!(
                 "INSERT INTO group_slots (group_id, slot, device_id) VALUES {} \
                  ON DUPLICATE KEY UPDATE device_id = VALUES(device_id)",
@@ -889,7 +888,7 @@ async fn round(
             ),
             &v,
         )?;
-        slots_set = Some(w.push("SELECT ROW_COUNT()", &[])?);
+        slots_set = Some(k);
         let fresh: Vec<&(u64, u32, u8, u32, bool)> = given.iter().filter(|g| !g.4).collect();
         if !fresh.is_empty() {
             let mut v: Vec<Value> = Vec::with_capacity(fresh.len() * 6);
@@ -985,9 +984,10 @@ async fn round(
         )?;
     }
     // The work items, in the round's order.
-    let mut v: Vec<Value> = Vec::with_capacity(n * 5);
-    for (_, work) in &accepted {
+    let mut v: Vec<Value> = Vec::with_capacity(n * 6);
+    for ((_, work), (rid, _)) in accepted.iter().zip(&replies) {
         v.extend([
+            Value::from(*rid),
             Value::from(work.kind()),
             work.device_id()
                 .map(|d| Value::from(d.get()))
@@ -1001,31 +1001,19 @@ async fn round(
         &format!(
             "INSERT INTO work_items (request_id, kind, device_id, payload, state, attempts, not_before, created_at) \
              VALUES {}",
-            id_rows("({id},?,?,?,'pending',0,?,?)")
+            marks(n, "(?,?,?,?,'pending',0,?,?)")
         ),
         &v,
     )?;
-    let ids_set = w.push(&format!("SELECT {}", ids.join(", ")), &[])?;
-    let sets = w.run(conn).await?;
+    let (_, affected) = w.run_counted(conn).await?;
 
     // 5. Checks, then COMMIT.
-    let request_ids: Vec<u64> = match sets[ids_set].first() {
-        Some(r) => (0..n).map(|k| col(r, k)).collect::<Result<_, _>>()?,
-        None => Vec::new(),
-    };
-    if request_ids.len() != n {
-        return Err(SmsError::Internal("request ids".into()));
-    }
     if let Some(k) = slots_set {
         // Each row must have been an existing free slot changed (2 per row
-        // for ON DUPLICATE KEY UPDATE); anything else means the slot table
-        // and the device table disagree: write nothing.
-        let changed: i64 = sets[k]
-            .first()
-            .map(|r| col(r, 0))
-            .transpose()?
-            .unwrap_or(-1);
-        if changed != 2 * given.len() as i64 {
+        // for ON DUPLICATE KEY UPDATE, in the statement's OK packet);
+        // anything else means the slot table and the device table
+        // disagree: write nothing.
+        if affected.get(k).copied() != Some(2 * given.len() as u64) {
             return Err(SmsError::Internal(
                 "group slot assignment touched unexpected rows".into(),
             ));
@@ -1044,11 +1032,8 @@ async fn round(
         }
     }
 
-    for (((i, _), rid), suffix) in accepted.iter().zip(request_ids).zip(suffixes) {
-        answers[*i] = Some(Ok(Accepted::New {
-            request_id: rid,
-            reply: format!("{{\"request_id\":{rid}{suffix}"),
-        }));
+    for ((i, _), (request_id, reply)) in accepted.iter().zip(replies) {
+        answers[*i] = Some(Ok(Accepted::New { request_id, reply }));
     }
     Ok(RoundEnd::Committed(
         answers
