@@ -13,28 +13,29 @@ use serde::Serialize;
 use crate::jsonlog::JsonLog;
 pub use crate::jsonlog::{DEFAULT_KEEP, DEFAULT_ROTATE_BYTES};
 
-/// One line of the request log.
+/// One line of the request log (borrowed: a line is serialized at once,
+/// and copying every field first cost as much as serializing it).
 #[derive(Debug, Clone, Serialize)]
-pub struct RequestLine {
+pub struct RequestLine<'a> {
     /// RFC 3339, UTC, microseconds.
-    pub ts: String,
+    pub ts: &'a str,
     /// `sms_requests.id` of this request when it was stored.
     pub id: Option<u64>,
     /// Authenticated client id; None when authentication failed.
-    pub sender: Option<String>,
-    pub transaction_id: Option<String>,
-    pub method: String,
-    pub path: String,
+    pub sender: Option<&'a str>,
+    pub transaction_id: Option<&'a str>,
+    pub method: &'a str,
+    pub path: &'a str,
     pub status: u16,
     pub duration_us: u64,
     /// The request body as received (lossy UTF-8).
-    pub body: String,
+    pub body: &'a str,
     /// The reply body sent.
-    pub response: String,
+    pub response: &'a str,
     /// Set when the request could not be stored in `sms_requests`
     /// (database unreachable): this line is then its only record.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub not_stored: Option<String>,
+    pub not_stored: Option<&'a str>,
 }
 
 /// A cheap-to-clone handle on the request log's writer.
@@ -48,7 +49,7 @@ impl RequestLog {
     }
 
     /// Queues one line; never waits. A full queue drops the line.
-    pub fn write(&self, line: &RequestLine) {
+    pub fn write(&self, line: &RequestLine<'_>) {
         self.0.write(line);
     }
 

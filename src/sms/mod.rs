@@ -187,17 +187,17 @@ impl Ctx {
         not_stored: Option<String>,
     ) {
         self.st.log.write(&RequestLine {
-            ts: self.ts(),
+            ts: &self.ts(),
             id,
-            sender: sender.map(str::to_owned),
-            transaction_id: tid.map(str::to_owned),
-            method: self.method.into(),
-            path: self.path.clone(),
+            sender,
+            transaction_id: tid,
+            method: self.method,
+            path: &self.path,
             status,
             duration_us: self.started.elapsed().as_micros() as u64,
-            body: body.to_owned(),
-            response: response.to_owned(),
-            not_stored,
+            body,
+            response,
+            not_stored: not_stored.as_deref(),
         });
     }
 
