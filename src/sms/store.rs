@@ -580,7 +580,9 @@ async fn round(
         None => return Err(SmsError::Internal("no request ids".into())),
     };
     let mut plans: Vec<Option<Plan>> = std::iter::repeat_with(|| None).take(cmds.len()).collect();
-    apply_idempotency(&sets, &idem_sets, cmds, shas, &mut plans)?;
+    for (i, answer) in idempotency_answers(&sets, &idem_sets, cmds, shas)? {
+        plans[i] = Some(answer);
+    }
     let mut devices: HashMap<u64, DeviceRow> = HashMap::new();
     if let Some(k) = dev_set {
         for row in &sets[k] {
@@ -717,13 +719,8 @@ async fn round(
             let mut q = Script::default();
             let idem_sets = push_idempotency_lookup(&mut q, cmds, &refused)?;
             let sets = q.run(conn).await?;
-            let mut found: Vec<Option<Plan>> =
-                std::iter::repeat_with(|| None).take(cmds.len()).collect();
-            apply_idempotency(&sets, &idem_sets, cmds, shas, &mut found)?;
-            for i in refused {
-                if let Some(p) = found[i].take() {
-                    plans[i] = Some(p);
-                }
+            for (i, answer) in idempotency_answers(&sets, &idem_sets, cmds, shas)? {
+                plans[i] = Some(answer);
             }
         }
     }
@@ -1079,15 +1076,15 @@ fn push_idempotency_lookup(
     Ok(out)
 }
 
-/// The answers of the commands the lookup found: the stored reply (same
-/// body) or `TransactionReused`.
-fn apply_idempotency(
+/// The answers of the commands the lookup found, by index: the stored
+/// reply (same body) or `TransactionReused`.
+fn idempotency_answers(
     sets: &[Vec<mysql_async::Row>],
     idem_sets: &[(usize, Vec<usize>)],
     cmds: &[&Submission],
     shas: &[[u8; 32]],
-    plans: &mut [Option<Plan>],
-) -> Result<(), SmsError> {
+) -> Result<Vec<(usize, Plan)>, SmsError> {
+    let mut out = Vec::new();
     for (k, idx) in idem_sets {
         for row in &sets[*k] {
             let tid: String = col(row, 0)?;
@@ -1100,16 +1097,21 @@ fn apply_idempotency(
             else {
                 continue;
             };
-            plans[i] = Some(Plan::Answer(match response {
-                _ if stored.as_slice() != shas[i].as_slice() => Err(SmsError::TransactionReused),
-                Some(reply) if !reply.is_empty() => Ok(Accepted::Replay { original_id, reply }),
-                _ => Err(SmsError::Internal(format!(
-                    "idempotency row of request {original_id} has no stored reply"
-                ))),
-            }));
+            out.push((
+                i,
+                Plan::Answer(match response {
+                    _ if stored.as_slice() != shas[i].as_slice() => {
+                        Err(SmsError::TransactionReused)
+                    }
+                    Some(reply) if !reply.is_empty() => Ok(Accepted::Replay { original_id, reply }),
+                    _ => Err(SmsError::Internal(format!(
+                        "idempotency row of request {original_id} has no stored reply"
+                    ))),
+                }),
+            ));
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Makes at least `needed` group slots free, creating groups of 256 free
