@@ -7,8 +7,9 @@
 //! ```
 //! `CASD_BENCH_SECS` (default 5) and `CASD_BENCH_CONNS` (default 32, at most
 //! 290: the in-process clients use device ids below 2.9e9, the no-HTTP
-//! loop 2.95e9, wrk above 3e9)
-//! tune it. The wrk part runs when `wrk` is installed.
+//! loop 2.95e9, wrk window k from 3e9 + k × 1e9) and `CASD_BENCH_PAIRS`
+//! (default 3, at most 5: wrk windows, each right after a baseline window
+//! of its own) tune it. The wrk part runs when `wrk` is installed.
 
 mod sms_common;
 
@@ -92,6 +93,35 @@ fn per_op(a: Cpu, b: Cpu, ops: u64) -> String {
     }
 }
 
+/// Single-row INSERT commits per second over 16 connections, each
+/// autocommitted, for `secs`; with the CPU per commit.
+async fn baseline_window(h: &Arc<Headend>, secs: u64, spid: Option<u32>) -> (f64, String) {
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let cpu0 = cpu_now(spid);
+    let n = Arc::new(AtomicU64::new(0));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (h, n) = (h.clone(), n.clone());
+        set.spawn(async move {
+            let mut c = h.db().conn().await.unwrap();
+            while Instant::now() < stop {
+                c.exec_drop("INSERT INTO bench_rows (v) VALUES (?)", ("x",))
+                    .await
+                    .unwrap();
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let done = n.load(Ordering::Relaxed);
+    (done as f64 / secs as f64, per_op(cpu0, cpu_now(spid), done))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run with --ignored --nocapture"]
 async fn accepted_commands_per_second() {
@@ -113,25 +143,7 @@ async fn accepted_commands_per_second() {
         .await
         .unwrap();
     }
-    let stop = Instant::now() + Duration::from_secs(secs);
-    let cpu0 = cpu_now(spid);
-    let n = Arc::new(AtomicU64::new(0));
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..16 {
-        let (h, n) = (h.clone(), n.clone());
-        set.spawn(async move {
-            let mut c = h.db().conn().await.unwrap();
-            while Instant::now() < stop {
-                c.exec_drop("INSERT INTO bench_rows (v) VALUES (?)", ("x",))
-                    .await
-                    .unwrap();
-                n.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-    }
-    while set.join_next().await.is_some() {}
-    let baseline = n.load(Ordering::Relaxed) as f64 / secs as f64;
-    let base_cpu = per_op(cpu0, cpu_now(spid), n.load(Ordering::Relaxed));
+    let (baseline, base_cpu) = baseline_window(&h, secs, spid).await;
     // The same on one connection: the commit (fsync) latency.
     let single = {
         let mut c = h.db().conn().await.unwrap();
@@ -362,7 +374,7 @@ function setup(thread)
   table.insert(threads, thread)
 end
 function init(args)
-  base = 3000000000 + tid * 100000000
+  base = 3000000000 + tonumber(args[1]) * 1000000000 + tid * 100000000
   n = 0
 end
 function request()
@@ -389,52 +401,71 @@ end
         ),
     )
     .unwrap();
-    let work_before = work;
-    let cpu2 = cpu_now(spid);
-    let out = tokio::process::Command::new("wrk")
-        .args([
-            "-t2",
-            &format!("-c{conns}"),
-            &format!("-d{secs}s"),
-            "--latency",
-            "-s",
-        ])
-        .arg(&script)
-        .arg(h.url("/"))
-        .output()
-        .await
-        .unwrap();
-    let cpu3 = cpu_now(spid);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let work = work_items(&h).await;
-    let accepted = work - work_before;
-    // wrk's CPU: this process's only child waited for.
-    let wrk_cpu = cpu_secs(std::process::id(), true).unwrap_or(0.0);
-    let pick = |key: &str| {
-        text.lines()
-            .find(|l| l.trim_start().starts_with(key))
-            .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_owned())
-            .unwrap_or_else(|| "?".into())
-    };
-    let non2xx = text
-        .lines()
-        .find(|l| l.contains("Non-2xx"))
-        .unwrap_or("Non-2xx or 3xx responses: 0")
-        .to_owned();
-    println!(
-        "wrk:      {:.0} accepted commands/s over {conns} HTTP connections, latency p50 {} p99 {}; {:.0}% of baseline ({})\n\
-         CPU per accepted command (casd only): {}; wrk {:.0} µs",
-        accepted as f64 / secs as f64,
-        pick("50%"),
-        pick("99%"),
-        100.0 * accepted as f64 / secs as f64 / baseline,
-        non2xx.trim(),
-        per_op(cpu2, cpu3, accepted),
-        wrk_cpu * 1e6 / accepted.max(1) as f64,
-    );
-    if !non2xx.ends_with(" 0") {
-        println!("{text}");
+    // Windows of wrk load alternating with windows of the baseline, so
+    // that each ratio compares two measurements taken seconds apart: on a
+    // shared machine the baseline alone moves by a third within a run.
+    let pairs = env("CASD_BENCH_PAIRS", 3).clamp(1, 5);
+    let (mut rates, mut ratios) = (Vec::new(), Vec::new());
+    let mut work_before = work;
+    for k in 0..pairs {
+        let (base_k, base_cpu_k) = baseline_window(&h, secs, spid).await;
+        let wrk_cpu0 = cpu_secs(std::process::id(), true).unwrap_or(0.0);
+        let cpu2 = cpu_now(spid);
+        let out = tokio::process::Command::new("wrk")
+            .args([
+                "-t2",
+                &format!("-c{conns}"),
+                &format!("-d{secs}s"),
+                "--latency",
+                "-s",
+            ])
+            .arg(&script)
+            .arg(h.url("/"))
+            .args(["--", &k.to_string()])
+            .output()
+            .await
+            .unwrap();
+        let cpu3 = cpu_now(spid);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let work = work_items(&h).await;
+        let accepted = work - work_before;
+        work_before = work;
+        // wrk's CPU: this process's children waited for, so far.
+        let wrk_cpu = cpu_secs(std::process::id(), true).unwrap_or(0.0) - wrk_cpu0;
+        let pick = |key: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(key))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_owned())
+                .unwrap_or_else(|| "?".into())
+        };
+        let non2xx = text
+            .lines()
+            .find(|l| l.contains("Non-2xx"))
+            .unwrap_or("Non-2xx or 3xx responses: 0")
+            .to_owned();
+        let rate = accepted as f64 / secs as f64;
+        println!(
+            "window {k}: baseline {base_k:.0} commits/s (CPU per commit: {base_cpu_k})\n\
+             wrk:      {rate:.0} accepted commands/s over {conns} HTTP connections, latency p50 {} p99 {}; {:.0}% of this window's baseline ({})\n\
+             CPU per accepted command (casd only): {}; wrk {:.0} µs",
+            pick("50%"),
+            pick("99%"),
+            100.0 * rate / base_k,
+            non2xx.trim(),
+            per_op(cpu2, cpu3, accepted),
+            wrk_cpu * 1e6 / accepted.max(1) as f64,
+        );
+        if !non2xx.ends_with(" 0") {
+            println!("{text}");
+        }
+        assert!(out.status.success(), "wrk: {text}");
+        assert!(accepted > 0, "wrk: {text}");
+        rates.push(rate);
+        ratios.push(100.0 * rate / base_k);
     }
-    assert!(out.status.success(), "wrk: {text}");
-    assert!(accepted > 0, "wrk: {text}");
+    println!(
+        "wrk, median of {pairs} windows: {:.0} accepted commands/s, {:.0}% of the baseline next to it",
+        median(&mut rates),
+        median(&mut ratios)
+    );
 }
