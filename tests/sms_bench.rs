@@ -117,9 +117,16 @@ async fn baseline_window(h: &Arc<Headend>, secs: u64, spid: Option<u32>) -> (f64
     (done as f64 / secs as f64, per_op(cpu0, cpu_now(spid), done))
 }
 
+/// The median; of an even count, the mean of the middle two (not the
+/// upper one: that would report the better of two windows).
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let m = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[m - 1] + v[m]) / 2.0
+    } else {
+        v[m]
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
