@@ -449,6 +449,68 @@ async fn a_batch_abandoned_before_commit_is_redone_once() {
     assert_eq!(ids.len(), 5);
 }
 
+/// An Encryptor that signals when a seal starts and seals only once
+/// released.
+struct Held {
+    inner: LocalEncryptor,
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl Encryptor for Held {
+    fn seal_batch(&self, jobs: Vec<SealJob>) -> BoxFuture<'_, Result<SealResults, EncryptorError>> {
+        Box::pin(async move {
+            self.entered.notify_one();
+            self.release.notified().await;
+            self.inner.seal_batch(jobs).await
+        })
+    }
+    fn current_key(&self, kind: KeyKind) -> BoxFuture<'_, Result<KeyMeta, EncryptorError>> {
+        self.inner.current_key(kind)
+    }
+}
+
+/// `processed_at` (and the item's `done_at`) say when the EMMs were
+/// stored, not when the batch began: a batch held up while sealing stamps
+/// a time after the hold.
+#[tokio::test]
+async fn processed_at_is_when_the_emms_are_stored() {
+    let r = rig().await;
+    let h = &r.h;
+    h.add_device(1).await;
+    let held = Arc::new(Held {
+        inner: r.enc.clone(),
+        entered: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(),
+    });
+    let shared = h.shared.clone();
+    let h2 = held.clone();
+    let task = tokio::spawn(async move { emmg::process_once(&shared, h2.as_ref()).await });
+    held.entered.notified().await;
+    // The batch began before this (it has taken the item and planned).
+    let released_at = time::OffsetDateTime::now_utc();
+    held.release.notify_one();
+    assert_eq!(task.await.unwrap().unwrap(), 1);
+    let at = casd::sms::store::db_time(released_at);
+    let mut c = h.db().conn().await.unwrap();
+    let processed: Option<u64> = c
+        .exec_first(
+            "SELECT COUNT(*) FROM sms_requests WHERE status_code = 200 AND processed_at >= ?",
+            (at.clone(),),
+        )
+        .await
+        .unwrap();
+    assert_eq!(processed, Some(1));
+    let done: Option<u64> = c
+        .exec_first(
+            "SELECT COUNT(*) FROM work_items WHERE state = 'done' AND done_at >= ?",
+            (at,),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done, Some(1));
+}
+
 /// An Encryptor that signals when a seal starts and then never finishes.
 struct Gated {
     inner: LocalEncryptor,
