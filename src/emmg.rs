@@ -837,9 +837,10 @@ async fn try_batch(
     }
     if !done_items.is_empty() {
         // done_at and processed_at are the time the EMMs are stored: the
-        // server's clock at these statements, the last before the COMMIT
-        // (the batch's `now` would leave out the batch's own build, seal
-        // and insert time, tens of ms under load).
+        // server's clock at these statements, in the write script right
+        // after the EMMs' INSERT and just before the COMMIT (the batch's
+        // `now` would leave out the batch's own build, seal and insert
+        // time, tens of ms under load).
         let ids: Vec<Value> = done_items.iter().map(|i| Value::from(i.id)).collect();
         w.push(
             &format!(
