@@ -422,9 +422,10 @@ async fn a_batch_abandoned_before_commit_is_redone_once() {
 
     // A worker killed while the Encryptor is sealing (the future dropped
     // mid-transaction, its connection gone back without a COMMIT).
-    let gate = Arc::new(Gated {
+    let gate = Arc::new(Held {
         inner: r.enc.clone(),
         entered: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(), // never released
     });
     let shared = h.shared.clone();
     let g2 = gate.clone();
@@ -450,7 +451,7 @@ async fn a_batch_abandoned_before_commit_is_redone_once() {
 }
 
 /// An Encryptor that signals when a seal starts and seals only once
-/// released.
+/// released (never, if nobody releases it: a worker stuck in sealing).
 struct Held {
     inner: LocalEncryptor,
     entered: tokio::sync::Notify,
@@ -509,28 +510,6 @@ async fn processed_at_is_when_the_emms_are_stored() {
         .await
         .unwrap();
     assert_eq!(done, Some(1));
-}
-
-/// An Encryptor that signals when a seal starts and then never finishes.
-struct Gated {
-    inner: LocalEncryptor,
-    entered: tokio::sync::Notify,
-}
-
-impl Encryptor for Gated {
-    fn seal_batch(
-        &self,
-        _jobs: Vec<SealJob>,
-    ) -> BoxFuture<'_, Result<SealResults, EncryptorError>> {
-        Box::pin(async move {
-            self.entered.notify_one();
-            std::future::pending::<()>().await;
-            unreachable!()
-        })
-    }
-    fn current_key(&self, kind: KeyKind) -> BoxFuture<'_, Result<KeyMeta, EncryptorError>> {
-        self.inner.current_key(kind)
-    }
 }
 
 #[tokio::test]
