@@ -3,7 +3,7 @@
 //! sections" and "UDP datagrams leave the box at the configured bitrate".
 //!
 //! Vocabulary follows ISO/IEC 13818-1 (MPEG-2 Systems) and the casd wire
-//! contract (`shared/spec/emm-wire-format.md` §3, §5). The crate does not
+//! contract (`docs/format.md` §3, §5). The crate does not
 //! know what is inside an EMM: an EMM is an id, a class, a `not_after` and
 //! opaque section bytes.
 //!
