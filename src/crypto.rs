@@ -1,5 +1,5 @@
 //! Key types, the SP 800-108 CMAC KDF and the section envelope of
-//! `emm-wire-format.md` §2–§4 (seal and open). Pure: no I/O, no clock; random
+//! `docs/format.md` §2–§4 (seal and open). Pure: no I/O, no clock; random
 //! bytes come from the CSPRNG the caller passes in.
 //!
 //! Layout of a sealed section (all integers big-endian):

@@ -1,6 +1,6 @@
 //! The key store: PMK, group keys GK_n(group) and global keys GLK_n, each a
 //! row of the `keys` table sealed under the root key with the envelope of
-//! emm-wire-format.md §4 (`crypto::seal_key_at_rest`).
+//! docs/format.md §4 (`crypto::seal_key_at_rest`).
 //!
 //! Two halves:
 //! - free functions ([`current_meta`], [`list_meta`]) read key *metadata*

@@ -1,5 +1,5 @@
 //! A reference receiver: what a set-top box / smartcard does with the EMM
-//! sections it filters from the air, written from emm-wire-format.md alone.
+//! sections it filters from the air, written from the contract (docs/format.md §1–§5) alone.
 //!
 //! It holds only what a device holds: its device_id and DUK (burned in at
 //! manufacture), and whatever keys and rights the headend delivered to it

@@ -275,7 +275,7 @@ fn generate() -> Value {
     });
 
     json!({
-        "title": "casd EMM test vectors, contract v1 (emm-wire-format.md §2-§4; choices in docs/format.md)",
+        "title": "casd EMM test vectors, contract v1 (docs/format.md §2-§4, §8)",
         "conventions": [
             "All byte strings are lowercase hex; all integers in byte strings are big-endian.",
             "KDF: NIST SP 800-108 counter mode, PRF AES-128-CMAC, K(i) = CMAC(key, u32(i) || label || 0x00 || context || u32(L)).",

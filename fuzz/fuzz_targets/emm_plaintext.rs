@@ -1,5 +1,5 @@
 #![no_main]
-//! The EMM plaintext (emm-wire-format.md §3.4) on arbitrary bytes: decoding
+//! The EMM plaintext (docs/format.md §3.4) on arbitrary bytes: decoding
 //! must never panic, and a plaintext that decodes must encode back to the
 //! same bytes.
 

@@ -1,6 +1,6 @@
 //! The SMS commands as validated domain types, and the parser that turns a
 //! raw request body into them (sms-api.md "Commands"; identities of
-//! emm-wire-format.md §1).
+//! docs/format.md §1).
 //!
 //! Parsing is strict: the body must be one JSON object; every field of the
 //! command must be there with the right JSON type and range; a field the
@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use super::error::SmsError;
 
-/// Smartcard / chipset serial, 1 ..= 2^53-1 (emm-wire-format.md §1): the
+/// Smartcard / chipset serial, 1 ..= 2^53-1 (docs/format.md §1): the
 /// EMM layer's own type.
 pub use crate::emm::DeviceId;
 
@@ -122,7 +122,7 @@ pub enum Target {
 }
 
 impl Target {
-    /// Address bytes after the section header (emm-wire-format.md §3.2).
+    /// Address bytes after the section header (docs/format.md §3.2).
     pub fn address_len(self) -> usize {
         match self {
             Target::Device(_) => 8,
