@@ -22,5 +22,6 @@ pub mod scheduler;
 pub mod shutdown;
 pub mod sms;
 pub mod sqltext;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;

@@ -1,7 +1,7 @@
 //! Test support: a throwaway database per test, on the MariaDB that
-//! `scripts/test.sh` brings up. Compiled into the library (not `cfg(test)`)
-//! so integration tests and the tools' tests can use it; it does nothing
-//! unless called.
+//! `scripts/test.sh` brings up. Compiled only with the `testing` feature
+//! (which the integration tests and benches enable through casd's
+//! dev-dependency on itself), never into a release build.
 //!
 //! The server comes from `CASD_TEST_DATABASE_URL` (a `mysql://` URL without
 //! a database), or from `.state/test-database-url` written by

@@ -27,6 +27,7 @@ pub mod clients;
 pub mod endpoint;
 pub mod keys;
 pub mod limit;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod token;
 

@@ -1,7 +1,8 @@
 //! Helpers for tests (this crate's and the end-to-end ones): clients with a
 //! cheap hash, tokens signed by a key published in the test database (so
 //! any casd process on that database accepts them), forged tokens of every
-//! bad kind, and a route matrix check.
+//! bad kind, and a route matrix check. Compiled only with the `testing`
+//! feature (see `crate::testing`).
 //!
 //! ```ignore
 //! let t = TestDb::new().await;

@@ -122,6 +122,7 @@ impl SigningKey {
     }
 
     /// Raw Ed25519 signature (tests forge odd headers with it).
+    #[cfg(any(test, feature = "testing"))]
     pub(crate) fn sign_bytes(&self, msg: &[u8]) -> [u8; 64] {
         self.key.sign(msg).to_bytes()
     }
