@@ -197,7 +197,7 @@ pub async fn run(
     }
 
     // Bearer token, enabled client and rate limit on every route but
-    // /healthz, /readyz and /oauth/token; the body limit everywhere (the
+    // auth::PUBLIC_PATHS; the body limit everywhere (the
     // SMS routes apply it themselves).
     let router = crate::auth::protect(router, auth.clone(), shared.cfg.api.body_limit)
         .merge(crate::auth::attach(self_checking, auth));

@@ -1,5 +1,5 @@
 //! The HTTP side shared by every role: the router each role adds its routes
-//! to, `/healthz` and `/readyz`, and the server loop.
+//! to, `/healthz`, `/readyz` and `/openapi.json`, and the server loop.
 //!
 //! `/healthz` answers 200 while the process runs. `/readyz` answers 200 only
 //! when the database answers, every migration is applied and every role this
@@ -54,7 +54,7 @@ struct HealthState {
     readiness: Readiness,
 }
 
-/// `/healthz` and `/readyz`.
+/// `/healthz`, `/readyz` and the OpenAPI document (`/openapi.json`).
 pub fn health_routes(db: Db, readiness: Readiness) -> Router {
     Router::new()
         .route(
@@ -63,6 +63,7 @@ pub fn health_routes(db: Db, readiness: Readiness) -> Router {
         )
         .route("/readyz", get(readyz))
         .with_state(HealthState { db, readiness })
+        .merge(crate::openapi::routes())
 }
 
 async fn readyz(State(s): State<HealthState>) -> impl IntoResponse {

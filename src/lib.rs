@@ -16,6 +16,7 @@ pub mod encryptor;
 pub mod http;
 pub mod jsonlog;
 pub mod keystore;
+pub mod openapi;
 pub mod receiver;
 pub mod reqlog;
 pub mod scheduler;

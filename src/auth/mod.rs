@@ -47,9 +47,11 @@ use crate::api_error::ApiError;
 use crate::config::AuthConfig;
 use crate::db::{Db, DbError};
 
-/// Paths answered without a token: liveness, readiness, and the token
-/// endpoint itself (which authenticates clients by their secret).
-pub const PUBLIC_PATHS: &[&str] = &["/healthz", "/readyz", "/oauth/token"];
+/// Paths answered without a token: liveness, readiness, the API's own
+/// description (no secret in it; tools read it before they have a token),
+/// and the token endpoint itself (which authenticates clients by their
+/// secret).
+pub const PUBLIC_PATHS: &[&str] = &["/healthz", "/readyz", "/openapi.json", "/oauth/token"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Scope {
