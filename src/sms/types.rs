@@ -468,8 +468,11 @@ impl Fields {
         }
     }
 
+    /// What is left must be absent: a field of the command left untaken
+    /// because it is `null` (e.g. `"device_id": null` beside `"all": true`)
+    /// counts as absent, like everywhere else.
     fn finish(self) -> Result<(), SmsError> {
-        match self.map.into_iter().next() {
+        match self.map.into_iter().find(|(_, v)| !v.is_null()) {
             Some((k, _)) => Err(SmsError::UnknownField(k)),
             None => Ok(()),
         }
@@ -632,6 +635,21 @@ mod tests {
             Command::GenerateOsm {
                 target: Target::All,
                 forced: true,
+                expires_at: None,
+                ..
+            }
+        ));
+        // null is absent, also for the targets not chosen.
+        let r = p(
+            CommandKind::GenerateOsm,
+            r#"{"transaction_id":"t","all":true,"device_id":null,"group_id":null,"text":"x","duration_s":0,"expires_at":null,"forced":null}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            r.command,
+            Command::GenerateOsm {
+                target: Target::All,
+                forced: false,
                 expires_at: None,
                 ..
             }
