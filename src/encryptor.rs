@@ -41,6 +41,11 @@ use crate::keystore::{KeyKind, KeyMeta, KeyStore, KeyStoreError};
 /// Largest batch one call may carry.
 pub const MAX_BATCH: usize = 1000;
 
+/// The latest activation a key version can have: `keys.activates_at` is
+/// written with FROM_UNIXTIME, which gives NULL past 2^31-1 on MariaDB 10.x
+/// (the insert would then fail and the caller get a 500).
+pub const MAX_ACTIVATES_AT: u32 = i32::MAX as u32;
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// One EMM to seal. Key-delivery commands carry versions, never key bytes.
@@ -90,6 +95,10 @@ pub enum EncryptorError {
     /// A request the Encryptor refuses as a whole.
     #[error("encryptor refused the request: {0}")]
     Refused(String),
+    /// The key family has no usable version (every one retired, or none
+    /// activated yet): a state to fix, not a fault (409).
+    #[error("{0}")]
+    NoVersion(String),
     /// Something that retrying will not fix (e.g. the root key does not open the store).
     #[error("encryptor failure: {0}")]
     Internal(String),
@@ -175,6 +184,7 @@ impl From<KeyStoreError> for EncryptorError {
             KeyStoreError::Db(d) if d.is_unavailable() => {
                 EncryptorError::Unavailable(d.to_string())
             }
+            e @ KeyStoreError::NoVersion { .. } => EncryptorError::NoVersion(e.to_string()),
             other => EncryptorError::Internal(other.to_string()),
         }
     }
@@ -231,7 +241,14 @@ impl LocalEncryptor {
             None => match current.get(&kind) {
                 Some(v) => *v,
                 None => {
-                    let v = keys.current(kind).await?.version;
+                    let v = match keys.current(kind).await {
+                        Ok(m) => m.version,
+                        // This job cannot be sealed; the others may.
+                        Err(e @ KeyStoreError::NoVersion { .. }) => {
+                            return Ok(Err(SealJobError::UnknownKey(e.to_string())))
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                     current.insert(kind, v);
                     v
                 }
@@ -358,6 +375,11 @@ impl Encryptor for LocalEncryptor {
                     "PMK versions are not created by rotation".into(),
                 ));
             }
+            if activates_at > MAX_ACTIVATES_AT {
+                return Err(EncryptorError::Refused(format!(
+                    "activates_at must be at most {MAX_ACTIVATES_AT} (2038-01-19T03:14:07Z)"
+                )));
+            }
             let _gate = self.root_gate.read().await;
             Ok(self
                 .keystore()
@@ -439,6 +461,9 @@ impl From<EncryptorError> for ApiError {
             EncryptorError::Unavailable(_) => ApiError::unavailable("key store"),
             EncryptorError::Refused(m) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m)
+            }
+            EncryptorError::NoVersion(m) => {
+                ApiError::new(StatusCode::CONFLICT, "no_key_version", m)
             }
             EncryptorError::Internal(m) => {
                 tracing::error!("encryptor: {m}");
