@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: installs what the tests need (MariaDB, tshark,
-# iproute2) when missing and we are root, brings up the private MariaDB,
+# iproute2, python3-venv; schemathesis into .state/venv) when missing and we
+# are root, brings up the private MariaDB,
 # checks formatting and lints, then runs every test of the workspace.
 set -euo pipefail
 CASD_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -11,6 +12,9 @@ cd "$CASD_ROOT"
 need=()
 command -v tshark >/dev/null 2>&1 || need+=(tshark)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# python3 with venv/ensurepip, for schemathesis below.
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
@@ -21,6 +25,19 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 casd_mariadb_up
+
+# schemathesis (PyPI) for tests/openapi.rs, pinned, in a venv under .state/
+# (Debian's pip refuses system-wide installs, PEP 668). The test fails
+# without it unless CASD_SKIP_SCHEMATHESIS=1.
+SCHEMATHESIS_VERSION=4.32.5
+venv=.state/venv
+if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; then
+  echo "installing schemathesis $SCHEMATHESIS_VERSION into $venv" >&2
+  rm -rf "$venv"
+  python3 -m venv "$venv" || casd_die "cannot create a Python venv in $venv (apt-get install python3-venv)"
+  "$venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" \
+    || casd_die "cannot install schemathesis $SCHEMATHESIS_VERSION from PyPI into $venv"
+fi
 
 # Databases left behind by killed test runs.
 if [ -n "${CASD_DB_DIR:-}" ]; then
