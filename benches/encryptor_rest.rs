@@ -21,10 +21,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use casd::crypto::Key128;
-use casd::emm::{Address, CommandSpec, DeviceId, Entitlement};
 use casd::encryptor::{Encryptor, LocalEncryptor, SealJob, SealResponse};
 use casd::keystore::KeyStore;
+use casd_wire::crypto::Key128;
+use casd_wire::emm::{Address, CommandSpec, DeviceId, Entitlement};
 
 fn job(i: u64) -> SealJob {
     SealJob {

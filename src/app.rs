@@ -67,7 +67,7 @@ pub async fn open_keystore(cfg: &Config, db: &Db) -> anyhow::Result<KeyStore> {
     let source = FileKeySource::load(&cfg.keys.root_key_file)
         .map_err(|e| anyhow::anyhow!("{e} (keys.root_key_file; `casd keys init` creates it)"))?;
     let root = source.root_key().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let opened = KeyStore::open(db.clone(), crate::crypto::Key128::from_bytes(*root)).await;
+    let opened = KeyStore::open(db.clone(), casd_wire::crypto::Key128::from_bytes(*root)).await;
     // After a root rotation the store opens under keys.next_root_key_file.
     let opened = match (opened, &cfg.keys.next_root_key_file) {
         (Err(crate::keystore::KeyStoreError::WrongRoot { .. }), Some(next)) => {
@@ -75,7 +75,11 @@ pub async fn open_keystore(cfg: &Config, db: &Db) -> anyhow::Result<KeyStore> {
                 .and_then(|s| s.root_key())
                 .map_err(|e| anyhow::anyhow!("{e} (keys.next_root_key_file)"))?;
             tracing::warn!("the key store is sealed under keys.next_root_key_file: set keys.root_key_file to it");
-            KeyStore::open(db.clone(), crate::crypto::Key128::from_bytes(*next_root)).await
+            KeyStore::open(
+                db.clone(),
+                casd_wire::crypto::Key128::from_bytes(*next_root),
+            )
+            .await
         }
         (r, _) => r,
     };

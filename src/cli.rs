@@ -478,7 +478,7 @@ async fn keys_command(command: KeysCommand, cfg: &Config) -> anyhow::Result<()> 
             let new_root = new.root_key().map_err(|e| anyhow::anyhow!("{e}"))?;
             let n = ks
                 .rewrap(
-                    &crate::crypto::Key128::from_bytes(*new_root),
+                    &casd_wire::crypto::Key128::from_bytes(*new_root),
                     ks.root_version() + 1,
                 )
                 .await?;

@@ -74,13 +74,13 @@ use time::OffsetDateTime;
 
 use crate::app::Shared;
 use crate::db::{Db, DbError};
-use crate::emm::{self, Address, CommandSpec, DeviceId, Entitlement};
 use crate::encryptor::{Encryptor, EncryptorError, SealJob, SealJobError};
 use crate::keystore::{KeyKind, KeyMeta};
 use crate::sms::store::db_time;
 use crate::sms::types::Target;
 use crate::sms::Work;
 use crate::sqltext::{col, values, Script};
+use casd_wire::emm::{self, Address, CommandSpec, DeviceId, Entitlement};
 
 pub const CLASS_URGENT: u8 = 0;
 pub const CLASS_CHANGE: u8 = 1;
@@ -345,7 +345,7 @@ pub fn spec_len(c: &CommandSpec) -> usize {
 
 /// Section bytes of an EMM to `address` before its commands.
 pub fn emm_overhead(address: &Address) -> usize {
-    crate::crypto::SECTION_OVERHEAD + address.address_bytes().len() + emm::PLAINTEXT_HEADER_LEN
+    casd_wire::crypto::SECTION_OVERHEAD + address.address_bytes().len() + emm::PLAINTEXT_HEADER_LEN
 }
 
 /// Packs commands, in order, into as few EMMs as fit `max_section_bytes`.

@@ -34,9 +34,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::api_error::ApiError;
 use crate::auth::{Caller, Scope};
-use crate::crypto::{self, Key128};
-use crate::emm::{self, Address, CommandSpec, EmmId, KeyRef, SealInput};
 use crate::keystore::{KeyKind, KeyMeta, KeyStore, KeyStoreError};
+use casd_wire::crypto::{self, Key128};
+use casd_wire::emm::{self, Address, CommandSpec, EmmId, KeyRef, SealInput};
 
 /// Largest batch one call may carry.
 pub const MAX_BATCH: usize = 1000;

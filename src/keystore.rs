@@ -22,8 +22,8 @@ use mysql_async::{Row, TxOpts};
 use rand::rngs::OsRng;
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{self, Key128};
 use crate::db::{Db, DbError};
+use casd_wire::crypto::{self, Key128};
 
 /// Which key family a row belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

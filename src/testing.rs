@@ -362,10 +362,10 @@ pub fn shared(
 /// the stream had no CRC/CC error and no receiver rejected a section.
 pub async fn air_until(
     cap: &mut Capture,
-    rx: &mut std::collections::HashMap<u64, crate::receiver::Receiver>,
+    rx: &mut std::collections::HashMap<u64, casd_wire::receiver::Receiver>,
     what: &str,
     limit: Duration,
-    done: impl Fn(&std::collections::HashMap<u64, crate::receiver::Receiver>) -> bool,
+    done: impl Fn(&std::collections::HashMap<u64, casd_wire::receiver::Receiver>) -> bool,
 ) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -379,7 +379,7 @@ pub async fn air_until(
             .await
             .unwrap_or_else(|| panic!("never on air: {what}"));
         for r in rx.values_mut() {
-            if let crate::receiver::Outcome::Rejected(e) = r.accept(&s, now) {
+            if let casd_wire::receiver::Outcome::Rejected(e) = r.accept(&s, now) {
                 panic!("receiver {} rejected a section: {e}", r.device_id);
             }
         }

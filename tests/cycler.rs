@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use casd::config::Role;
-use casd::crypto::Key128;
-use casd::emm::{Address, CommandSpec};
 use casd::encryptor::{Encryptor, LocalEncryptor, SealJob};
 use casd::keystore::KeyStore;
 use casd::testing::{Capture, TcpProxy, TestDb};
+use casd_wire::crypto::Key128;
+use casd_wire::emm::{Address, CommandSpec};
 use mysql_async::prelude::*;
 use tokio_util::sync::CancellationToken;
 

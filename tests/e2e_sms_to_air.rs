@@ -8,10 +8,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use casd::config::Role;
-use casd::crypto::{derive_duk, Key128};
 use casd::keystore::{KeyKind, KeyStore};
-use casd::receiver::Receiver;
 use casd::testing::{Capture, TestDb};
+use casd_wire::crypto::{derive_duk, Key128};
+use casd_wire::receiver::Receiver;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 

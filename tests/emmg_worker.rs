@@ -8,11 +8,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use casd::crypto::{self, Key128};
-use casd::emm::{self, Address, Command, Entitlement};
 use casd::emmg::{self, BatchOptions, EmmgError};
 use casd::encryptor::{BoxFuture, Encryptor, EncryptorError, LocalEncryptor, SealJob, SealResults};
 use casd::keystore::{KeyKind, KeyMeta, KeyStore};
+use casd_wire::crypto::{self, Key128};
+use casd_wire::emm::{self, Address, Command, Entitlement};
 use mysql_async::prelude::*;
 use serde_json::Value;
 use sms_common::Headend;

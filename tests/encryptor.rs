@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use casd::crypto::{self, Key128};
-use casd::emm::{self, Address, Command, CommandSpec, DeviceId, Entitlement};
 use casd::encryptor::{
     Encryptor, LocalEncryptor, SealJob, SealJobError, SealResponse, SealResultJson,
 };
 use casd::keystore::{KeyKind, KeyStore};
 use casd::testing::TestDb;
+use casd_wire::crypto::{self, Key128};
+use casd_wire::emm::{self, Address, Command, CommandSpec, DeviceId, Entitlement};
 
 async fn encryptor(t: &TestDb) -> LocalEncryptor {
     let ks = KeyStore::open(t.db.clone(), Key128::from_bytes([9; 16]))

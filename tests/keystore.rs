@@ -1,8 +1,8 @@
 //! The key store against a real MariaDB: sealing at rest, versions, root rewrap.
 
-use casd::crypto::Key128;
 use casd::keystore::{self, KeyKind, KeyStore, KeyStoreError};
 use casd::testing::TestDb;
+use casd_wire::crypto::Key128;
 use mysql_async::prelude::*;
 
 fn root(b: u8) -> Key128 {
@@ -22,7 +22,7 @@ async fn init_creates_pmk_and_glk_sealed_not_in_clear() {
     let rows: Vec<(u64, Vec<u8>)> = c.query("SELECT id, sealed FROM `keys`").await.unwrap();
     assert_eq!(rows.len(), 2);
     for (_, blob) in &rows {
-        assert_eq!(blob.len(), casd::crypto::AT_REST_BLOB_LEN);
+        assert_eq!(blob.len(), casd_wire::crypto::AT_REST_BLOB_LEN);
         assert!(
             !blob.windows(16).any(|w| w == pmk.expose()),
             "key bytes stored in clear"

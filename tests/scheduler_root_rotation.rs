@@ -5,12 +5,12 @@
 
 use std::sync::Arc;
 
-use casd::crypto::{derive_duk, Key128};
-use casd::emm::{self, Address, CommandSpec, DeviceId};
 use casd::encryptor::{Encryptor, LocalEncryptor, SealJob};
 use casd::keystore::{KeyKind, KeyStore, KeyStoreError};
 use casd::scheduler::Scheduler;
 use casd::testing::TestDb;
+use casd_wire::crypto::{derive_duk, Key128};
+use casd_wire::emm::{self, Address, CommandSpec, DeviceId};
 use hw::KeySource;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,10 +7,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use casd::config::Role;
-use casd::crypto::{derive_duk, Key128};
 use casd::keystore::{KeyKind, KeyStore};
-use casd::receiver::{Outcome, Receiver};
 use casd::testing::{Capture, TestDb};
+use casd_wire::crypto::{derive_duk, Key128};
+use casd_wire::receiver::{Outcome, Receiver};
 use mysql_async::prelude::*;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -162,7 +162,7 @@ impl Rig {
                 .next_section(left)
                 .await
                 .unwrap_or_else(|| panic!("never on air: {what}"));
-            let view = casd::crypto::parse_section(&s).unwrap();
+            let view = casd_wire::crypto::parse_section(&s).unwrap();
             let (table, version) = (view.table_id, view.key_version);
             for r in self.rx.values_mut() {
                 match r.accept(&s, now_unix()) {

@@ -9,12 +9,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use casd::crypto::Key128;
 use casd::encryptor::{Encryptor, LocalEncryptor};
 use casd::keystore::KeyStore;
 use casd::scheduler::rotation::{airtime_s, RotationJob};
 use casd::scheduler::{JobEntry, Schedule, Scheduler};
 use casd::testing::TestDb;
+use casd_wire::crypto::Key128;
 use mysql_async::prelude::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,10 +14,10 @@ use std::time::Duration;
 use casd::auth::client::{ClientCredentialsConfig, TokenClient};
 use casd::auth::{clients, Scope};
 use casd::config::Secret;
-use casd::crypto::{derive_duk, Key128};
 use casd::keystore::{KeyKind, KeyStore};
-use casd::receiver::Receiver;
 use casd::testing::{Capture, TestDb};
+use casd_wire::crypto::{derive_duk, Key128};
+use casd_wire::receiver::Receiver;
 use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(30);

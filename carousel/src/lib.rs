@@ -17,7 +17,8 @@
 //! - [`pacing`] — bytes due from a monotonic clock and a bitrate.
 //! - [`mux`] — EMM packets + CAT + null packets → datagrams (optional RTP).
 //! - [`output`] — where datagrams go (memory for tests, UDP).
-//! - [`player`] — the tokio play-out runner, one per output.
+//! - [`player`] — the tokio play-out runner, one per output (the default
+//!   cargo feature `player`; without it the crate has no tokio).
 //!
 //! See `docs/carousel.md` for the design and measured figures.
 
@@ -26,6 +27,7 @@ pub mod crc;
 pub mod mux;
 pub mod output;
 pub mod pacing;
+#[cfg(feature = "player")]
 pub mod player;
 pub mod schedule;
 pub mod section;
@@ -36,6 +38,7 @@ pub use cat::{build_cat, CaDescriptor, Cat};
 pub use mux::{CatConfig, Mux, MuxConfig, MuxConfigError, RtpConfig};
 pub use output::{MemoryOutput, MulticastInterface, Output, UdpConfig, UdpOutput};
 pub use pacing::Pacer;
+#[cfg(feature = "player")]
 pub use player::{
     AsyncOutput, AsyncUdpOutput, BlockingOutput, Carousel, PlayRecord, PlayerConfig, PlayerHandle,
     PlayerStats, RealTime, SpawnError,

@@ -3,7 +3,7 @@
 //! must never panic, and a plaintext that decodes must encode back to the
 //! same bytes.
 
-use casd::emm::EmmPlaintext;
+use casd_wire::emm::EmmPlaintext;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

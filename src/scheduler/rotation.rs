@@ -36,10 +36,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{db_now, Counts, Job, JobCtx, JobError};
-use crate::emm::{Address, CommandSpec, DeviceId};
 use crate::emmg::{emm_overhead, spec_len};
 use crate::encryptor::{BoxFuture, KeyState, RootRotation, SealJob};
 use crate::keystore::{current_meta, list_meta, KeyKind, KeyMeta};
+use casd_wire::emm::{Address, CommandSpec, DeviceId};
 
 /// `scheduler_state` row of the delivery cursor.
 const CURSOR: &str = "rotation";

@@ -21,7 +21,7 @@ use super::error::SmsError;
 
 /// Smartcard / chipset serial, 1 ..= 2^53-1 (docs/format.md §1): the
 /// EMM layer's own type.
-pub use crate::emm::DeviceId;
+pub use casd_wire::emm::DeviceId;
 
 /// A sellable package, >= 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

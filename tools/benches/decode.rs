@@ -16,10 +16,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use carousel::{build_cat, CaDescriptor, Packetizer, Pid};
-use casd::crypto::{derive_duk, Key128};
-use casd::emm::{self, Address, Command, DeviceId, EmmId, Entitlement, SealInput};
 use casd_tools::decode::{Probe, ProbeConfig, Resync};
 use casd_tools::keys::KeySet;
+use casd_wire::crypto::{derive_duk, Key128};
+use casd_wire::emm::{self, Address, Command, DeviceId, EmmId, Entitlement, SealInput};
 use rand::rngs::OsRng;
 
 const PMK: [u8; 16] = [0x11; 16];

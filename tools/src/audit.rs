@@ -61,8 +61,67 @@ type RowTuple = (u64, String, u64, String, i64, i64, Vec<u8>);
 /// The same plus the time of the last 'remove' event (µs).
 type RowTupleRemoved = (u64, String, u64, String, i64, i64, Vec<u8>, Option<i64>);
 const US: &str = "'1970-01-01 00:00:00'";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn load(db: &casd::db::Db) -> anyhow::Result<HashMap<Vec<u8>, Row>> {
+/// The headend's database, read only. A pool of its own rather than casd's
+/// `db::Db`, so that the probe does not link the daemon: the session runs in
+/// UTC as the headend's do (the times below are read as UTC), and errors
+/// name the database without its password.
+struct Db {
+    pool: mysql_async::Pool,
+    display: String,
+}
+
+impl Db {
+    fn new(url: &str) -> anyhow::Result<Db> {
+        let opts = mysql_async::Opts::from_url(url)
+            .map_err(|_| anyhow!("the database URL is not a valid mysql:// URL"))?;
+        let display = format!(
+            "mysql://{}@{}:{}/{}",
+            opts.user().unwrap_or(""),
+            opts.ip_or_hostname(),
+            opts.tcp_port(),
+            opts.db_name().unwrap_or("")
+        );
+        let pool_size = mysql_async::PoolConstraints::new(0, 2);
+        let opts = mysql_async::OptsBuilder::from_opts(opts)
+            .pool_opts(
+                mysql_async::PoolOpts::default()
+                    .with_constraints(pool_size.ok_or_else(|| anyhow!("pool size"))?),
+            )
+            .init(vec!["SET time_zone = '+00:00'"]);
+        Ok(Db {
+            pool: mysql_async::Pool::new(opts),
+            display,
+        })
+    }
+
+    /// A pooled connection, or an error naming the database after the
+    /// connect timeout.
+    async fn conn(&self) -> anyhow::Result<mysql_async::Conn> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.pool.get_conn()).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(anyhow!("{}: {e}", self.display)),
+            Err(_) => Err(anyhow!(
+                "{}: no connection within {} s",
+                self.display,
+                CONNECT_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
+    /// `SELECT 1` round trip.
+    async fn ping(&self) -> anyhow::Result<()> {
+        let mut c = self.conn().await?;
+        let _: Option<u8> = c
+            .query_first("SELECT 1")
+            .await
+            .map_err(|e| anyhow!("{}: {e}", self.display))?;
+        Ok(())
+    }
+}
+
+async fn load(db: &Db) -> anyhow::Result<HashMap<Vec<u8>, Row>> {
     let mut c = db.conn().await?;
     let mut out = HashMap::new();
     let mut after = 0u64;
@@ -102,7 +161,7 @@ async fn load(db: &casd::db::Db) -> anyhow::Result<HashMap<Vec<u8>, Row>> {
 /// Rows (any state) whose section bytes are among `sections`, with the time
 /// of their last 'remove' carousel event.
 async fn lookup(
-    db: &casd::db::Db,
+    db: &Db,
     sections: &[&[u8]],
 ) -> anyhow::Result<HashMap<Vec<u8>, (Row, Option<f64>)>> {
     let mut c = db.conn().await?;
@@ -332,9 +391,8 @@ pub fn run(a: AuditArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let db = casd::db::Db::new(&a.db_url, 2, Duration::from_secs(5))?;
-    rt.block_on(db.ping())
-        .map_err(|e| anyhow!("{}: {e}", db.display()))?;
+    let db = Db::new(&a.db_url)?;
+    rt.block_on(db.ping())?;
     let mut cfg = a.decode.probe_config(&a.input)?;
     cfg.keep_times = true;
     let stdout = io::stdout();

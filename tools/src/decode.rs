@@ -1,6 +1,6 @@
 //! The decoding pipeline: TS packets → per-PID sections (the carousel
 //! crate's `Depacketizer`, CRC and continuity checked) → the CAT and EMMs
-//! (`casd::crypto::parse_section`, `casd::emm::open_emm` when a key is
+//! (`casd_wire::crypto::parse_section`, `casd_wire::emm::open_emm` when a key is
 //! known) → records (JSON values) and counters for the summary.
 //!
 //! Nothing here trusts its input: every byte sequence gives records and
@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use bytes::Bytes;
 use carousel::section::SectionError;
 use carousel::{Cat, Depacketizer, Event, PacketRef, Pid, Section, StreamError, TableId};
-use casd::crypto::{self, OpenError};
-use casd::emm::{self, Address, Command, OpenEmmError};
+use casd_wire::crypto::{self, OpenError};
+use casd_wire::emm::{self, Address, Command, OpenEmmError};
 use serde_json::{json, Value};
 
 use crate::keys::KeySet;

@@ -3,13 +3,13 @@
 //! line or a JSON file, plus keys learned from GROUP_KEY / GLOBAL_KEY
 //! commands in unique EMMs that opened (exactly what a receiver does).
 //!
-//! Key bytes are held in `casd::crypto::Key128` (zeroized on drop, no
+//! Key bytes are held in `casd_wire::crypto::Key128` (zeroized on drop, no
 //! printing Debug) and never appear in an error message.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use casd::crypto::{derive_duk, Key128};
+use casd_wire::crypto::{derive_duk, Key128};
 use serde::Deserialize;
 
 /// A bad key argument or key file. Messages name the option or entry,
@@ -242,7 +242,7 @@ impl KeySet {
         Ok(())
     }
 
-    /// The keys of a test-vector file (`tests/vectors/emm-v1.json`): each
+    /// The keys of a test-vector file (`wire/tests/vectors/emm-v1.json`): each
     /// vector's `keys` object may hold `pmk`+`pmk_version`,
     /// `duk`+`device_id`, `gk`+`gk_version`+`group_id`, `glk`+`glk_version`
     /// (other entries, such as the at-rest root key, are ignored).

@@ -1,8 +1,8 @@
 #![forbid(unsafe_code)]
 //! `casd-probe`: capture, decode and audit what casd puts on air.
 //!
-//! Reuses the carousel crate's TS/section parsers and `casd::crypto` /
-//! `casd::emm` (never copies of them). See `docs/tools.md`.
+//! Reuses the carousel crate's TS/section parsers and `casd_wire::crypto` /
+//! `casd_wire::emm` (never copies of them). See `docs/tools.md`.
 
 pub mod audit;
 pub mod cli;

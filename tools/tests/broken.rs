@@ -344,7 +344,7 @@ fn key_file_opens_everything_and_is_documented_format() {
         &path,
         &stream(&[f.group.clone(), f.global.clone(), f.unique.clone()], 2),
     );
-    let duk = casd::crypto::derive_duk(&casd::crypto::Key128::from_bytes(PMK), DEVICE);
+    let duk = casd_wire::crypto::derive_duk(&casd_wire::crypto::Key128::from_bytes(PMK), DEVICE);
     let keys = json!({
         "duk": [{"device_id": DEVICE, "key": hex::encode(duk.expose())}],
         "gk": [{"group_id": GROUP, "version": 1, "key": hex16(&GK)}],

@@ -3,11 +3,11 @@
 
 mod common;
 
-use casd::crypto::Key128;
 use casd_tools::decode::{Probe, ProbeConfig, Resync};
 use casd_tools::input::{Next, PcapSource, Source};
 use casd_tools::keys::KeySet;
 use casd_tools::net;
+use casd_wire::crypto::Key128;
 use proptest::prelude::*;
 use serde_json::Value;
 

@@ -1,5 +1,5 @@
-//! The project's known-answer vectors (tests/vectors/emm-v1.json, made by
-//! tests/crypto_vectors.rs) decoded by the probe: with only the PMK (group
+//! The project's known-answer vectors (wire/tests/vectors/emm-v1.json, made by
+//! wire/tests/crypto_vectors.rs) decoded by the probe: with only the PMK (group
 //! and global keys learned from the unique vector's commands), and with the
 //! vectors file itself as `--keys`.
 
@@ -12,8 +12,12 @@ use carousel::{Packetizer, Pid};
 use serde_json::{json, Value};
 
 fn vectors() -> Value {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/vectors/emm-v1.json");
-    serde_json::from_str(&std::fs::read_to_string(p).expect("tests/vectors/emm-v1.json")).unwrap()
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../wire/tests/vectors/emm-v1.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(p).expect("wire/tests/vectors/emm-v1.json"))
+        .unwrap()
 }
 
 #[test]
@@ -41,7 +45,10 @@ fn kat_vectors_decode_to_their_reviewable_json() {
     common::write_ts(&ts, &pkts);
     let keys = &emms[0]["keys"];
     let pmk = format!("{}={}", keys["pmk_version"], keys["pmk"].as_str().unwrap());
-    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/vectors/emm-v1.json");
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../wire/tests/vectors/emm-v1.json"
+    );
     for args in [
         vec!["--pmk", pmk.as_str()],
         vec!["--keys", file, "--no-learn-keys"],

@@ -2,7 +2,7 @@
 //! PID, CAT, EMM parsing and opening with a PMK (and keys learned on air).
 #![no_main]
 
-use casd::crypto::Key128;
+use casd_wire::crypto::Key128;
 use casd_tools::decode::{Probe, ProbeConfig, Resync};
 use casd_tools::keys::KeySet;
 use libfuzzer_sys::fuzz_target;

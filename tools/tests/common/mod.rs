@@ -1,6 +1,7 @@
-//! Shared by the casd-probe tests: hand-made streams (sealed with the
-//! casd library, packetized with the carousel crate) and running the
-//! probe binary as a subprocess.
+//! Shared by the casd-probe tests: hand-made streams (sealed with
+//! casd-wire, packetized with the carousel crate) and running the probe
+//! binary as a subprocess. The casd crate's tests that need a running
+//! headend (`tests/probe_*.rs` there) include this file too.
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -8,8 +9,8 @@ use std::process::{Command as Proc, Output};
 
 use bytes::Bytes;
 use carousel::{build_cat, CaDescriptor, Packetizer, Pid};
-use casd::crypto::{derive_duk, Key128};
-use casd::emm::{self, Address, Command, DeviceId, EmmId, Entitlement, SealInput};
+use casd_wire::crypto::{derive_duk, Key128};
+use casd_wire::emm::{self, Address, Command, DeviceId, EmmId, Entitlement, SealInput};
 use rand::rngs::OsRng;
 use serde_json::Value;
 
@@ -149,8 +150,34 @@ pub fn write_ts(path: &Path, packets: &[[u8; 188]]) {
     std::fs::write(path, bytes).unwrap();
 }
 
+/// The casd-probe binary. Cargo names it to casd-tools' own tests; the casd
+/// crate's tests build it once with cargo (casd-tools is not a dependency
+/// that could give them the path).
 pub fn probe_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_casd-probe")
+    if let Some(bin) = option_env!("CARGO_BIN_EXE_casd-probe") {
+        return bin;
+    }
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(build_probe)
+}
+
+/// `cargo build -p casd-tools --bin casd-probe`, and the path of the
+/// executable it reports.
+fn build_probe() -> String {
+    let out = Proc::new(env!("CARGO"))
+        .args(["build", "--quiet", "--message-format=json"])
+        .args(["-p", "casd-tools", "--bin", "casd-probe"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run cargo to build casd-probe");
+    assert!(out.status.success(), "cargo build casd-probe failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "casd-probe")
+        .and_then(|m| m["executable"].as_str().map(str::to_owned))
+        .expect("cargo reported the casd-probe executable")
 }
 
 pub struct Run {
@@ -207,5 +234,3 @@ pub fn probe(args: &[&str]) -> Run {
         .collect();
     Run { out, records }
 }
-
-pub mod headend;

@@ -1,11 +1,11 @@
-//! Known-answer tests of the primitives under `casd::crypto`:
+//! Known-answer tests of the primitives under `casd_wire::crypto`:
 //! RFC 4493 AES-CMAC, NIST SP 800-38A F.5.1 CTR-AES128.Encrypt, and
 //! NIST SP 800-108 counter-mode KBKDF with CMAC-AES128 (CAVP vectors), plus
 //! checks that our label/context KDF, DUK and EMM-key derivations are the
 //! SP 800-108 construction computed independently with the `cmac` crate.
 
 use aes::cipher::{KeyIvInit, StreamCipher};
-use casd::crypto::*;
+use casd_wire::crypto::*;
 use cmac::{Cmac, Mac};
 
 fn h(s: &str) -> Vec<u8> {

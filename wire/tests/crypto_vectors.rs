@@ -1,4 +1,4 @@
-//! Published test vectors `tests/vectors/emm-v1.json`.
+//! Published test vectors `wire/tests/vectors/emm-v1.json`.
 //!
 //! - `vectors_file_verifies`: reads only the file and checks, from its hex
 //!   fields, every derivation (DUK, K_wrap, K_mac), every intermediate
@@ -7,11 +7,13 @@
 //!   implementer would do.
 //! - `vectors_file_is_what_the_generator_makes`: the file equals the output
 //!   of the deterministic generator below (seeded ChaCha20). To rewrite the
-//!   file after a deliberate change: `CASD_WRITE_VECTORS=1 cargo test --test
-//!   crypto_vectors`.
+//!   file after a deliberate change: `CASD_WRITE_VECTORS=1 cargo test -p
+//!   casd-wire --test crypto_vectors`.
 
-use casd::crypto::{self, Key128, SectionKeys};
-use casd::emm::{self, Address, Command, DeviceId, EmmId, EmmPlaintext, Entitlement, SealInput};
+use casd_wire::crypto::{self, Key128, SectionKeys};
+use casd_wire::emm::{
+    self, Address, Command, DeviceId, EmmId, EmmPlaintext, Entitlement, SealInput,
+};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde_json::{json, Value};
@@ -286,7 +288,7 @@ fn generate() -> Value {
             "The unique vector delivers the group and global vectors' keys; 'emm' is the reviewable JSON (no key bytes).",
             "dek and iv come from a seeded test RNG; production draws them from the OS CSPRNG for every section."
         ],
-        "generator": format!("tests/crypto_vectors.rs, ChaCha20Rng seed {SEED:#x}"),
+        "generator": format!("wire/tests/crypto_vectors.rs, ChaCha20Rng seed {SEED:#x}"),
         "vectors": [v_unique, v_group, v_global, v_rest],
     })
 }

@@ -1,16 +1,16 @@
 //! `casd-probe audit` against a TestDb: from a file (no timing) and live
 //! against the real Cycler.
 
-mod common;
+mod probe_common;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use carousel::{Packetizer, Pid};
-use casd::emm::{Address, CommandSpec};
-use common::headend::*;
-use common::probe;
+use casd_wire::emm::{Address, CommandSpec};
 use mysql_async::prelude::*;
+use probe_common::headend::*;
+use probe_common::probe;
 
 fn ts_of(sections: &[Vec<u8>], cycles: usize) -> Vec<[u8; 188]> {
     let mut p = Packetizer::new(Pid::DEFAULT_EMM, true);
@@ -44,7 +44,7 @@ async fn file_audit_finds_missing_and_unknown_emms() {
 
     // Both live rows on air: OK.
     let f = d.path().join("ok.ts");
-    common::write_ts(&f, &ts_of(&[a.section.clone(), b.section.clone()], 3));
+    probe_common::write_ts(&f, &ts_of(&[a.section.clone(), b.section.clone()], 3));
     let r = probe(&[
         "audit",
         "--db-url",
@@ -60,9 +60,9 @@ async fn file_audit_finds_missing_and_unknown_emms() {
     assert_eq!(rep["in_period"], 2);
 
     // B missing, and a section no row knows: both named, exit 1.
-    let stranger = common::fixture().global.to_vec();
+    let stranger = probe_common::fixture().global.to_vec();
     let f = d.path().join("bad.ts");
-    common::write_ts(&f, &ts_of(&[a.section.clone(), stranger], 3));
+    probe_common::write_ts(&f, &ts_of(&[a.section.clone(), stranger], 3));
     let r = probe(&["audit", "--db-url", &url, "--ts", f.to_str().unwrap()]);
     assert_eq!(r.code(), 1, "{}\n{}", r.stdout(), r.stderr());
     let out = r.stdout();
@@ -83,7 +83,7 @@ async fn file_audit_finds_missing_and_unknown_emms() {
         .await
         .unwrap();
     let f = d.path().join("withdrawn.ts");
-    common::write_ts(&f, &ts_of(&[a.section.clone(), b.section.clone()], 3));
+    probe_common::write_ts(&f, &ts_of(&[a.section.clone(), b.section.clone()], 3));
     let r = probe(&[
         "audit",
         "--db-url",

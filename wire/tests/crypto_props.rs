@@ -2,8 +2,10 @@
 //! addresses and commands; any single bit flip in a section is refused;
 //! decoding arbitrary bytes never panics.
 
-use casd::crypto::{self, Key128, SectionKeys, SectionSpec};
-use casd::emm::{self, Address, Command, DeviceId, EmmId, EmmPlaintext, Entitlement, SealInput};
+use casd_wire::crypto::{self, Key128, SectionKeys, SectionSpec};
+use casd_wire::emm::{
+    self, Address, Command, DeviceId, EmmId, EmmPlaintext, Entitlement, SealInput,
+};
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;

@@ -8,11 +8,11 @@ use std::process::{Child, Command as Proc, Stdio};
 use std::time::Duration;
 
 use casd::config::Role;
-use casd::crypto::Key128;
-use casd::emm::{Address, CommandSpec, DeviceId};
 use casd::encryptor::{Encryptor, LocalEncryptor, SealJob};
 use casd::keystore::{KeyKind, KeyStore};
 use casd::testing::TestDb;
+use casd_wire::crypto::Key128;
+use casd_wire::emm::{Address, CommandSpec, DeviceId};
 use mysql_async::prelude::*;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -142,7 +142,7 @@ impl Headend {
     pub async fn store_three(&self) -> Vec<Stored> {
         let g = self.enc.current_key(KeyKind::Group(GROUP)).await.unwrap();
         let l = self.enc.current_key(KeyKind::Global).await.unwrap();
-        let ent = casd::emm::Entitlement {
+        let ent = casd_wire::emm::Entitlement {
             product_id: 42,
             start: 1_700_000_000,
             end: 1_800_000_000,

@@ -1,13 +1,13 @@
 //! EMM seal / open throughput on one core.
 //!
-//! `cargo bench --bench crypto -- --warm-up-time 1 --measurement-time 3`
+//! `cargo bench -p casd-wire --bench crypto -- --warm-up-time 1 --measurement-time 3`
 //! Criterion prints `thrpt` in elements/s = seals (or opens) per second of
 //! wall time. On a shared machine wall time includes waiting for a core, so
 //! a second report follows: operations per second of this thread's own CPU
 //! time (from `/proc/thread-self/schedstat`), i.e. what one core delivers.
 
-use casd::crypto::{self, Key128};
-use casd::emm::{self, Address, Command, DeviceId, EmmId, Entitlement, SealInput};
+use casd_wire::crypto::{self, Key128};
+use casd_wire::emm::{self, Address, Command, DeviceId, EmmId, Entitlement, SealInput};
 use criterion::{black_box, criterion_group, Criterion, Throughput};
 use rand::rngs::{OsRng, StdRng};
 use rand::SeedableRng;

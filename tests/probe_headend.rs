@@ -3,12 +3,12 @@
 //! 127.0.0.1, live (plain and RTP on another PID found through the CAT)
 //! and then from its own recordings (.ts and pcap).
 
-mod common;
+mod probe_common;
 
 use std::time::Duration;
 
-use common::headend::*;
-use common::{probe, Run};
+use probe_common::headend::*;
+use probe_common::{probe, Run};
 use serde_json::{json, Value};
 
 const LIMIT: Duration = Duration::from_secs(90);
