@@ -163,6 +163,31 @@ impl LongHeader {
             self.last_section_number,
         ])
     }
+
+    /// Reads the header fields from the first 8 bytes of `buf`, before
+    /// anything else is checked (length, CRC: [`Section::parse`]), so that a
+    /// caller can refuse a header field first. Refuses a short-syntax
+    /// section, whose fields after `section_length` are not these.
+    pub fn decode(buf: &[u8]) -> Result<LongHeader, SectionError> {
+        let Some(h) = buf.first_chunk::<HEADER_LEN>() else {
+            return Err(SectionError::TooShort {
+                len: buf.len(),
+                min: HEADER_LEN,
+            });
+        };
+        if h[1] & 0x80 == 0 {
+            return Err(SectionError::NotLongSyntax);
+        }
+        Ok(LongHeader {
+            table_id: TableId(h[0]),
+            private_indicator: h[1] & 0x40 != 0,
+            table_id_extension: u16::from_be_bytes([h[3], h[4]]),
+            version_number: (h[5] >> 1) & 0x1F,
+            current_next_indicator: h[5] & 0x01 != 0,
+            section_number: h[6],
+            last_section_number: h[7],
+        })
+    }
 }
 
 /// Appends the CRC_32 to `header + body` produced with
@@ -170,19 +195,28 @@ impl LongHeader {
 /// the `section_length` in its header (so a MAC or body of the wrong size is
 /// caught here, not by a receiver).
 pub fn finish_with_crc(mut buf: Vec<u8>) -> Result<Vec<u8>, SectionError> {
-    let declared = match declared_total_len(&buf) {
+    append_crc(&mut buf, 0)?;
+    Ok(buf)
+}
+
+/// [`finish_with_crc`] for a section written at the end of a longer buffer
+/// (from `start`), so that a builder can write several sections, or one
+/// straight into its output, without a copy. On error `buf` is unchanged.
+pub fn append_crc(buf: &mut Vec<u8>, start: usize) -> Result<(), SectionError> {
+    let section = buf.get(start..).unwrap_or_default();
+    let declared = match declared_total_len(section) {
         Some(n) => n,
         None => {
             return Err(SectionError::TooShort {
-                len: buf.len(),
+                len: section.len(),
                 min: HEADER_LEN,
             })
         }
     };
-    if buf.len() < HEADER_LEN || declared != buf.len() + CRC_LEN {
+    if section.len() < HEADER_LEN || declared != section.len() + CRC_LEN {
         return Err(SectionError::LengthMismatch {
             declared,
-            actual: buf.len() + CRC_LEN,
+            actual: section.len() + CRC_LEN,
         });
     }
     if declared > MAX_SECTION_LEN {
@@ -191,9 +225,9 @@ pub fn finish_with_crc(mut buf: Vec<u8>) -> Result<Vec<u8>, SectionError> {
             max: MAX_SECTION_LENGTH_FIELD,
         });
     }
-    let crc = crc32_mpeg2(&buf);
+    let crc = crc32_mpeg2(section);
     buf.extend_from_slice(&crc.to_be_bytes());
-    Ok(buf)
+    Ok(())
 }
 
 /// Header + body + CRC in one go. The result has exactly the capacity it
@@ -368,6 +402,57 @@ mod tests {
         assert!(matches!(
             finish_with_crc(vec![0x82]),
             Err(SectionError::TooShort { .. })
+        ));
+    }
+
+    #[test]
+    fn header_decode_reads_what_encode_wrote() {
+        let h = LongHeader {
+            table_id: TableId(0x00),
+            private_indicator: false,
+            table_id_extension: 0xBEEF,
+            version_number: 17,
+            current_next_indicator: false,
+            section_number: 2,
+            last_section_number: 3,
+        };
+        let bytes = h.encode(20).unwrap();
+        assert_eq!(LongHeader::decode(&bytes), Ok(h));
+        let emm = LongHeader::private(TableId::EMM_GROUP, 7);
+        assert_eq!(LongHeader::decode(&emm.encode(0).unwrap()), Ok(emm));
+        assert_eq!(
+            LongHeader::decode(&bytes[..7]),
+            Err(SectionError::TooShort { len: 7, min: 8 })
+        );
+        let mut short_syntax = bytes;
+        short_syntax[1] &= 0x7F;
+        assert_eq!(
+            LongHeader::decode(&short_syntax),
+            Err(SectionError::NotLongSyntax)
+        );
+    }
+
+    #[test]
+    fn append_crc_after_other_bytes() {
+        let body = b"hello";
+        let whole = build(&LongHeader::private(TableId::EMM_GLOBAL, 9), body).unwrap();
+        let mut buf = vec![0xEE; 5];
+        buf.extend_from_slice(&whole[..whole.len() - CRC_LEN]);
+        append_crc(&mut buf, 5).unwrap();
+        assert_eq!(&buf[..5], &[0xEE; 5]);
+        assert_eq!(&buf[5..], &whole[..]);
+        // A body one byte short is refused and leaves the buffer as it was.
+        let mut short = vec![0xEE; 5];
+        short.extend_from_slice(&whole[..whole.len() - CRC_LEN - 1]);
+        let before = short.clone();
+        assert!(matches!(
+            append_crc(&mut short, 5),
+            Err(SectionError::LengthMismatch { .. })
+        ));
+        assert_eq!(short, before);
+        assert!(matches!(
+            append_crc(&mut short, 100),
+            Err(SectionError::TooShort { len: 0, .. })
         ));
     }
 

@@ -13,11 +13,16 @@
 //! `crc32 = CRC-32/MPEG-2(table_id .. end of mac)`,
 //! `K_wrap || K_mac = KDF(address_root, "CAS-EMM-KEK", table_id || address, 256)`.
 //!
+//! The header and the CRC are written and read by the carousel's section
+//! codec (`carousel::section`: [`LongHeader`], [`Section`]); this module adds
+//! the address, the envelope and the MAC between them.
+//!
 //! No function here prints, logs or returns key bytes in an error.
 
 use aes::cipher::generic_array::GenericArray;
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit, KeyIvInit, StreamCipher};
 use aes::{Aes128Dec, Aes128Enc};
+use carousel::section::{self, LongHeader, Section, SectionError, TableId};
 use cmac::{Cmac, Mac};
 use rand::{CryptoRng, RngCore};
 use subtle::ConstantTimeEq;
@@ -45,19 +50,19 @@ pub const LABEL_DUK: &[u8] = b"CAS-DUK";
 /// KDF label of the per-address wrap/MAC keys.
 pub const LABEL_EMM_KEK: &[u8] = b"CAS-EMM-KEK";
 /// Long-syntax section header length.
-pub const HEADER_LEN: usize = 8;
+pub const HEADER_LEN: usize = section::HEADER_LEN;
 /// format_version + key_version + iv + wrapped_dek.
 pub const ENVELOPE_PREFIX_LEN: usize = 1 + 4 + 16 + 16;
 /// AES-CMAC tag length.
 pub const MAC_LEN: usize = 16;
 /// CRC-32/MPEG-2 length.
-pub const CRC_LEN: usize = 4;
+pub const CRC_LEN: usize = section::CRC_LEN;
 /// Bytes of a section that are not address nor ciphertext (65).
 pub const SECTION_OVERHEAD: usize = HEADER_LEN + ENVELOPE_PREFIX_LEN + MAC_LEN + CRC_LEN;
 /// Default `max_section_bytes` (§3.3: the common receiver buffer).
 pub const DEFAULT_MAX_SECTION_BYTES: usize = 256;
 /// Upper bound of `max_section_bytes` (a private section is at most 4096 bytes).
-pub const MAX_SECTION_BYTES_LIMIT: usize = 4096;
+pub const MAX_SECTION_BYTES_LIMIT: usize = section::MAX_SECTION_LEN;
 /// Length of a key sealed at rest (§4 and `docs/format.md`): 8 + 8 + 37 + 16 + 16 + 4.
 pub const AT_REST_BLOB_LEN: usize = SECTION_OVERHEAD + 8 + KEY_LEN;
 
@@ -319,6 +324,10 @@ pub enum SealError {
         /// Length given.
         got: usize,
     },
+    /// The section codec refused the header or length (cannot happen once
+    /// the size and table_id checks above passed; typed rather than unwrapped).
+    #[error("section: {0}")]
+    Section(#[from] SectionError),
     /// The plaintext writer did not write the length it announced (a bug in the caller).
     #[error("plaintext writer produced {got} bytes, announced {announced}")]
     PlaintextLengthMismatch {
@@ -550,17 +559,12 @@ impl SectionKeys {
         out: &mut Vec<u8>,
     ) -> Result<(), SealError> {
         let total = self.section_len(plaintext_len);
-        // section_length (12 bits) = bytes after it; total <= 4096 was checked.
-        let section_length = (total - 3) as u16;
+        // total <= 4096 was checked, and the table_id is one casd seals.
+        let header = LongHeader::private(TableId(self.table_id), table_id_extension)
+            .encode(total - HEADER_LEN - CRC_LEN)?;
         let start = out.len();
         out.reserve(total);
-        out.extend_from_slice(&[
-            self.table_id,
-            0xF0 | ((section_length >> 8) as u8 & 0x0F), // ssi=1, private=1, reserved=11
-            section_length as u8,
-        ]);
-        out.extend_from_slice(&table_id_extension.to_be_bytes());
-        out.extend_from_slice(&[0xC1, 0x00, 0x00]); // reserved 11, version 0, current_next 1; section 0/0
+        out.extend_from_slice(&header);
         out.extend_from_slice(self.address());
         out.push(FORMAT_VERSION);
         out.extend_from_slice(&key_version.to_be_bytes());
@@ -587,8 +591,10 @@ impl SectionKeys {
         let mut mac = self.mac.clone();
         mac.update(&out[start..]);
         out.extend_from_slice(&mac.finalize().into_bytes());
-        let crc = crc32_mpeg2(&out[start..]);
-        out.extend_from_slice(&crc.to_be_bytes());
+        if let Err(e) = section::append_crc(out, start) {
+            out.truncate(start);
+            return Err(e.into());
+        }
         Ok(())
     }
 
@@ -709,30 +715,15 @@ pub fn parse_section(section: &[u8]) -> Result<SectionView<'_>, OpenError> {
     if len < SECTION_OVERHEAD + addr_len {
         return Err(OpenError::Truncated { len });
     }
-    if section[1] & 0x80 == 0 {
-        return Err(OpenError::BadHeader("section_syntax_indicator"));
-    }
-    if section[1] & 0x40 == 0 {
+    let header = LongHeader::decode(section).map_err(|e| open_error(e, len))?;
+    if !header.private_indicator {
         return Err(OpenError::BadHeader("private_indicator"));
     }
-    let declared = usize::from(u16::from_be_bytes([section[1], section[2]]) & 0x0FFF);
-    if declared != len - 3 {
-        return Err(OpenError::LengthMismatch {
-            declared,
-            actual: len - 3,
-        });
-    }
-    let (body, crc_bytes) = section.split_at(len - CRC_LEN);
-    let stored = u32::from_be_bytes([crc_bytes[0], crc_bytes[1], crc_bytes[2], crc_bytes[3]]);
-    let computed = crc32_mpeg2(body);
-    if computed != stored {
-        return Err(OpenError::Crc { computed, stored });
-    }
-    if section[6] != 0 || section[7] != 0 {
+    let parsed = Section::parse(section).map_err(|e| open_error(e, len))?;
+    if header.section_number != 0 || header.last_section_number != 0 {
         return Err(OpenError::BadHeader("section_number/last_section_number"));
     }
-    let table_id_extension = u16::from_be_bytes([section[3], section[4]]);
-    let (authenticated, mac) = body.split_at(body.len() - MAC_LEN);
+    let (authenticated, mac) = parsed.without_crc().split_at(len - CRC_LEN - MAC_LEN);
     let address = &authenticated[HEADER_LEN..HEADER_LEN + addr_len];
     let env = &authenticated[HEADER_LEN + addr_len..];
     if env[0] != FORMAT_VERSION {
@@ -741,7 +732,7 @@ pub fn parse_section(section: &[u8]) -> Result<SectionView<'_>, OpenError> {
     let key_version = u32::from_be_bytes([env[1], env[2], env[3], env[4]]);
     Ok(SectionView {
         table_id,
-        table_id_extension,
+        table_id_extension: header.table_id_extension,
         address,
         key_version,
         iv: &env[5..21],
@@ -750,6 +741,31 @@ pub fn parse_section(section: &[u8]) -> Result<SectionView<'_>, OpenError> {
         mac,
         authenticated,
     })
+}
+
+/// The envelope's error for what the carousel's section codec refused in a
+/// buffer of `len` bytes (at least [`SECTION_OVERHEAD`], so never too short
+/// for a header).
+fn open_error(e: SectionError, len: usize) -> OpenError {
+    match e {
+        SectionError::NotLongSyntax => OpenError::BadHeader("section_syntax_indicator"),
+        SectionError::CrcMismatch { stored, computed } => OpenError::Crc { computed, stored },
+        // section_length disagrees with the bytes, or is below the long-syntax minimum.
+        SectionError::LengthMismatch { declared, .. } => OpenError::LengthMismatch {
+            declared: declared - section::LENGTH_PREFIX,
+            actual: len - section::LENGTH_PREFIX,
+        },
+        SectionError::LengthTooSmall { section_length } => OpenError::LengthMismatch {
+            declared: section_length,
+            actual: len - section::LENGTH_PREFIX,
+        },
+        // A private section is at most 4096 bytes.
+        SectionError::TooLong { .. } => OpenError::BadHeader("section_length"),
+        SectionError::TooShort { .. }
+        | SectionError::BodyTooLong { .. }
+        | SectionError::VersionOutOfRange(_)
+        | SectionError::StuffingTableId => OpenError::Truncated { len },
+    }
 }
 
 /// An authenticated, decrypted section.
@@ -1028,6 +1044,63 @@ mod tests {
         let s = seal_section(&root, &spec, &max, 4096, &mut OsRng).unwrap();
         assert_eq!(s.len(), 4096);
         assert_eq!(open_section(&root, &s).unwrap().plaintext.len(), max.len());
+    }
+
+    #[test]
+    fn parse_refuses_each_header_fault_with_its_error() {
+        let root = Key128::random(&mut OsRng);
+        let spec = SectionSpec {
+            table_id: TABLE_ID_GLOBAL,
+            table_id_extension: 7,
+            address: &[],
+            key_version: 1,
+        };
+        let good = seal_section(&root, &spec, b"abc", 256, &mut OsRng).unwrap();
+        let len = good.len();
+        // Header faults are reported before the CRC is looked at.
+        let mut bits = good.clone();
+        bits[1] &= 0x7F;
+        assert_eq!(
+            parse_section(&bits),
+            Err(OpenError::BadHeader("section_syntax_indicator"))
+        );
+        let mut bits = good.clone();
+        bits[1] &= !0x40;
+        assert_eq!(
+            parse_section(&bits),
+            Err(OpenError::BadHeader("private_indicator"))
+        );
+        let mut longer = good.clone();
+        longer.push(0);
+        assert_eq!(
+            parse_section(&longer),
+            Err(OpenError::LengthMismatch {
+                declared: len - 3,
+                actual: len - 2
+            })
+        );
+        let mut crc = good.clone();
+        crc[len - 1] ^= 1;
+        assert!(matches!(parse_section(&crc), Err(OpenError::Crc { .. })));
+        // section_number is checked once the CRC holds.
+        let mut numbered = good[..len - CRC_LEN].to_vec();
+        numbered[6] = 1;
+        let numbered = section::finish_with_crc(numbered).unwrap();
+        assert_eq!(
+            parse_section(&numbered),
+            Err(OpenError::BadHeader("section_number/last_section_number"))
+        );
+        assert_eq!(
+            parse_section(&good[..SECTION_OVERHEAD - 1]),
+            Err(OpenError::Truncated {
+                len: SECTION_OVERHEAD - 1
+            })
+        );
+        assert_eq!(
+            parse_section(&[0x42; 80]),
+            Err(OpenError::UnknownTableId(0x42))
+        );
+        assert!(parse_section(&good).is_ok());
     }
 
     #[test]
