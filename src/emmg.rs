@@ -329,36 +329,17 @@ fn placeholders(n: usize) -> String {
     vec!["?"; n].join(",")
 }
 
-/// Bytes a command spec takes in the plaintext (TLV header included).
-pub fn spec_len(c: &CommandSpec) -> usize {
-    emm::TLV_HEADER_LEN
-        + match c {
-            CommandSpec::EntitlementAdd(_) => 12,
-            CommandSpec::EntitlementRemove { .. } => 4,
-            CommandSpec::DeviceEnable {} | CommandSpec::DeviceDisable {} => 0,
-            CommandSpec::Osm { text, .. } => 3 + text.len(),
-            CommandSpec::GroupKey { .. } => 4 + 1 + 4 + 4 + 16,
-            CommandSpec::GlobalKey { .. } => 4 + 4 + 16,
-            CommandSpec::EntitlementSet { entries } => 2 + 12 * entries.len(),
-        }
-}
-
-/// Section bytes of an EMM to `address` before its commands.
-pub fn emm_overhead(address: &Address) -> usize {
-    casd_wire::crypto::SECTION_OVERHEAD + address.address_bytes().len() + emm::PLAINTEXT_HEADER_LEN
-}
-
 /// Packs commands, in order, into as few EMMs as fit `max_section_bytes`.
 pub fn pack(
     commands: Vec<CommandSpec>,
     address: &Address,
     max_section_bytes: usize,
 ) -> Result<Vec<Vec<CommandSpec>>, String> {
-    let room = max_section_bytes.saturating_sub(emm_overhead(address));
+    let room = max_section_bytes.saturating_sub(address.emm_overhead());
     let mut out: Vec<Vec<CommandSpec>> = Vec::new();
     let mut used = 0;
     for c in commands {
-        let l = spec_len(&c);
+        let l = c.encoded_len();
         if l > room {
             return Err(format!(
                 "a {} command of {l} bytes cannot fit a {max_section_bytes}-byte section",
@@ -392,7 +373,7 @@ fn entitlement_set_emms(
     let set = CommandSpec::EntitlementSet {
         entries: entries.clone(),
     };
-    let groups = if emm_overhead(&address) + spec_len(&set) <= max {
+    let groups = if address.emm_overhead() + set.encoded_len() <= max {
         vec![vec![set]]
     } else {
         let adds = entries
@@ -1066,10 +1047,12 @@ async fn plan(
                 slot,
                 key_version: k.version,
                 activates_at: k.activates_at,
+                key: (),
             }));
             cmds.extend(glks.iter().map(|k| CommandSpec::GlobalKey {
                 key_version: k.version,
                 activates_at: k.activates_at,
+                key: (),
             }));
             tri!(pack_into(
                 &mut emms,
@@ -1182,11 +1165,13 @@ async fn plan(
                     slot,
                     key_version: k.version,
                     activates_at: k.activates_at,
+                    key: (),
                 })
                 .collect();
             cmds.extend(glks.iter().map(|k| CommandSpec::GlobalKey {
                 key_version: k.version,
                 activates_at: k.activates_at,
+                key: (),
             }));
             tri!(pack_into(
                 &mut emms,
@@ -1240,7 +1225,7 @@ async fn plan(
             let class = if forced { CLASS_URGENT } else { CLASS_CHANGE };
             let osm = CommandSpec::Osm {
                 duration_s,
-                forced,
+                flags: emm::osm_flags(forced),
                 text,
             };
             let (address, key_version) = match target {
@@ -1304,7 +1289,7 @@ mod tests {
     #[test]
     fn packing_respects_the_section_size() {
         // Unique EMM: 65 + 8 + 16 = 89 bytes before the commands.
-        assert_eq!(emm_overhead(&dev(1)), 89);
+        assert_eq!(dev(1).emm_overhead(), 89);
         let adds: Vec<CommandSpec> = (1..=30)
             .map(|p| {
                 CommandSpec::EntitlementAdd(Entitlement {
@@ -1321,12 +1306,13 @@ mod tests {
             vec![11, 11, 8]
         );
         for p in &packs {
-            let len: usize = emm_overhead(&dev(1)) + p.iter().map(spec_len).sum::<usize>();
+            let len: usize =
+                dev(1).emm_overhead() + p.iter().map(CommandSpec::encoded_len).sum::<usize>();
             assert!(len <= 256);
         }
         let too_big = CommandSpec::Osm {
             duration_s: 0,
-            forced: false,
+            flags: 0,
             text: "x".repeat(200),
         };
         assert!(pack(vec![too_big], &dev(1), 256).is_err());

@@ -33,7 +33,7 @@ async fn seal(c: &mut mysql_async::Conn, enc: &LocalEncryptor, text: &str) -> (u
         key_version: None,
         commands: vec![CommandSpec::Osm {
             duration_s: 5,
-            forced: false,
+            flags: 0,
             text: text.into(),
         }],
     };

@@ -187,7 +187,7 @@ async fn every_command_becomes_the_right_sealed_emms() {
     }
     assert_eq!(
         r.open(set).await.commands,
-        vec![Command::EntitlementSet(vec![])]
+        vec![Command::EntitlementSet { entries: vec![] }]
     );
     // Reviewable JSON without key bytes.
     assert_eq!(enable.data["commands"][1]["type"], "group_key");
@@ -227,10 +227,9 @@ async fn every_command_becomes_the_right_sealed_emms() {
     // second has both products; the first's SET never went live.
     assert_eq!(
         r.open(set).await.commands,
-        vec![Command::EntitlementSet(vec![
-            ent(7, 100, 200),
-            ent(8, 100, 300)
-        ])]
+        vec![Command::EntitlementSet {
+            entries: vec![ent(7, 100, 200), ent(8, 100, 300)]
+        }]
     );
     assert_eq!(
         r.open(live[1]).await.commands,
@@ -270,7 +269,9 @@ async fn every_command_becomes_the_right_sealed_emms() {
     );
     assert_eq!(
         r.open(live[3]).await.commands,
-        vec![Command::EntitlementSet(vec![ent(8, 100, 300)])]
+        vec![Command::EntitlementSet {
+            entries: vec![ent(8, 100, 300)]
+        }]
     );
 
     // OSMs: unique (change class), group (forced → urgent, members' slots), global.

@@ -57,10 +57,12 @@ async fn sealed_emms_open_with_the_receivers_keys() {
                     slot: 5,
                     key_version: gk.version,
                     activates_at: gk.activates_at,
+                    key: (),
                 },
                 CommandSpec::GlobalKey {
                     key_version: glk.version,
                     activates_at: glk.activates_at,
+                    key: (),
                 },
             ],
         ),
@@ -74,7 +76,7 @@ async fn sealed_emms_open_with_the_receivers_keys() {
             Address::Global,
             vec![CommandSpec::Osm {
                 duration_s: 10,
-                forced: true,
+                flags: casd_wire::emm::OSM_FLAG_FORCED,
                 text: "hello".into(),
             }],
         ),
@@ -122,7 +124,7 @@ async fn refusals_are_per_job_and_precise() {
         Address::Global,
         vec![CommandSpec::Osm {
             duration_s: 0,
-            forced: false,
+            flags: 0,
             text: "x".repeat(300),
         }],
     );
@@ -132,6 +134,7 @@ async fn refusals_are_per_job_and_precise() {
         vec![CommandSpec::GlobalKey {
             key_version: 1,
             activates_at: 0,
+            key: (),
         }],
     );
     let fine = job(4, Address::Global, vec![CommandSpec::DeviceEnable {}]);

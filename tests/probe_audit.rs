@@ -29,7 +29,7 @@ fn ts_of(sections: &[Vec<u8>], cycles: usize) -> Vec<[u8; 188]> {
 fn osm(text: &str) -> Vec<CommandSpec> {
     vec![CommandSpec::Osm {
         duration_s: 1,
-        forced: false,
+        flags: 0,
         text: text.into(),
     }]
 }

@@ -29,9 +29,12 @@ impl Job for RefreshJob {
 }
 
 use crate::encryptor::BoxFuture;
+use casd_wire::{crypto, emm};
 
 /// Section bytes assumed for a set when spreading (a set of 4 products).
-const SET_BYTES: usize = 89 + 3 + 2 + 4 * 12;
+const SET_BYTES: usize = emm::emm_overhead(crypto::ADDRESS_LEN_UNIQUE)
+    + emm::TLV_HEADER_LEN
+    + emm::entitlement_set_value_len(4);
 
 /// One refresh run.
 pub async fn refresh(ctx: &JobCtx) -> Result<Counts, JobError> {

@@ -36,7 +36,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{db_now, Counts, Job, JobCtx, JobError};
-use crate::emmg::{emm_overhead, spec_len};
 use crate::encryptor::{BoxFuture, KeyState, RootRotation, SealJob};
 use crate::keystore::{current_meta, list_meta, KeyKind, KeyMeta};
 use casd_wire::emm::{Address, CommandSpec, DeviceId};
@@ -122,12 +121,14 @@ pub fn key_emm_bytes(versions: usize) -> usize {
         slot: 0,
         key_version: 0,
         activates_at: 0,
+        key: (),
     };
     let glk = CommandSpec::GlobalKey {
         key_version: 0,
         activates_at: 0,
+        key: (),
     };
-    emm_overhead(&a) + versions * (spec_len(&gk) + spec_len(&glk))
+    a.emm_overhead() + versions * (gk.encoded_len() + glk.encoded_len())
 }
 
 /// Seconds the output needs to send `sections` sections of `bytes` each

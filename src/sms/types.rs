@@ -124,10 +124,11 @@ pub enum Target {
 impl Target {
     /// Address bytes after the section header (docs/format.md §3.2).
     pub fn address_len(self) -> usize {
+        use casd_wire::crypto::{ADDRESS_LEN_GLOBAL, ADDRESS_LEN_GROUP, ADDRESS_LEN_UNIQUE};
         match self {
-            Target::Device(_) => 8,
-            Target::Group(_) => 4 + 32,
-            Target::All => 0,
+            Target::Device(_) => ADDRESS_LEN_UNIQUE,
+            Target::Group(_) => ADDRESS_LEN_GROUP,
+            Target::All => ADDRESS_LEN_GLOBAL,
         }
     }
 }
@@ -265,16 +266,10 @@ impl CommandRequest {
     }
 }
 
-/// Envelope bytes of an EMM besides its address and its commands' values:
-/// section header 8, format_version 1, key_version 4, iv 16, wrapped_dek 16,
-/// plaintext header 16 (emm_id, issued_at, not_after), MAC 16, CRC 4.
-pub const EMM_FIXED_OVERHEAD: usize = 8 + 1 + 4 + 16 + 16 + 16 + 16 + 4;
-
 /// The longest OSM text (UTF-8 bytes) that fits one section of
-/// `max_section_bytes` for `target`: the fixed overhead, the address, the
-/// TLV header (3) and the OSM's own duration_s + flags (3).
+/// `max_section_bytes` for `target` (the wire crate's sizes).
 pub fn max_osm_text_len(max_section_bytes: usize, target: Target) -> usize {
-    max_section_bytes.saturating_sub(EMM_FIXED_OVERHEAD + target.address_len() + 3 + 3)
+    casd_wire::emm::max_osm_text_len(max_section_bytes, target.address_len())
 }
 
 /// The top-level JSON object as (key, value) pairs in body order, duplicates

@@ -159,10 +159,12 @@ impl Headend {
                         slot: 5,
                         key_version: g.version,
                         activates_at: g.activates_at,
+                        key: (),
                     },
                     CommandSpec::GlobalKey {
                         key_version: l.version,
                         activates_at: l.activates_at,
+                        key: (),
                     },
                     CommandSpec::EntitlementAdd(ent),
                 ],
@@ -179,7 +181,7 @@ impl Headend {
                 Address::Global,
                 vec![CommandSpec::Osm {
                     duration_s: 10,
-                    forced: true,
+                    flags: casd_wire::emm::OSM_FLAG_FORCED,
                     text: "on air".into(),
                 }],
                 true,

@@ -50,7 +50,9 @@ fn sections() -> Vec<Bytes> {
                 device_id: DeviceId::new(d).unwrap(),
             },
             &derive_duk(&pmk, d),
-            vec![Command::EntitlementSet(vec![ent; 4])],
+            vec![Command::EntitlementSet {
+                entries: vec![ent; 4],
+            }],
         ));
     }
     let gk = Key128::from_bytes([0x5A; 16]);

@@ -866,27 +866,25 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// One command as JSON: the reviewable spec form (no key bytes), with
-/// `"key": "<redacted, 16 bytes>"` on key deliveries unless `show_keys`.
+/// One command as JSON: the reviewable form (no key bytes,
+/// [`Command::review_json`]), with `"key": "<redacted, 16 bytes>"` on key
+/// deliveries unless `show_keys`, and an unknown command's value in hex.
 pub fn command_json(c: &Command, show_keys: bool) -> Value {
-    let mut v = match (c.to_spec(), c) {
-        (Some(spec), _) => serde_json::to_value(spec).unwrap_or(Value::Null),
-        (None, Command::Unknown { tag, value }) => {
-            json!({"type": "unknown", "tag": tag, "length": value.len(), "value": hex::encode(value)})
+    let mut v = c.review_json();
+    let extra = match c {
+        Command::GroupKey { key, .. } | Command::GlobalKey { key, .. } => {
+            let shown = if show_keys {
+                hex::encode(key.expose())
+            } else {
+                "<redacted, 16 bytes>".to_owned()
+            };
+            Some(("key", shown))
         }
-        (None, _) => json!({"type": "unknown", "tag": c.tag()}),
-    };
-    let key = match c {
-        Command::GroupKey { key, .. } | Command::GlobalKey { key, .. } => Some(key),
+        Command::Unknown { value, .. } => Some(("value", hex::encode(value))),
         _ => None,
     };
-    if let (Some(k), Some(obj)) = (key, v.as_object_mut()) {
-        let shown = if show_keys {
-            hex::encode(k.expose())
-        } else {
-            "<redacted, 16 bytes>".to_owned()
-        };
-        obj.insert("key".into(), Value::String(shown));
+    if let (Some((name, shown)), Some(obj)) = (extra, v.as_object_mut()) {
+        obj.insert(name.into(), Value::String(shown));
     }
     v
 }

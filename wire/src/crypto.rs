@@ -69,20 +69,29 @@ pub const AT_REST_BLOB_LEN: usize = SECTION_OVERHEAD + 8 + KEY_LEN;
 /// CRC-32/MPEG-2 of `bytes`: the carousel crate's one CRC engine.
 pub use carousel::crc::crc32_mpeg2;
 
+/// Address (§3.2) of a unique EMM: device_id u64.
+pub const ADDRESS_LEN_UNIQUE: usize = 8;
+/// Address of a group EMM: group_id u32 + 256-slot bitmap.
+pub const ADDRESS_LEN_GROUP: usize = 4 + 32;
+/// A global EMM has no address.
+pub const ADDRESS_LEN_GLOBAL: usize = 0;
+/// Address of a key sealed at rest: the row id u64.
+pub const ADDRESS_LEN_AT_REST: usize = 8;
+
 /// Length of the address (§3.2) that follows the header for `table_id`, or
 /// `None` when casd does not use that table_id.
 pub const fn address_len(table_id: u8) -> Option<usize> {
     match table_id {
-        TABLE_ID_UNIQUE => Some(8),
-        TABLE_ID_GROUP => Some(4 + 32),
-        TABLE_ID_GLOBAL => Some(0),
-        TABLE_ID_AT_REST => Some(8),
+        TABLE_ID_UNIQUE => Some(ADDRESS_LEN_UNIQUE),
+        TABLE_ID_GROUP => Some(ADDRESS_LEN_GROUP),
+        TABLE_ID_GLOBAL => Some(ADDRESS_LEN_GLOBAL),
+        TABLE_ID_AT_REST => Some(ADDRESS_LEN_AT_REST),
         _ => None,
     }
 }
 
 /// Longest address of any table_id.
-const MAX_ADDRESS_LEN: usize = 36;
+const MAX_ADDRESS_LEN: usize = ADDRESS_LEN_GROUP;
 
 // ---------------------------------------------------------------------------
 // Key128

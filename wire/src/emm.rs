@@ -1,16 +1,16 @@
 //! EMM addresses (§3.2), the EMM plaintext and its commands (§3.4), and the
 //! two top-level pure functions [`seal_emm`] and [`open_emm`]. No I/O.
 //!
-//! Two command vocabularies:
-//! - [`Command`]: what travels on air, key bytes included (GROUP_KEY and
-//!   GLOBAL_KEY hold a zeroizing [`Key128`]); never serialized to JSON.
-//! - [`CommandSpec`]: what the EMMG asks the Encryptor for (REST JSON) and what
-//!   is stored for review in `emms.emm_data`: GROUP_KEY / GLOBAL_KEY name a
-//!   key *version* only. [`resolve_commands`] turns specs into commands with a
-//!   key look-up closure that only the Encryptor has.
+//! One command type, [`Command`], generic over what a key delivery carries:
+//! `Command<Key128>` travels on air (GROUP_KEY and GLOBAL_KEY hold a
+//! zeroizing [`Key128`], never serialized); [`CommandSpec`] = `Command<()>`
+//! is what the EMMG asks the Encryptor for (REST JSON) and what is stored for
+//! review in `emms.emm_data`: a key delivery names a key *version* only.
+//! [`resolve_commands`] turns requests into wire commands with a key look-up
+//! closure that only the Encryptor has.
 
 use crate::crypto::{
-    self, Key128, OpenError, SealError, SectionKeys, TABLE_ID_GLOBAL, TABLE_ID_GROUP,
+    self, Key128, OpenError, SealError, SectionKeys, KEY_LEN, TABLE_ID_GLOBAL, TABLE_ID_GROUP,
     TABLE_ID_UNIQUE,
 };
 use rand::{CryptoRng, RngCore};
@@ -38,10 +38,55 @@ pub mod tag {
 
 /// OSM flags bit 0: forced display.
 pub const OSM_FLAG_FORCED: u8 = 0x01;
+
+/// The OSM flags of a request: forced display or not (no other bit is
+/// defined).
+pub const fn osm_flags(forced: bool) -> u8 {
+    if forced {
+        OSM_FLAG_FORCED
+    } else {
+        0
+    }
+}
 /// emm_id + issued_at + not_after.
 pub const PLAINTEXT_HEADER_LEN: usize = 8 + 4 + 4;
 /// tag + length.
 pub const TLV_HEADER_LEN: usize = 3;
+// Value lengths (§3.4), for encoding, decoding and sizing alike.
+/// One entitlement (ENTITLEMENT_ADD's value): product_id, start, end.
+const ENTITLEMENT_LEN: usize = 4 + 4 + 4;
+/// ENTITLEMENT_REMOVE: product_id.
+const ENTITLEMENT_REMOVE_LEN: usize = 4;
+/// An OSM's value before its text: duration_s + flags.
+const OSM_FIXED_LEN: usize = 2 + 1;
+/// GROUP_KEY: group_id, slot, key_version, activates_at, key.
+const GROUP_KEY_LEN: usize = 4 + 1 + 4 + 4 + KEY_LEN;
+/// GLOBAL_KEY: key_version, activates_at, key.
+const GLOBAL_KEY_LEN: usize = 4 + 4 + KEY_LEN;
+/// ENTITLEMENT_SET before its entries: the count.
+const ENTITLEMENT_SET_FIXED_LEN: usize = 2;
+
+/// Value length of an ENTITLEMENT_SET of `n` entries: a u16 count, then the
+/// entries.
+pub const fn entitlement_set_value_len(n: usize) -> usize {
+    ENTITLEMENT_SET_FIXED_LEN + ENTITLEMENT_LEN * n
+}
+
+/// Section bytes of an EMM besides its commands (their TLVs), for an address
+/// of `address_len` bytes (§3.2: [`crypto::ADDRESS_LEN_UNIQUE`] and the
+/// others): the sealed section's own overhead ([`crypto::SECTION_OVERHEAD`]:
+/// header, envelope prefix, MAC, CRC), the address and the plaintext header
+/// (emm_id, issued_at, not_after). The one place this sum is written: the
+/// EMMG packs commands with it, the SMS API and the Scheduler size with it.
+pub const fn emm_overhead(address_len: usize) -> usize {
+    crypto::SECTION_OVERHEAD + address_len + PLAINTEXT_HEADER_LEN
+}
+
+/// The longest OSM text (UTF-8 bytes) that fits, as the only command, one
+/// section of `max_section_bytes` to an address of `address_len` bytes.
+pub const fn max_osm_text_len(max_section_bytes: usize, address_len: usize) -> usize {
+    max_section_bytes.saturating_sub(emm_overhead(address_len) + TLV_HEADER_LEN + OSM_FIXED_LEN)
+}
 
 // ---------------------------------------------------------------------------
 // Identities
@@ -245,6 +290,12 @@ impl Address {
         }
     }
 
+    /// Section bytes of an EMM to this address besides its commands
+    /// ([`emm_overhead`]).
+    pub fn emm_overhead(&self) -> usize {
+        emm_overhead(self.address_bytes().len())
+    }
+
     /// Whether this is a unique address.
     pub fn is_unique(&self) -> bool {
         matches!(self, Address::Unique { .. })
@@ -305,12 +356,37 @@ pub struct Entitlement {
     pub end: u32,
 }
 
-/// One §3.4 command as it travels on air (key bytes included).
+/// One §3.4 command: casd's one command vocabulary, generic over what a key
+/// delivery (GROUP_KEY, GLOBAL_KEY) carries.
 ///
-/// `Debug` is safe: keys print as `Key128(<redacted>)`. Not serializable:
-/// use [`Command::to_spec`] for a reviewable rendering.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
+/// - `Command<Key128>`, the default, is what travels on air: key deliveries
+///   hold the zeroizing key. Only it is encoded and decoded.
+/// - [`CommandSpec`] = `Command<()>` is the request side: what the EMMG asks
+///   the Encryptor for (REST JSON) and what `emms.emm_data` records. A key
+///   delivery names its key by `group_id` / `key_version` and carries no key
+///   bytes; [`CommandSpec::resolve`] fills the key in with a look-up that only
+///   the Encryptor has.
+///
+/// Tags, value lengths and validation are written once, for both.
+///
+/// JSON (internally tagged by `"type"`, unknown fields refused). The key is
+/// never serialized: a `Command<Key128>` renders as its request form, and
+/// only a `Command<()>` can be deserialized (a key payload must be
+/// `Default`, which [`Key128`] is not):
+/// `{"type":"entitlement_add","product_id":1,"start":0,"end":100}`,
+/// `{"type":"entitlement_remove","product_id":1}`, `{"type":"device_enable"}`,
+/// `{"type":"device_disable"}`,
+/// `{"type":"osm","duration_s":10,"forced":true,"text":"hi"}`,
+/// `{"type":"group_key","group_id":3,"slot":5,"key_version":2,"activates_at":0}`,
+/// `{"type":"global_key","key_version":2,"activates_at":0}`,
+/// `{"type":"entitlement_set","entries":[{"product_id":1,"start":0,"end":9}]}`.
+/// [`Command::Unknown`] (decode only) has no JSON form of its own: see
+/// [`Command::review_json`].
+///
+/// `Debug` is safe: keys print as `Key128(<redacted>)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command<K = Key128> {
     /// 0x01.
     EntitlementAdd(Entitlement),
     /// 0x02.
@@ -319,14 +395,18 @@ pub enum Command {
         product_id: u32,
     },
     /// 0x03.
+    #[serde(deserialize_with = "no_fields")]
     DeviceEnable,
     /// 0x04.
+    #[serde(deserialize_with = "no_fields")]
     DeviceDisable,
     /// 0x05.
     Osm {
         /// Seconds on screen, 0 = until dismissed.
         duration_s: u16,
-        /// Bit 0 forced display; other bits are carried as-is.
+        /// Bit 0 forced display ([`OSM_FLAG_FORCED`]); other bits are carried
+        /// as-is on air. JSON: `"forced": bool` (default false).
+        #[serde(rename = "forced", with = "forced_flag", default)]
         flags: u8,
         /// UTF-8 text.
         text: String,
@@ -341,8 +421,9 @@ pub enum Command {
         key_version: u32,
         /// When group EMMs switch to it (unix s).
         activates_at: u32,
-        /// GK_n.
-        key: Key128,
+        /// GK_{key_version}(group_id), or `()` on the request side.
+        #[serde(skip)]
+        key: K,
     },
     /// 0x07 (unique EMMs only).
     GlobalKey {
@@ -350,12 +431,17 @@ pub enum Command {
         key_version: u32,
         /// When global EMMs switch to it (unix s).
         activates_at: u32,
-        /// GLK_n.
-        key: Key128,
+        /// GLK_{key_version}, or `()` on the request side.
+        #[serde(skip)]
+        key: K,
     },
     /// 0x08: the device's whole set.
-    EntitlementSet(Vec<Entitlement>),
+    EntitlementSet {
+        /// The whole set.
+        entries: Vec<Entitlement>,
+    },
     /// A tag this code does not know (decode only; receivers skip it).
+    #[serde(skip)]
     Unknown {
         /// Tag.
         tag: u8,
@@ -364,7 +450,53 @@ pub enum Command {
     },
 }
 
-impl Command {
+/// The request side of [`Command`]: key deliveries name a key version and
+/// carry no key bytes.
+pub type CommandSpec = Command<()>;
+
+/// Which key a key delivery needs from the key store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyRef {
+    /// GK_{version}(group_id).
+    Group {
+        /// Group.
+        group_id: u32,
+        /// Version.
+        key_version: u32,
+    },
+    /// GLK_{version}.
+    Global {
+        /// Version.
+        key_version: u32,
+    },
+}
+
+/// `DEVICE_ENABLE` / `DEVICE_DISABLE` have no fields; serde's
+/// `deny_unknown_fields` does not reach unit variants of an internally
+/// tagged enum, so this refuses `{"type":"device_enable","x":1}`.
+fn no_fields<'de, D: serde::Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoFields {}
+    NoFields::deserialize(d).map(|NoFields {}| ())
+}
+
+/// OSM flags on air, `"forced": bool` in JSON (bit 0; the other bits are
+/// defined by no one and not part of a request).
+mod forced_flag {
+    use super::OSM_FLAG_FORCED;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(flags: &u8, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bool(flags & OSM_FLAG_FORCED != 0)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+        bool::deserialize(d).map(super::osm_flags)
+    }
+}
+
+impl<K> Command<K> {
     /// The §3.4 tag.
     pub fn tag(&self) -> u8 {
         match self {
@@ -375,28 +507,34 @@ impl Command {
             Command::Osm { .. } => tag::OSM,
             Command::GroupKey { .. } => tag::GROUP_KEY,
             Command::GlobalKey { .. } => tag::GLOBAL_KEY,
-            Command::EntitlementSet(_) => tag::ENTITLEMENT_SET,
+            Command::EntitlementSet { .. } => tag::ENTITLEMENT_SET,
             Command::Unknown { tag, .. } => *tag,
         }
     }
 
-    /// Whether it carries key bytes (and so may travel only in unique EMMs).
+    /// Whether it carries key bytes on air (and so may travel only in unique EMMs).
     pub fn carries_key(&self) -> bool {
         matches!(self, Command::GroupKey { .. } | Command::GlobalKey { .. })
     }
 
-    /// Length of the value (without tag and length).
+    /// Length of the value on air (without tag and length); the same for
+    /// the request side, whose key deliveries become 16 key bytes.
     pub fn value_len(&self) -> usize {
         match self {
-            Command::EntitlementAdd(_) => 12,
-            Command::EntitlementRemove { .. } => 4,
+            Command::EntitlementAdd(_) => ENTITLEMENT_LEN,
+            Command::EntitlementRemove { .. } => ENTITLEMENT_REMOVE_LEN,
             Command::DeviceEnable | Command::DeviceDisable => 0,
-            Command::Osm { text, .. } => 3 + text.len(),
-            Command::GroupKey { .. } => 4 + 1 + 4 + 4 + 16,
-            Command::GlobalKey { .. } => 4 + 4 + 16,
-            Command::EntitlementSet(e) => 2 + 12 * e.len(),
+            Command::Osm { text, .. } => OSM_FIXED_LEN + text.len(),
+            Command::GroupKey { .. } => GROUP_KEY_LEN,
+            Command::GlobalKey { .. } => GLOBAL_KEY_LEN,
+            Command::EntitlementSet { entries } => entitlement_set_value_len(entries.len()),
             Command::Unknown { value, .. } => value.len(),
         }
+    }
+
+    /// Bytes it takes in the plaintext: tag, length and value.
+    pub fn encoded_len(&self) -> usize {
+        TLV_HEADER_LEN + self.value_len()
     }
 
     /// Checks what encoding needs: value length fits u16, product_id >= 1,
@@ -412,7 +550,7 @@ impl Command {
         match self {
             Command::EntitlementAdd(e) if e.product_id == 0 => Err(EncodeError::ProductIdZero),
             Command::EntitlementRemove { product_id: 0 } => Err(EncodeError::ProductIdZero),
-            Command::EntitlementSet(es) if es.iter().any(|e| e.product_id == 0) => {
+            Command::EntitlementSet { entries } if entries.iter().any(|e| e.product_id == 0) => {
                 Err(EncodeError::ProductIdZero)
             }
             Command::Unknown { tag, .. }
@@ -424,6 +562,122 @@ impl Command {
         }
     }
 
+    /// The key a key delivery needs, `None` for any other command.
+    pub fn key_ref(&self) -> Option<KeyRef> {
+        match self {
+            Command::GroupKey {
+                group_id,
+                key_version,
+                ..
+            } => Some(KeyRef::Group {
+                group_id: *group_id,
+                key_version: *key_version,
+            }),
+            Command::GlobalKey { key_version, .. } => Some(KeyRef::Global {
+                key_version: *key_version,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The same command with another key payload: `key` is asked for the
+    /// payload of a key delivery (given its [`KeyRef`] and current payload)
+    /// and its error is passed through.
+    pub fn map_key<K2, E>(
+        &self,
+        key: impl FnOnce(KeyRef, &K) -> Result<K2, E>,
+    ) -> Result<Command<K2>, E> {
+        Ok(match self {
+            Command::EntitlementAdd(e) => Command::EntitlementAdd(*e),
+            Command::EntitlementRemove { product_id } => Command::EntitlementRemove {
+                product_id: *product_id,
+            },
+            Command::DeviceEnable => Command::DeviceEnable,
+            Command::DeviceDisable => Command::DeviceDisable,
+            Command::Osm {
+                duration_s,
+                flags,
+                text,
+            } => Command::Osm {
+                duration_s: *duration_s,
+                flags: *flags,
+                text: text.clone(),
+            },
+            Command::GroupKey {
+                group_id,
+                slot,
+                key_version,
+                activates_at,
+                key: k,
+            } => Command::GroupKey {
+                group_id: *group_id,
+                slot: *slot,
+                key_version: *key_version,
+                activates_at: *activates_at,
+                key: key(
+                    KeyRef::Group {
+                        group_id: *group_id,
+                        key_version: *key_version,
+                    },
+                    k,
+                )?,
+            },
+            Command::GlobalKey {
+                key_version,
+                activates_at,
+                key: k,
+            } => Command::GlobalKey {
+                key_version: *key_version,
+                activates_at: *activates_at,
+                key: key(
+                    KeyRef::Global {
+                        key_version: *key_version,
+                    },
+                    k,
+                )?,
+            },
+            Command::EntitlementSet { entries } => Command::EntitlementSet {
+                entries: entries.clone(),
+            },
+            Command::Unknown { tag, value } => Command::Unknown {
+                tag: *tag,
+                value: value.clone(),
+            },
+        })
+    }
+
+    /// The request-side form: the same command without key bytes.
+    pub fn without_key(&self) -> CommandSpec {
+        match self.map_key(|_, _| Ok::<(), core::convert::Infallible>(())) {
+            Ok(spec) => spec,
+            Err(never) => match never {},
+        }
+    }
+
+    /// The reviewable JSON (`emms.emm_data`, the probe): the request form,
+    /// no key bytes; an unknown tag as `{"type":"unknown","tag":N,"length":L}`.
+    pub fn review_json(&self) -> serde_json::Value {
+        match self {
+            Command::Unknown { tag, value } => {
+                serde_json::json!({"type": "unknown", "tag": tag, "length": value.len()})
+            }
+            c => serde_json::to_value(c).unwrap_or(serde_json::Value::Null),
+        }
+    }
+}
+
+impl CommandSpec {
+    /// The wire command; `lookup` is asked for the key of GROUP_KEY /
+    /// GLOBAL_KEY and its error is passed through.
+    pub fn resolve<E>(
+        &self,
+        lookup: &mut impl FnMut(KeyRef) -> Result<Key128, E>,
+    ) -> Result<Command, E> {
+        self.map_key(|r, ()| lookup(r))
+    }
+}
+
+impl Command {
     fn encode_into(&self, out: &mut Vec<u8>) {
         out.push(self.tag());
         out.extend_from_slice(&(self.value_len() as u16).to_be_bytes());
@@ -469,9 +723,9 @@ impl Command {
                 out.extend_from_slice(&activates_at.to_be_bytes());
                 out.extend_from_slice(key.expose());
             }
-            Command::EntitlementSet(es) => {
-                out.extend_from_slice(&(es.len() as u16).to_be_bytes());
-                for e in es {
+            Command::EntitlementSet { entries } => {
+                out.extend_from_slice(&(entries.len() as u16).to_be_bytes());
+                for e in entries {
                     ent(out, e);
                 }
             }
@@ -499,11 +753,11 @@ impl Command {
         };
         Ok(match tag {
             tag::ENTITLEMENT_ADD => {
-                want(12)?;
+                want(ENTITLEMENT_LEN)?;
                 Command::EntitlementAdd(ent_at(0))
             }
             tag::ENTITLEMENT_REMOVE => {
-                want(4)?;
+                want(ENTITLEMENT_REMOVE_LEN)?;
                 Command::EntitlementRemove {
                     product_id: u32_at(0),
                 }
@@ -517,14 +771,15 @@ impl Command {
                 Command::DeviceDisable
             }
             tag::OSM => {
-                if v.len() < 3 {
+                if v.len() < OSM_FIXED_LEN {
                     return Err(DecodeError::BadLength {
                         tag,
-                        expected: 3,
+                        expected: OSM_FIXED_LEN,
                         got: v.len(),
                     });
                 }
-                let text = core::str::from_utf8(&v[3..]).map_err(|_| DecodeError::BadUtf8)?;
+                let text =
+                    core::str::from_utf8(&v[OSM_FIXED_LEN..]).map_err(|_| DecodeError::BadUtf8)?;
                 Command::Osm {
                     duration_s: u16::from_be_bytes([v[0], v[1]]),
                     flags: v[2],
@@ -532,42 +787,50 @@ impl Command {
                 }
             }
             tag::GROUP_KEY => {
-                want(29)?;
+                want(GROUP_KEY_LEN)?;
                 Command::GroupKey {
                     group_id: u32_at(0),
                     slot: v[4],
                     key_version: u32_at(5),
                     activates_at: u32_at(9),
-                    key: Key128::from_slice(&v[13..29]).map_err(|_| DecodeError::BadLength {
-                        tag,
-                        expected: 29,
-                        got: v.len(),
+                    key: Key128::from_slice(&v[13..GROUP_KEY_LEN]).map_err(|_| {
+                        DecodeError::BadLength {
+                            tag,
+                            expected: GROUP_KEY_LEN,
+                            got: v.len(),
+                        }
                     })?,
                 }
             }
             tag::GLOBAL_KEY => {
-                want(24)?;
+                want(GLOBAL_KEY_LEN)?;
                 Command::GlobalKey {
                     key_version: u32_at(0),
                     activates_at: u32_at(4),
-                    key: Key128::from_slice(&v[8..24]).map_err(|_| DecodeError::BadLength {
-                        tag,
-                        expected: 24,
-                        got: v.len(),
+                    key: Key128::from_slice(&v[8..GLOBAL_KEY_LEN]).map_err(|_| {
+                        DecodeError::BadLength {
+                            tag,
+                            expected: GLOBAL_KEY_LEN,
+                            got: v.len(),
+                        }
                     })?,
                 }
             }
             tag::ENTITLEMENT_SET => {
-                if v.len() < 2 {
+                if v.len() < ENTITLEMENT_SET_FIXED_LEN {
                     return Err(DecodeError::BadLength {
                         tag,
-                        expected: 2,
+                        expected: ENTITLEMENT_SET_FIXED_LEN,
                         got: v.len(),
                     });
                 }
                 let count = usize::from(u16::from_be_bytes([v[0], v[1]]));
-                want(2 + 12 * count)?;
-                Command::EntitlementSet((0..count).map(|k| ent_at(2 + 12 * k)).collect())
+                want(entitlement_set_value_len(count))?;
+                Command::EntitlementSet {
+                    entries: (0..count)
+                        .map(|k| ent_at(ENTITLEMENT_SET_FIXED_LEN + ENTITLEMENT_LEN * k))
+                        .collect(),
+                }
             }
             _ => Command::Unknown {
                 tag,
@@ -575,222 +838,14 @@ impl Command {
             },
         })
     }
-
-    /// The request-side / review rendering: same command without key bytes.
-    /// `None` for [`Command::Unknown`].
-    pub fn to_spec(&self) -> Option<CommandSpec> {
-        Some(match self {
-            Command::EntitlementAdd(e) => CommandSpec::EntitlementAdd(*e),
-            Command::EntitlementRemove { product_id } => CommandSpec::EntitlementRemove {
-                product_id: *product_id,
-            },
-            Command::DeviceEnable => CommandSpec::DeviceEnable {},
-            Command::DeviceDisable => CommandSpec::DeviceDisable {},
-            Command::Osm {
-                duration_s,
-                flags,
-                text,
-            } => CommandSpec::Osm {
-                duration_s: *duration_s,
-                forced: flags & OSM_FLAG_FORCED != 0,
-                text: text.clone(),
-            },
-            Command::GroupKey {
-                group_id,
-                slot,
-                key_version,
-                activates_at,
-                ..
-            } => CommandSpec::GroupKey {
-                group_id: *group_id,
-                slot: *slot,
-                key_version: *key_version,
-                activates_at: *activates_at,
-            },
-            Command::GlobalKey {
-                key_version,
-                activates_at,
-                ..
-            } => CommandSpec::GlobalKey {
-                key_version: *key_version,
-                activates_at: *activates_at,
-            },
-            Command::EntitlementSet(es) => CommandSpec::EntitlementSet {
-                entries: es.clone(),
-            },
-            Command::Unknown { .. } => return None,
-        })
-    }
 }
 
-/// A command as the EMMG requests it and as `emms.emm_data` records it: key
-/// deliveries name a version, never key bytes.
-///
-/// JSON (internally tagged by `"type"`, unknown fields refused):
-/// `{"type":"entitlement_add","product_id":1,"start":0,"end":100}`,
-/// `{"type":"entitlement_remove","product_id":1}`, `{"type":"device_enable"}`,
-/// `{"type":"device_disable"}`,
-/// `{"type":"osm","duration_s":10,"forced":true,"text":"hi"}`,
-/// `{"type":"group_key","group_id":3,"slot":5,"key_version":2,"activates_at":0}`,
-/// `{"type":"global_key","key_version":2,"activates_at":0}`,
-/// `{"type":"entitlement_set","entries":[{"product_id":1,"start":0,"end":9}]}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum CommandSpec {
-    /// 0x01.
-    EntitlementAdd(Entitlement),
-    /// 0x02.
-    EntitlementRemove {
-        /// Product.
-        product_id: u32,
-    },
-    /// 0x03 (`{}`: serde's deny_unknown_fields ignores unit variants).
-    DeviceEnable {},
-    /// 0x04.
-    DeviceDisable {},
-    /// 0x05.
-    Osm {
-        /// Seconds, 0 = until dismissed.
-        duration_s: u16,
-        /// Forced display (flags bit 0).
-        #[serde(default)]
-        forced: bool,
-        /// UTF-8 text.
-        text: String,
-    },
-    /// 0x06: the Encryptor fills in GK_{key_version}(group_id).
-    GroupKey {
-        /// Group.
-        group_id: u32,
-        /// Slot of the receiving device.
-        slot: u8,
-        /// GK version to deliver.
-        key_version: u32,
-        /// Activation (unix s).
-        activates_at: u32,
-    },
-    /// 0x07: the Encryptor fills in GLK_{key_version}.
-    GlobalKey {
-        /// GLK version to deliver.
-        key_version: u32,
-        /// Activation (unix s).
-        activates_at: u32,
-    },
-    /// 0x08.
-    EntitlementSet {
-        /// The whole set.
-        entries: Vec<Entitlement>,
-    },
-}
-
-/// Which key a [`CommandSpec`] needs from the key store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KeyRef {
-    /// GK_{version}(group_id).
-    Group {
-        /// Group.
-        group_id: u32,
-        /// Version.
-        key_version: u32,
-    },
-    /// GLK_{version}.
-    Global {
-        /// Version.
-        key_version: u32,
-    },
-}
-
-impl CommandSpec {
-    /// The §3.4 tag it becomes.
-    pub fn tag(&self) -> u8 {
-        match self {
-            CommandSpec::EntitlementAdd(_) => tag::ENTITLEMENT_ADD,
-            CommandSpec::EntitlementRemove { .. } => tag::ENTITLEMENT_REMOVE,
-            CommandSpec::DeviceEnable {} => tag::DEVICE_ENABLE,
-            CommandSpec::DeviceDisable {} => tag::DEVICE_DISABLE,
-            CommandSpec::Osm { .. } => tag::OSM,
-            CommandSpec::GroupKey { .. } => tag::GROUP_KEY,
-            CommandSpec::GlobalKey { .. } => tag::GLOBAL_KEY,
-            CommandSpec::EntitlementSet { .. } => tag::ENTITLEMENT_SET,
-        }
-    }
-
-    /// The key it needs, if it is a key delivery.
-    pub fn key_ref(&self) -> Option<KeyRef> {
-        match self {
-            CommandSpec::GroupKey {
-                group_id,
-                key_version,
-                ..
-            } => Some(KeyRef::Group {
-                group_id: *group_id,
-                key_version: *key_version,
-            }),
-            CommandSpec::GlobalKey { key_version, .. } => Some(KeyRef::Global {
-                key_version: *key_version,
-            }),
-            _ => None,
-        }
-    }
-
-    /// The wire command; `lookup` is asked for the key of GROUP_KEY /
-    /// GLOBAL_KEY and its error is passed through.
-    pub fn to_command<E>(
-        &self,
-        lookup: &mut impl FnMut(KeyRef) -> Result<Key128, E>,
-    ) -> Result<Command, E> {
-        Ok(match self {
-            CommandSpec::EntitlementAdd(e) => Command::EntitlementAdd(*e),
-            CommandSpec::EntitlementRemove { product_id } => Command::EntitlementRemove {
-                product_id: *product_id,
-            },
-            CommandSpec::DeviceEnable {} => Command::DeviceEnable,
-            CommandSpec::DeviceDisable {} => Command::DeviceDisable,
-            CommandSpec::Osm {
-                duration_s,
-                forced,
-                text,
-            } => Command::Osm {
-                duration_s: *duration_s,
-                flags: if *forced { OSM_FLAG_FORCED } else { 0 },
-                text: text.clone(),
-            },
-            CommandSpec::GroupKey {
-                group_id,
-                slot,
-                key_version,
-                activates_at,
-            } => Command::GroupKey {
-                group_id: *group_id,
-                slot: *slot,
-                key_version: *key_version,
-                activates_at: *activates_at,
-                key: lookup(KeyRef::Group {
-                    group_id: *group_id,
-                    key_version: *key_version,
-                })?,
-            },
-            CommandSpec::GlobalKey {
-                key_version,
-                activates_at,
-            } => Command::GlobalKey {
-                key_version: *key_version,
-                activates_at: *activates_at,
-                key: lookup(KeyRef::Global {
-                    key_version: *key_version,
-                })?,
-            },
-            CommandSpec::EntitlementSet { entries } => Command::EntitlementSet(entries.clone()),
-        })
-    }
-}
-
-/// Turns request-side specs into wire commands, asking `lookup` for each key.
+/// Turns request-side commands into wire commands, asking `lookup` for each key.
 pub fn resolve_commands<E>(
     specs: &[CommandSpec],
     mut lookup: impl FnMut(KeyRef) -> Result<Key128, E>,
 ) -> Result<Vec<Command>, E> {
-    specs.iter().map(|s| s.to_command(&mut lookup)).collect()
+    specs.iter().map(|s| s.resolve(&mut lookup)).collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -910,11 +965,7 @@ pub struct EmmPlaintext {
 
 /// Encoded length of a plaintext with these commands.
 pub fn plaintext_len(commands: &[Command]) -> usize {
-    PLAINTEXT_HEADER_LEN
-        + commands
-            .iter()
-            .map(|c| TLV_HEADER_LEN + c.value_len())
-            .sum::<usize>()
+    PLAINTEXT_HEADER_LEN + commands.iter().map(Command::encoded_len).sum::<usize>()
 }
 
 fn validate_commands(commands: &[Command]) -> Result<(), EncodeError> {
@@ -1050,7 +1101,12 @@ impl SealInput {
 
     /// Size of the sealed section.
     pub fn section_len(&self) -> usize {
-        crypto::SECTION_OVERHEAD + self.address.address_bytes().len() + self.plaintext_len()
+        self.address.emm_overhead()
+            + self
+                .commands
+                .iter()
+                .map(Command::encoded_len)
+                .sum::<usize>()
     }
 
     /// Derives the section keys of this input's address under `address_root`.
@@ -1186,17 +1242,11 @@ pub fn open_emm(section: &[u8], address_root: &Key128) -> Result<OpenedEmm, Open
 // ---------------------------------------------------------------------------
 
 /// The reviewable JSON of one EMM for `emms.emm_data`: header fields,
-/// address, key_version and the commands as [`CommandSpec`]s (no key bytes;
-/// unknown tags as `{"type":"unknown","tag":N,"length":L}`).
+/// address, key_version and the commands in their request form (no key
+/// bytes; see [`Command::review_json`]).
 pub fn review_json(input: &SealInput) -> serde_json::Value {
-    let commands: Vec<serde_json::Value> = input
-        .commands
-        .iter()
-        .map(|c| match c.to_spec() {
-            Some(spec) => serde_json::to_value(spec).unwrap_or(serde_json::Value::Null),
-            None => serde_json::json!({"type": "unknown", "tag": c.tag(), "length": c.value_len()}),
-        })
-        .collect();
+    let commands: Vec<serde_json::Value> =
+        input.commands.iter().map(Command::review_json).collect();
     serde_json::json!({
         "emm_id": input.emm_id.0,
         "issued_at": input.issued_at,
@@ -1296,18 +1346,20 @@ mod tests {
                 activates_at: 8,
                 key: k,
             },
-            Command::EntitlementSet(vec![
-                Entitlement {
-                    product_id: 1,
-                    start: 0,
-                    end: 10,
-                },
-                Entitlement {
-                    product_id: 2,
-                    start: 5,
-                    end: 15,
-                },
-            ]),
+            Command::EntitlementSet {
+                entries: vec![
+                    Entitlement {
+                        product_id: 1,
+                        start: 0,
+                        end: 10,
+                    },
+                    Entitlement {
+                        product_id: 2,
+                        start: 5,
+                        end: 15,
+                    },
+                ],
+            },
             Command::Unknown {
                 tag: 0x7F,
                 value: vec![1, 2, 3],
@@ -1439,8 +1491,14 @@ mod tests {
         })
         .unwrap();
         assert!(matches!(&cmds[1], Command::GroupKey { key, .. } if *key == gk));
-        let back: Vec<CommandSpec> = cmds.iter().filter_map(Command::to_spec).collect();
+        let back: Vec<CommandSpec> = cmds.iter().map(Command::without_key).collect();
         assert_eq!(back, specs);
+        // One length table: a request takes the bytes its wire command takes.
+        for (spec, cmd) in specs.iter().zip(&cmds) {
+            assert_eq!(spec.encoded_len(), cmd.encoded_len());
+            assert_eq!(spec.tag(), cmd.tag());
+            assert_eq!(spec.key_ref(), cmd.key_ref());
+        }
         let missing = resolve_commands(&specs, |_| Err("missing"));
         assert_eq!(missing, Err("missing"));
         let review = review_json(&input(unique(8), cmds)).to_string();
@@ -1449,6 +1507,107 @@ mod tests {
         assert!(review.contains(r#""type":"group_key""#));
         assert!(serde_json::from_str::<CommandSpec>(r#"{"type":"device_enable","x":1}"#).is_err());
         assert!(serde_json::from_str::<CommandSpec>(r#"{"type":"nope"}"#).is_err());
+    }
+
+    #[test]
+    fn overhead_is_what_sealing_adds() {
+        assert_eq!(unique(1).emm_overhead(), 89);
+        assert_eq!(Address::group_with_slots(1, [0]).emm_overhead(), 117);
+        assert_eq!(Address::Global.emm_overhead(), 81);
+        let root = Key128::random(&mut OsRng);
+        for a in [
+            unique(5),
+            Address::group_with_slots(1, [0]),
+            Address::Global,
+        ] {
+            let text_len = max_osm_text_len(256, a.address_bytes().len());
+            let osm = Command::Osm {
+                duration_s: 0,
+                flags: 0,
+                text: "x".repeat(text_len),
+            };
+            let inp = input(a.clone(), vec![osm]);
+            assert_eq!(seal_emm(&inp, &root, 256, &mut OsRng).unwrap().len(), 256);
+            let set = Command::EntitlementSet {
+                entries: vec![
+                    Entitlement {
+                        product_id: 1,
+                        start: 0,
+                        end: 1
+                    };
+                    4
+                ],
+            };
+            let inp = input(a.clone(), vec![set]);
+            assert_eq!(
+                seal_emm(&inp, &root, 256, &mut OsRng).unwrap().len(),
+                a.emm_overhead() + TLV_HEADER_LEN + entitlement_set_value_len(4)
+            );
+        }
+    }
+
+    #[test]
+    fn command_json_is_the_request_form() {
+        let wire = Command::GroupKey {
+            group_id: 3,
+            slot: 5,
+            key_version: 2,
+            activates_at: 50,
+            key: Key128::from_bytes([0x5A; 16]),
+        };
+        let j = serde_json::to_string(&wire).unwrap();
+        assert_eq!(
+            j,
+            r#"{"type":"group_key","group_id":3,"slot":5,"key_version":2,"activates_at":50}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<CommandSpec>(&j).unwrap(),
+            wire.without_key()
+        );
+        // A key in a request is an unknown field.
+        assert!(serde_json::from_str::<CommandSpec>(
+            r#"{"type":"global_key","key_version":2,"activates_at":0,"key":"00"}"#
+        )
+        .is_err());
+        // OSM flags are `forced` in JSON, default false.
+        let osm: CommandSpec =
+            serde_json::from_str(r#"{"type":"osm","duration_s":10,"text":"hi"}"#).unwrap();
+        assert!(matches!(osm, Command::Osm { flags: 0, .. }));
+        let forced = Command::<()>::Osm {
+            duration_s: 1,
+            flags: OSM_FLAG_FORCED,
+            text: "x".into(),
+        };
+        let j = serde_json::to_string(&forced).unwrap();
+        assert_eq!(
+            j,
+            r#"{"type":"osm","duration_s":1,"forced":true,"text":"x"}"#
+        );
+        assert_eq!(serde_json::from_str::<CommandSpec>(&j).unwrap(), forced);
+        assert_eq!(
+            serde_json::to_string(&CommandSpec::DeviceEnable).unwrap(),
+            r#"{"type":"device_enable"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<CommandSpec>(r#"{"type":"device_disable"}"#).unwrap(),
+            Command::DeviceDisable
+        );
+        assert!(serde_json::from_str::<CommandSpec>(r#"{"type":"device_disable","x":1}"#).is_err());
+        let set: CommandSpec = serde_json::from_str(
+            r#"{"type":"entitlement_set","entries":[{"product_id":1,"start":0,"end":9}]}"#,
+        )
+        .unwrap();
+        assert_eq!(set.value_len(), 2 + 12);
+        // An unknown tag has only a review form.
+        let unknown: Command = Command::Unknown {
+            tag: 0x7F,
+            value: vec![1, 2, 3],
+        };
+        assert!(serde_json::to_value(&unknown).is_err());
+        assert_eq!(
+            unknown.review_json(),
+            serde_json::json!({"type": "unknown", "tag": 0x7F, "length": 3})
+        );
     }
 
     #[test]

@@ -250,7 +250,7 @@ impl Receiver {
             } => {
                 self.global_keys.insert(key_version, (key, activates_at));
             }
-            Command::EntitlementSet(set) => {
+            Command::EntitlementSet { entries: set } => {
                 // Products changed by a newer single command keep that state.
                 let changed_by = &self.changed_by;
                 self.entitlements
@@ -421,18 +421,26 @@ mod tests {
             1,
             vec![Command::EntitlementRemove { product_id: 1 }],
         );
-        let set3 = seal(3, unique(7), &duk, 1, vec![Command::EntitlementSet(vec![])]);
+        let set3 = seal(
+            3,
+            unique(7),
+            &duk,
+            1,
+            vec![Command::EntitlementSet { entries: vec![] }],
+        );
         let add8 = seal(8, unique(7), &duk, 1, vec![ent(2)]);
         let set9 = seal(
             9,
             unique(7),
             &duk,
             1,
-            vec![Command::EntitlementSet(vec![Entitlement {
-                product_id: 3,
-                start: 1,
-                end: 2,
-            }])],
+            vec![Command::EntitlementSet {
+                entries: vec![Entitlement {
+                    product_id: 3,
+                    start: 1,
+                    end: 2,
+                }],
+            }],
         );
         r.accept(&remove7, NOW);
         r.accept(&add5, NOW); // older: must not bring product 1 back

@@ -46,7 +46,8 @@ fn command(with_keys: bool) -> BoxedStrategy<Command> {
                 text,
             }
         }),
-        prop::collection::vec(entitlement(), 0..5).prop_map(Command::EntitlementSet),
+        prop::collection::vec(entitlement(), 0..5)
+            .prop_map(|entries| Command::EntitlementSet { entries }),
         (0x09..=0xFFu8, prop::collection::vec(any::<u8>(), 0..20))
             .prop_map(|(tag, value)| Command::Unknown { tag, value }),
     ];

@@ -196,18 +196,20 @@ fn generate() -> Value {
         not_after: NOT_AFTER,
         address: Address::group_with_slots(group_id, [slot, 200]),
         key_version: gk_version,
-        commands: vec![Command::EntitlementSet(vec![
-            Entitlement {
-                product_id: 101,
-                start: ISSUED_AT,
-                end: ISSUED_AT + 365 * 86_400,
-            },
-            Entitlement {
-                product_id: 102,
-                start: ISSUED_AT,
-                end: ISSUED_AT + 30 * 86_400,
-            },
-        ])],
+        commands: vec![Command::EntitlementSet {
+            entries: vec![
+                Entitlement {
+                    product_id: 101,
+                    start: ISSUED_AT,
+                    end: ISSUED_AT + 365 * 86_400,
+                },
+                Entitlement {
+                    product_id: 102,
+                    start: ISSUED_AT,
+                    end: ISSUED_AT + 30 * 86_400,
+                },
+            ],
+        }],
     };
     let (iv, dek) = (g.iv(), g.key());
     let v_group = emm_vector(
