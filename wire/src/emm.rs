@@ -733,109 +733,90 @@ impl Command {
         }
     }
 
+    /// One TLV's value: the length a known tag requires is checked first
+    /// ([`check_value_len`]), then the fields are read.
     fn decode(tag: u8, v: &[u8]) -> Result<Command, DecodeError> {
-        let want = |n: usize| {
-            if v.len() == n {
-                Ok(())
-            } else {
-                Err(DecodeError::BadLength {
-                    tag,
-                    expected: n,
-                    got: v.len(),
-                })
-            }
-        };
+        check_value_len(tag, v)?;
         let u32_at = |i: usize| u32::from_be_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
         let ent_at = |i: usize| Entitlement {
             product_id: u32_at(i),
             start: u32_at(i + 4),
             end: u32_at(i + 8),
         };
+        // The key is the value's last 16 bytes (the length is checked).
+        let key_from = |at: usize| {
+            Key128::from_slice(&v[at..]).map_err(|_| DecodeError::BadLength {
+                tag,
+                expected: at + KEY_LEN,
+                got: v.len(),
+            })
+        };
         Ok(match tag {
-            tag::ENTITLEMENT_ADD => {
-                want(ENTITLEMENT_LEN)?;
-                Command::EntitlementAdd(ent_at(0))
-            }
-            tag::ENTITLEMENT_REMOVE => {
-                want(ENTITLEMENT_REMOVE_LEN)?;
-                Command::EntitlementRemove {
-                    product_id: u32_at(0),
-                }
-            }
-            tag::DEVICE_ENABLE => {
-                want(0)?;
-                Command::DeviceEnable
-            }
-            tag::DEVICE_DISABLE => {
-                want(0)?;
-                Command::DeviceDisable
-            }
-            tag::OSM => {
-                if v.len() < OSM_FIXED_LEN {
-                    return Err(DecodeError::BadLength {
-                        tag,
-                        expected: OSM_FIXED_LEN,
-                        got: v.len(),
-                    });
-                }
-                let text =
-                    core::str::from_utf8(&v[OSM_FIXED_LEN..]).map_err(|_| DecodeError::BadUtf8)?;
-                Command::Osm {
-                    duration_s: u16::from_be_bytes([v[0], v[1]]),
-                    flags: v[2],
-                    text: text.to_owned(),
-                }
-            }
-            tag::GROUP_KEY => {
-                want(GROUP_KEY_LEN)?;
-                Command::GroupKey {
-                    group_id: u32_at(0),
-                    slot: v[4],
-                    key_version: u32_at(5),
-                    activates_at: u32_at(9),
-                    key: Key128::from_slice(&v[13..GROUP_KEY_LEN]).map_err(|_| {
-                        DecodeError::BadLength {
-                            tag,
-                            expected: GROUP_KEY_LEN,
-                            got: v.len(),
-                        }
-                    })?,
-                }
-            }
-            tag::GLOBAL_KEY => {
-                want(GLOBAL_KEY_LEN)?;
-                Command::GlobalKey {
-                    key_version: u32_at(0),
-                    activates_at: u32_at(4),
-                    key: Key128::from_slice(&v[8..GLOBAL_KEY_LEN]).map_err(|_| {
-                        DecodeError::BadLength {
-                            tag,
-                            expected: GLOBAL_KEY_LEN,
-                            got: v.len(),
-                        }
-                    })?,
-                }
-            }
-            tag::ENTITLEMENT_SET => {
-                if v.len() < ENTITLEMENT_SET_FIXED_LEN {
-                    return Err(DecodeError::BadLength {
-                        tag,
-                        expected: ENTITLEMENT_SET_FIXED_LEN,
-                        got: v.len(),
-                    });
-                }
-                let count = usize::from(u16::from_be_bytes([v[0], v[1]]));
-                want(entitlement_set_value_len(count))?;
-                Command::EntitlementSet {
-                    entries: (0..count)
-                        .map(|k| ent_at(ENTITLEMENT_SET_FIXED_LEN + ENTITLEMENT_LEN * k))
-                        .collect(),
-                }
-            }
+            tag::ENTITLEMENT_ADD => Command::EntitlementAdd(ent_at(0)),
+            tag::ENTITLEMENT_REMOVE => Command::EntitlementRemove {
+                product_id: u32_at(0),
+            },
+            tag::DEVICE_ENABLE => Command::DeviceEnable,
+            tag::DEVICE_DISABLE => Command::DeviceDisable,
+            tag::OSM => Command::Osm {
+                duration_s: u16::from_be_bytes([v[0], v[1]]),
+                flags: v[2],
+                text: core::str::from_utf8(&v[OSM_FIXED_LEN..])
+                    .map_err(|_| DecodeError::BadUtf8)?
+                    .to_owned(),
+            },
+            tag::GROUP_KEY => Command::GroupKey {
+                group_id: u32_at(0),
+                slot: v[4],
+                key_version: u32_at(5),
+                activates_at: u32_at(9),
+                key: key_from(13)?,
+            },
+            tag::GLOBAL_KEY => Command::GlobalKey {
+                key_version: u32_at(0),
+                activates_at: u32_at(4),
+                key: key_from(8)?,
+            },
+            tag::ENTITLEMENT_SET => Command::EntitlementSet {
+                entries: (0..usize::from(u16::from_be_bytes([v[0], v[1]])))
+                    .map(|k| ent_at(ENTITLEMENT_SET_FIXED_LEN + ENTITLEMENT_LEN * k))
+                    .collect(),
+            },
             _ => Command::Unknown {
                 tag,
                 value: v.to_vec(),
             },
+        })
+    }
+}
+
+/// Refuses a known tag's value of the wrong length: exact for the fixed
+/// ones, at least duration_s + flags for an OSM, the count's for a set.
+/// Unknown tags take any length.
+fn check_value_len(tag: u8, v: &[u8]) -> Result<(), DecodeError> {
+    let exact = |n: usize| (n, v.len() == n);
+    let (expected, ok) = match tag {
+        tag::ENTITLEMENT_ADD => exact(ENTITLEMENT_LEN),
+        tag::ENTITLEMENT_REMOVE => exact(ENTITLEMENT_REMOVE_LEN),
+        tag::DEVICE_ENABLE | tag::DEVICE_DISABLE => exact(0),
+        tag::OSM => (OSM_FIXED_LEN, v.len() >= OSM_FIXED_LEN),
+        tag::GROUP_KEY => exact(GROUP_KEY_LEN),
+        tag::GLOBAL_KEY => exact(GLOBAL_KEY_LEN),
+        tag::ENTITLEMENT_SET => match v {
+            [hi, lo, ..] => exact(entitlement_set_value_len(usize::from(u16::from_be_bytes(
+                [*hi, *lo],
+            )))),
+            _ => (ENTITLEMENT_SET_FIXED_LEN, false),
+        },
+        _ => return Ok(()),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(DecodeError::BadLength {
+            tag,
+            expected,
+            got: v.len(),
         })
     }
 }
