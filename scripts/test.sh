@@ -28,7 +28,7 @@ casd_mariadb_up
 
 # schemathesis (PyPI) for tests/openapi.rs, pinned, in a venv under .state/
 # (Debian's pip refuses system-wide installs, PEP 668). The test fails
-# without it unless CASD_SKIP_SCHEMATHESIS=1.
+# without it unless CASD_TEST_SKIP_SCHEMATHESIS=1.
 SCHEMATHESIS_VERSION=4.32.5
 venv=.state/venv
 if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; then

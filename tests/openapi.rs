@@ -4,9 +4,9 @@
 //! /oauth/token, finds no server error and no response that breaks the
 //! document.
 //!
-//! schemathesis comes from `CASD_SCHEMATHESIS` (a path), else the venv that
+//! schemathesis comes from `CASD_TEST_SCHEMATHESIS` (a path), else the venv that
 //! scripts/test.sh installs (`.state/venv/bin/schemathesis`), else `PATH`.
-//! Without it the test FAILS, unless `CASD_SKIP_SCHEMATHESIS=1` opts out
+//! Without it the test FAILS, unless `CASD_TEST_SKIP_SCHEMATHESIS=1` opts out
 //! (said loudly in the output).
 
 use std::path::{Path, PathBuf};
@@ -108,7 +108,7 @@ async fn token(base: &str, secret: &str) -> String {
 }
 
 fn schemathesis() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("CASD_SCHEMATHESIS") {
+    if let Ok(p) = std::env::var("CASD_TEST_SCHEMATHESIS") {
         return Some(PathBuf::from(p));
     }
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".state/venv/bin/schemathesis");
@@ -228,13 +228,13 @@ async fn served_document_is_the_committed_one_and_every_operation_is_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_failure() {
     let Some(st) = schemathesis() else {
-        if std::env::var("CASD_SKIP_SCHEMATHESIS").as_deref() == Ok("1") {
-            eprintln!("!!! SCHEMATHESIS NOT RUN: CASD_SKIP_SCHEMATHESIS=1 opted out !!!");
+        if std::env::var("CASD_TEST_SKIP_SCHEMATHESIS").as_deref() == Ok("1") {
+            eprintln!("!!! SCHEMATHESIS NOT RUN: CASD_TEST_SKIP_SCHEMATHESIS=1 opted out !!!");
             return;
         }
         panic!(
             "schemathesis is not installed: scripts/test.sh installs it into .state/venv \
-             (or set CASD_SCHEMATHESIS=/path/to/schemathesis, or CASD_SKIP_SCHEMATHESIS=1 to opt out)"
+             (or set CASD_TEST_SCHEMATHESIS=/path/to/schemathesis, or CASD_TEST_SKIP_SCHEMATHESIS=1 to opt out)"
         );
     };
     let (h, secret) = start().await;
