@@ -455,16 +455,22 @@ async fn keys_command(command: KeysCommand, cfg: &Config) -> anyhow::Result<()> 
         KeysCommand::Status => {
             let db = crate::app::open_db(cfg).await?;
             let mut c = db.conn().await?;
-            use mysql_async::prelude::*;
-            let rows: Vec<(String, u32, u32, String, String)> = c
-                .query("SELECT kind, group_id, version, state, DATE_FORMAT(activates_at, '%Y-%m-%dT%H:%i:%SZ') FROM `keys` ORDER BY kind, group_id, version")
-                .await?;
+            // Metadata only, through the key store (the owner of `keys`).
+            let rows = crate::keystore::list_all_meta(&mut c).await?;
             println!(
                 "{:<8} {:>8} {:>8} {:<9} activates_at",
                 "kind", "group", "version", "state"
             );
-            for (k, g, v, st, at) in rows {
-                println!("{k:<8} {g:>8} {v:>8} {st:<9} {at}");
+            for m in rows {
+                let (k, g) = m.kind.db();
+                let at = time::OffsetDateTime::from_unix_timestamp(i64::from(m.activates_at))
+                    .ok()
+                    .and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_default();
+                println!("{k:<8} {g:>8} {:>8} {:<9} {at}", m.version, m.state);
             }
             drop(c);
             db.close().await;

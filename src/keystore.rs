@@ -38,7 +38,8 @@ pub enum KeyKind {
 }
 
 impl KeyKind {
-    fn db(self) -> (&'static str, u32) {
+    /// The (`kind`, `group_id`) columns of the family's rows.
+    pub fn db(self) -> (&'static str, u32) {
         match self {
             KeyKind::Pmk => ("pmk", 0),
             KeyKind::Group(g) => ("group", g),
@@ -121,6 +122,18 @@ fn meta_from_row(row: Row) -> Option<KeyMeta> {
     })
 }
 
+/// The rows of the version to seal with at a time: the highest
+/// not-retired version already activated. Placeholders: kind, group_id,
+/// unix seconds ([`current_params`]).
+const CURRENT_FROM: &str = "FROM `keys` WHERE kind = ? AND group_id = ? \
+    AND state <> 'retired' AND activates_at <= FROM_UNIXTIME(?) \
+    ORDER BY version DESC LIMIT 1";
+
+fn current_params(kind: KeyKind, now: u32) -> Vec<mysql_async::Value> {
+    let (k, g) = kind.db();
+    vec![k.into(), g.into(), now.into()]
+}
+
 /// The version to seal with at `now` (unix s): the highest not-retired
 /// version already activated. `None` when the family has no such version.
 pub async fn current_meta(
@@ -128,18 +141,36 @@ pub async fn current_meta(
     kind: KeyKind,
     now: u32,
 ) -> Result<Option<KeyMeta>, DbError> {
-    let (k, g) = kind.db();
     let row: Option<Row> = conn
         .exec_first(
-            format!(
-                "SELECT {META_COLS} FROM `keys` WHERE kind = ? AND group_id = ? \
-                 AND state <> 'retired' AND activates_at <= FROM_UNIXTIME(?) \
-                 ORDER BY version DESC LIMIT 1"
-            ),
-            (k, g, now),
+            format!("SELECT {META_COLS} {CURRENT_FROM}"),
+            current_params(kind, now),
         )
         .await?;
     Ok(row.and_then(meta_from_row))
+}
+
+/// [`current_meta`]'s version as a scalar subquery (NULL when the family
+/// has none) with its values, for a caller that reads it within a
+/// statement of its own: the SMS round reads the PMK version new devices
+/// derive from with its other reads, in one round trip. Metadata only;
+/// the key store stays the only code that knows the `keys` table.
+pub fn current_version_subquery(kind: KeyKind, now: u32) -> (String, Vec<mysql_async::Value>) {
+    (
+        format!("(SELECT version {CURRENT_FROM})"),
+        current_params(kind, now),
+    )
+}
+
+/// Every key row's metadata, by kind, group and version (`casd keys
+/// status`).
+pub async fn list_all_meta(conn: &mut mysql_async::Conn) -> Result<Vec<KeyMeta>, DbError> {
+    let rows: Vec<Row> = conn
+        .query(format!(
+            "SELECT {META_COLS} FROM `keys` ORDER BY kind, group_id, version"
+        ))
+        .await?;
+    Ok(rows.into_iter().filter_map(meta_from_row).collect())
 }
 
 /// Every version of a family, oldest first.
