@@ -760,3 +760,73 @@ async fn a_script_reports_each_statements_own_affected_rows() {
     assert_eq!(sets[1].len(), 3);
     assert!(sets.iter().enumerate().all(|(i, r)| i == 1 || r.is_empty()));
 }
+
+/// Held by every test that configures the `sms::commit` fail point. The
+/// point's action names the test's own database, so it never fails
+/// another test's rounds; but there is one configuration per point in the
+/// process, so two tests configuring it at once would replace each
+/// other's: they take turns.
+static SMS_COMMIT_FAIL_POINT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A round that fails after its writes, right before COMMIT, stores
+/// nothing: every command of the batch fails (500), no row of any table is
+/// left, and the same commands are accepted afterwards as if never sent
+/// ("a 200 means durable", "a round that fails writes nothing").
+#[tokio::test]
+async fn a_round_failing_before_commit_stores_nothing() {
+    let t = TestDb::new().await;
+    let subs = [
+        sub(
+            CommandKind::AddDevice,
+            r#"{"transaction_id":"f1","device_id":31}"#,
+        ),
+        sub(
+            CommandKind::AddDevice,
+            r#"{"transaction_id":"f2","device_id":32}"#,
+        ),
+        sub(
+            CommandKind::RemoveDevice,
+            r#"{"transaction_id":"f3","device_id":31}"#,
+        ),
+    ];
+    let counts = || async {
+        let mut c = t.db.conn().await.unwrap();
+        let mut n = Vec::new();
+        for table in [
+            "sms_requests",
+            "idempotency",
+            "devices",
+            "work_items",
+            "entitlements",
+        ] {
+            let k: Option<u64> = c
+                .query_first(format!("SELECT COUNT(*) FROM {table}"))
+                .await
+                .unwrap();
+            n.push(k.unwrap_or(0));
+        }
+        let taken: Option<u64> = c
+            .query_first("SELECT COUNT(*) FROM group_slots WHERE device_id IS NOT NULL")
+            .await
+            .unwrap();
+        n.push(taken.unwrap_or(0));
+        n
+    };
+    {
+        let _turn = SMS_COMMIT_FAIL_POINT.lock().await;
+        let _fail = fail::FailGuard::new("sms::commit", &format!("return({})", t.name)).unwrap();
+        let r = store::accept_batch(&t.db, &subs).await;
+        assert_eq!(r.len(), 3);
+        for o in &r {
+            assert!(matches!(o, Err(SmsError::Internal(_))), "{o:?}");
+        }
+    }
+    assert_eq!(counts().await, vec![0; 6], "nothing stored");
+    // Nothing half-done either: the same commands are accepted now.
+    let r = store::accept_batch(&t.db, &subs).await;
+    assert_eq!(
+        r.iter().map(summary).collect::<Vec<_>>(),
+        vec!["accepted"; 3]
+    );
+    assert_eq!(counts().await, vec![3, 3, 2, 3, 0, 1]);
+}

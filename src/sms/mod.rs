@@ -21,7 +21,10 @@
 //! scope (`emm:generate` is for direct EMM generation by other clients).
 
 pub mod commit;
+mod decide;
 pub mod error;
+mod round;
+mod slots;
 pub mod store;
 pub mod types;
 pub mod work;

@@ -191,13 +191,14 @@ impl CommandKind {
     }
 }
 
-/// A validated command. Its JSON (serde, tagged by `kind`) is the canonical
+/// A validated SMS command (the API's edge type; the EMM wire command
+/// is `emm::Command`). Its JSON (serde, tagged by `kind`) is the canonical
 /// form whose SHA-256 decides idempotency: two bodies that parse to the same
 /// command (field order, whitespace, a time written as RFC 3339 or as unix
 /// seconds) are the same request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Command {
+pub enum SmsCommand {
     AddDevice {
         device_id: DeviceId,
     },
@@ -224,29 +225,29 @@ pub enum Command {
     },
 }
 
-impl Command {
+impl SmsCommand {
     pub fn kind(&self) -> CommandKind {
         match self {
-            Command::AddDevice { .. } => CommandKind::AddDevice,
-            Command::RemoveDevice { .. } => CommandKind::RemoveDevice,
-            Command::AddEntitlement { .. } => CommandKind::AddEntitlement,
-            Command::RemoveEntitlement { .. } => CommandKind::RemoveEntitlement,
-            Command::GenerateOsm { .. } => CommandKind::GenerateOsm,
+            SmsCommand::AddDevice { .. } => CommandKind::AddDevice,
+            SmsCommand::RemoveDevice { .. } => CommandKind::RemoveDevice,
+            SmsCommand::AddEntitlement { .. } => CommandKind::AddEntitlement,
+            SmsCommand::RemoveEntitlement { .. } => CommandKind::RemoveEntitlement,
+            SmsCommand::GenerateOsm { .. } => CommandKind::GenerateOsm,
         }
     }
     /// The device the command is about (unique OSMs included): work items
     /// of one device are processed in order.
     pub fn device_id(&self) -> Option<DeviceId> {
         match self {
-            Command::AddDevice { device_id }
-            | Command::RemoveDevice { device_id }
-            | Command::AddEntitlement { device_id, .. }
-            | Command::RemoveEntitlement { device_id, .. } => Some(*device_id),
-            Command::GenerateOsm {
+            SmsCommand::AddDevice { device_id }
+            | SmsCommand::RemoveDevice { device_id }
+            | SmsCommand::AddEntitlement { device_id, .. }
+            | SmsCommand::RemoveEntitlement { device_id, .. } => Some(*device_id),
+            SmsCommand::GenerateOsm {
                 target: Target::Device(d),
                 ..
             } => Some(*d),
-            Command::GenerateOsm { .. } => None,
+            SmsCommand::GenerateOsm { .. } => None,
         }
     }
 }
@@ -255,7 +256,7 @@ impl Command {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommandRequest {
     pub transaction_id: TransactionId,
-    pub command: Command,
+    pub command: SmsCommand,
 }
 
 impl CommandRequest {
@@ -488,10 +489,10 @@ pub fn parse_command(
     }
     let transaction_id = f.transaction_id()?;
     let command = match kind {
-        CommandKind::AddDevice => Command::AddDevice {
+        CommandKind::AddDevice => SmsCommand::AddDevice {
             device_id: f.device_id("device_id")?,
         },
-        CommandKind::RemoveDevice => Command::RemoveDevice {
+        CommandKind::RemoveDevice => SmsCommand::RemoveDevice {
             device_id: f.device_id("device_id")?,
         },
         CommandKind::AddEntitlement => {
@@ -502,14 +503,14 @@ pub fn parse_command(
             if start > end {
                 return Err(SmsError::StartAfterEnd);
             }
-            Command::AddEntitlement {
+            SmsCommand::AddEntitlement {
                 device_id,
                 product_id,
                 start,
                 end,
             }
         }
-        CommandKind::RemoveEntitlement => Command::RemoveEntitlement {
+        CommandKind::RemoveEntitlement => SmsCommand::RemoveEntitlement {
             device_id: f.device_id("device_id")?,
             product_id: ProductId(f.id_u32("product_id")?),
         },
@@ -564,7 +565,7 @@ pub fn parse_command(
                     max,
                 });
             }
-            Command::GenerateOsm {
+            SmsCommand::GenerateOsm {
                 target,
                 text,
                 duration_s,
@@ -602,7 +603,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             r.command,
-            Command::AddDevice {
+            SmsCommand::AddDevice {
                 device_id: DeviceId::new(42).unwrap()
             }
         );
@@ -613,7 +614,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             r.command,
-            Command::AddEntitlement {
+            SmsCommand::AddEntitlement {
                 device_id: DeviceId::new(1).unwrap(),
                 product_id: ProductId(7),
                 start: UnixTime(1704067200),
@@ -627,7 +628,7 @@ mod tests {
         .unwrap();
         assert!(matches!(
             r.command,
-            Command::GenerateOsm {
+            SmsCommand::GenerateOsm {
                 target: Target::All,
                 forced: true,
                 expires_at: None,
@@ -656,7 +657,7 @@ mod tests {
         .unwrap();
         assert!(matches!(
             r.command,
-            Command::GenerateOsm {
+            SmsCommand::GenerateOsm {
                 target: Target::Group(GroupId(3)),
                 ..
             }
