@@ -5,8 +5,6 @@
 //! the spec's `{"error": {"code", "message"}}`: OAuth client libraries
 //! parse it. Every answer carries `Cache-Control: no-store`.
 
-use std::time::Instant;
-
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -210,10 +208,7 @@ async fn issue(auth: &Auth, headers: &HeaderMap, body: &[u8]) -> Result<Response
         f64::from(s.failed_token_per_min) / 60.0,
         f64::from(s.failed_token_burst),
     );
-    if let Err(wait) = auth
-        .failures()
-        .peek(&client_id, rate, burst, Instant::now())
-    {
+    if let Err(wait) = auth.failures().peek(&client_id) {
         let mut e = oauth_err(
             "slow_down",
             "too many failed attempts for this client; retry later",
@@ -237,8 +232,7 @@ async fn issue(auth: &Auth, headers: &HeaderMap, body: &[u8]) -> Result<Response
     let row = match row {
         Some(r) if ok && r.enabled => r,
         _ => {
-            auth.failures()
-                .spend(&client_id, rate, burst, Instant::now());
+            auth.failures().spend(&client_id, rate, burst);
             tracing::warn!(client_id = ?client_id, "token request refused: bad client credentials or disabled client");
             return Err(oauth_err("invalid_client", "client authentication failed"));
         }

@@ -1,194 +1,236 @@
-//! Request limits: per-key token buckets (per-client request rate, failed
-//! token requests) and the request body limit.
+//! Request limits: per-key rate limits (per-client request rate, failed
+//! token requests), on `governor`'s GCRA, and the request body limit, on
+//! tower-http's `RequestBodyLimitLayer`.
 //!
-//! The buckets live in this process: with N instances behind a balancer a
+//! The limits live in this process: with N instances behind a balancer a
 //! client gets up to N times its rate (docs/security.md).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
-use axum::middleware::Next;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use http_body_util::BodyExt;
+use axum::Router;
+use governor::clock::{Clock, DefaultClock, Reference};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::Quota;
 
 use crate::api_error::ApiError;
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
+type Keyed<C> =
+    governor::RateLimiter<String, DefaultKeyedStateStore<String>, C, StateInformationMiddleware>;
 
-/// Token buckets by key. A bucket holds up to `burst` tokens and refills at
-/// `rate` per second; a request takes one.
-pub struct RateLimiter {
-    buckets: Mutex<HashMap<String, Bucket>>,
+/// The limiters by (replenish interval, burst).
+type ByQuota<C> = HashMap<(Duration, u32), Arc<Keyed<C>>>;
+
+/// Rate limits by key (a client id). A key may make up to `burst` requests
+/// at once, then `rate` per second (GCRA, the same as a token bucket of
+/// `burst` tokens refilled at `rate`).
+pub struct RateLimiter<C: Clock = DefaultClock> {
+    clock: C,
+    /// One keyed limiter per (interval, burst): governor gives a limiter
+    /// one quota, and each client has its own rate (`rate_per_s`).
+    /// Clients with the same rate share one limiter, keyed by client id.
+    limiters: Mutex<ByQuota<C>>,
+    /// Keys whose budget a [`RateLimiter::spend`] used up, with when the
+    /// next cell is there: what [`RateLimiter::peek`] answers from, since
+    /// governor has no look without taking.
+    exhausted: Mutex<HashMap<String, C::Instant>>,
     max_keys: usize,
 }
 
 impl RateLimiter {
-    /// At most `max_keys` buckets are kept; past that, full (idle) buckets
-    /// are dropped first.
+    /// At most `max_keys` keys are tracked per limit; past that, the keys
+    /// whose budget is full again are dropped first, then all of them.
     pub fn new(max_keys: usize) -> RateLimiter {
+        RateLimiter::with_clock(max_keys, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> RateLimiter<C> {
+    pub fn with_clock(max_keys: usize, clock: C) -> RateLimiter<C> {
         RateLimiter {
-            buckets: Mutex::new(HashMap::new()),
+            clock,
+            limiters: Mutex::new(HashMap::new()),
+            exhausted: Mutex::new(HashMap::new()),
             max_keys: max_keys.max(1),
         }
     }
 
-    fn with_bucket<T>(
-        &self,
-        key: &str,
-        rate: f64,
-        burst: f64,
-        now: Instant,
-        f: impl FnOnce(&mut Bucket) -> T,
-    ) -> T {
-        let burst = burst.max(1.0);
-        let mut map = match self.buckets.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
+    fn limiter(&self, rate: f64, burst: f64) -> Arc<Keyed<C>> {
+        let interval = Duration::from_secs_f64(1.0 / rate.clamp(1e-6, 1e9));
+        let burst = NonZeroU32::new(burst.clamp(1.0, f64::from(u32::MAX)) as u32)
+            .unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::with_period(interval)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+            .allow_burst(burst);
+        let fresh = || {
+            Arc::new(
+                governor::RateLimiter::<_, _, _, governor::middleware::NoOpMiddleware<_>>::new(
+                    quota,
+                    DefaultKeyedStateStore::default(),
+                    self.clock.clone(),
+                )
+                .with_middleware::<StateInformationMiddleware>(),
+            )
         };
-        if !map.contains_key(key) && map.len() >= self.max_keys {
-            map.retain(|_, b| {
-                b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * rate < burst
-            });
-            if map.len() >= self.max_keys {
-                map.clear();
+        let mut map = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
+        let l = map.entry((interval, burst.get())).or_insert_with(fresh);
+        if l.len() >= self.max_keys {
+            l.retain_recent();
+            if l.len() >= self.max_keys {
+                *l = fresh();
             }
         }
-        let b = map.entry(key.to_owned()).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-        });
-        let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * rate).min(burst);
-        b.last = now;
-        f(b)
+        l.clone()
     }
 
-    /// Takes a token, or says how many whole seconds (at least 1) until one
+    /// Takes a cell, or says how many whole seconds (at least 1) until one
     /// is there.
-    pub fn take(&self, key: &str, rate: f64, burst: f64, now: Instant) -> Result<(), u64> {
-        self.with_bucket(key, rate, burst, now, |b| {
-            if b.tokens >= 1.0 {
-                b.tokens -= 1.0;
+    pub fn take(&self, key: &str, rate: f64, burst: f64) -> Result<(), u64> {
+        self.limiter(rate, burst)
+            .check_key(&key.to_owned())
+            .map(|_| ())
+            .map_err(|not_until| whole_seconds(not_until.wait_time_from(self.clock.now())))
+    }
+
+    /// Is a cell there for `key` (without taking it)? Only keys that
+    /// [`RateLimiter::spend`] used up are refused.
+    pub fn peek(&self, key: &str) -> Result<(), u64> {
+        let now = self.clock.now();
+        let mut map = self.exhausted.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(key) {
+            Some(until) if *until > now => Err(whole_seconds(until.duration_since(now).into())),
+            Some(_) => {
+                map.remove(key);
                 Ok(())
-            } else {
-                Err(retry_after(b.tokens, rate))
             }
-        })
-    }
-
-    /// Like [`take`](Self::take) without taking: is a token there?
-    pub fn peek(&self, key: &str, rate: f64, burst: f64, now: Instant) -> Result<(), u64> {
-        self.with_bucket(key, rate, burst, now, |b| {
-            if b.tokens >= 1.0 {
-                Ok(())
-            } else {
-                Err(retry_after(b.tokens, rate))
-            }
-        })
-    }
-
-    /// Takes a token if one is there (for counting failures after the fact).
-    pub fn spend(&self, key: &str, rate: f64, burst: f64, now: Instant) {
-        self.with_bucket(key, rate, burst, now, |b| {
-            b.tokens = (b.tokens - 1.0).max(0.0);
-        })
-    }
-}
-
-fn retry_after(tokens: f64, rate: f64) -> u64 {
-    let s = Duration::from_secs_f64(((1.0 - tokens) / rate.max(1e-6)).clamp(0.0, 86_400.0));
-    s.as_secs_f64().ceil().max(1.0) as u64
-}
-
-/// The configured body limit (`api.body_limit`) with the spec's 413 body.
-/// Bodies are read here, up to the limit, so every route sees the same
-/// limit and the same error whatever extractor it uses.
-pub async fn body_limit(State(limit): State<usize>, req: Request, next: Next) -> Response {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request body over the limit of {limit} bytes"),
-        )
-        .into_response()
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return too_large();
-    }
-    let (parts, body) = req.into_parts();
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => {
-            next.run(Request::from_parts(parts, Body::from(collected.to_bytes())))
-                .await
+            None => Ok(()),
         }
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => too_large(),
-        Err(_) => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_body",
-            "the request body could not be read",
-        )
-        .into_response(),
     }
+
+    /// Takes a cell if one is there (for counting failures after the
+    /// fact); once the last one is taken, [`RateLimiter::peek`] refuses
+    /// the key until the next one is there.
+    pub fn spend(&self, key: &str, rate: f64, burst: f64) {
+        let l = self.limiter(rate, burst);
+        let key = key.to_owned();
+        let refused = match l.check_key(&key) {
+            Ok(left) if left.remaining_burst_capacity() > 0 => return,
+            // The last cell: when the next one is there, governor only
+            // tells by refusing a check (a refused check takes nothing).
+            Ok(_) => l.check_key(&key).err(),
+            Err(not_until) => Some(not_until),
+        };
+        if let Some(not_until) = refused {
+            let mut map = self.exhausted.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() >= self.max_keys {
+                let now = self.clock.now();
+                map.retain(|_, until| *until > now);
+                if map.len() >= self.max_keys {
+                    map.clear();
+                }
+            }
+            map.insert(key, not_until.earliest_possible());
+        }
+    }
+}
+
+/// Retry-After: whole seconds, at least 1, at most a day.
+fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs_f64().ceil().clamp(1.0, 86_400.0) as u64
+}
+
+/// The spec's 413 body (docs/sms-api.md, docs/security.md).
+pub fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("request body over the limit of {limit} bytes"),
+    )
+}
+
+/// The configured body limit (`api.body_limit`) on every route of
+/// `router`, with the spec's 413 body: tower-http refuses a declared
+/// length over the limit at once and limits the body a handler reads
+/// (axum's extractors then answer 413; axum's own default limit is set to
+/// the same value). Every 413 leaves with the spec's body.
+pub fn body_limit(router: Router, limit: usize) -> Router {
+    router
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(limit))
+        .layer(axum::middleware::map_response(
+            move |r: Response| async move {
+                if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    too_large(limit).into_response()
+                } else {
+                    r
+                }
+            },
+        ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use governor::clock::FakeRelativeClock;
 
-    #[test]
-    fn bucket_allows_burst_then_refuses_then_refills() {
-        let l = RateLimiter::new(10);
-        let t0 = Instant::now();
-        for _ in 0..3 {
-            assert_eq!(l.take("a", 1.0, 3.0, t0), Ok(()));
-        }
-        assert_eq!(l.take("a", 1.0, 3.0, t0), Err(1));
-        // Another key has its own bucket.
-        assert_eq!(l.take("b", 1.0, 3.0, t0), Ok(()));
-        // Half a second later: still nothing; a second later: one token.
-        assert_eq!(
-            l.take("a", 1.0, 3.0, t0 + Duration::from_millis(500)),
-            Err(1)
-        );
-        assert_eq!(
-            l.take("a", 1.0, 3.0, t0 + Duration::from_millis(1000)),
-            Ok(())
-        );
-        assert_eq!(
-            l.take("a", 1.0, 3.0, t0 + Duration::from_millis(1000)),
-            Err(1)
-        );
+    fn limiter(max_keys: usize) -> (RateLimiter<FakeRelativeClock>, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        (RateLimiter::with_clock(max_keys, clock.clone()), clock)
     }
 
     #[test]
-    fn slow_refill_gives_long_retry_after() {
-        let l = RateLimiter::new(10);
-        let t0 = Instant::now();
+    fn bucket_allows_burst_then_refuses_then_refills() {
+        let (l, clock) = limiter(10);
+        for _ in 0..3 {
+            assert_eq!(l.take("a", 1.0, 3.0), Ok(()));
+        }
+        assert_eq!(l.take("a", 1.0, 3.0), Err(1));
+        // Another key has its own budget.
+        assert_eq!(l.take("b", 1.0, 3.0), Ok(()));
+        // Half a second later: still nothing; a second later: one cell.
+        clock.advance(Duration::from_millis(500));
+        assert_eq!(l.take("a", 1.0, 3.0), Err(1));
+        clock.advance(Duration::from_millis(500));
+        assert_eq!(l.take("a", 1.0, 3.0), Ok(()));
+        assert_eq!(l.take("a", 1.0, 3.0), Err(1));
+        // Another rate is another limit, for the same key too.
+        assert_eq!(l.take("a", 10.0, 10.0), Ok(()));
+    }
+
+    #[test]
+    fn spent_failures_lock_the_key_until_one_refills() {
+        let (l, clock) = limiter(10);
         let per_min = 10.0 / 60.0;
-        l.spend("x", per_min, 1.0, t0);
-        assert_eq!(l.peek("x", per_min, 1.0, t0), Err(6));
+        for _ in 0..2 {
+            assert_eq!(l.peek("x"), Ok(()));
+            l.spend("x", per_min, 2.0);
+        }
+        assert_eq!(l.peek("x"), Err(6), "one failure back every 6 s");
+        assert_eq!(l.peek("y"), Ok(()), "another key is not affected");
+        clock.advance(Duration::from_secs(5));
+        assert_eq!(l.peek("x"), Err(1));
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(l.peek("x"), Ok(()));
+        // One failure back: the next one locks again.
+        l.spend("x", per_min, 2.0);
+        assert_eq!(l.peek("x"), Err(6));
     }
 
     #[test]
     fn key_count_is_bounded() {
-        let l = RateLimiter::new(4);
-        let t0 = Instant::now();
+        let (l, _clock) = limiter(4);
         for i in 0..100 {
-            let _ = l.take(&format!("k{i}"), 1.0, 1.0, t0);
+            let _ = l.take(&format!("k{i}"), 1.0, 1.0);
+            l.spend(&format!("k{i}"), 1.0, 1.0);
         }
-        assert!(l.buckets.lock().unwrap().len() <= 4);
+        for m in l.limiters.lock().unwrap().values() {
+            assert!(m.len() <= 4);
+        }
+        assert!(l.exhausted.lock().unwrap().len() <= 4);
     }
 }

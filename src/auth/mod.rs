@@ -348,7 +348,7 @@ impl Auth {
         let rate = f64::from(status.rate_per_s.max(1));
         self.inner
             .limiter
-            .take(&claims.sub, rate, rate, Instant::now())
+            .take(&claims.sub, rate, rate)
             .map_err(AuthError::RateLimited)?;
         Ok(Caller {
             client_id: claims.sub,
@@ -500,14 +500,15 @@ fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
 /// token is checked first so that no body of an unauthenticated caller is
 /// read.
 pub fn protect(router: Router, auth: Auth, body_limit: usize) -> Router {
-    router
-        // Unknown paths are behind the layer too (401 before 404), also
+    let router = limit::body_limit(
+        // Unknown paths are behind the layers too (401 before 404), also
         // after this router is merged with others.
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
-        .layer(axum::middleware::from_fn_with_state(
-            body_limit,
-            limit::body_limit,
-        ))
+        router.fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+        }),
+        body_limit,
+    );
+    router
         .layer(axum::middleware::from_fn(authenticate_layer))
         .layer(axum::Extension(auth))
 }

@@ -143,7 +143,8 @@ impl From<SmsError> for ApiError {
                 "device_exists",
                 Some("device_id".into()),
             ),
-            TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
+            // The same 413 as every other route's.
+            TooLarge(limit) => return crate::auth::limit::too_large(limit),
             UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",

@@ -140,7 +140,10 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// Reads the body up to `limit` bytes: `Err(TooLarge)` past it.
+/// Reads the body up to `limit` bytes: `Err(TooLarge)` past it. The same
+/// limit and 413 body as every other route (`auth::limit::body_limit`),
+/// applied here rather than by that layer: the SMS routes read the body
+/// only after the caller check, and record the refusal themselves.
 async fn read_body(
     headers: &HeaderMap,
     body: Body,
