@@ -51,11 +51,15 @@ fn push_lit(out: &mut String, v: &Value) {
                     out.push_str("_utf8mb4 ");
                 }
                 out.push_str("X'");
-                const HEX: &[u8; 16] = b"0123456789abcdef";
                 out.reserve(b.len() * 2 + 1);
-                for c in b.iter() {
-                    out.push(char::from(HEX[usize::from(c >> 4)]));
-                    out.push(char::from(HEX[usize::from(c & 0xf)]));
+                // Through a stack buffer: no string per value.
+                let mut buf = [0u8; 128];
+                for chunk in b.chunks(buf.len() / 2) {
+                    let hex = &mut buf[..chunk.len() * 2];
+                    if hex::encode_to_slice(chunk, hex).is_ok() {
+                        // Hex digits: ASCII.
+                        out.push_str(std::str::from_utf8(hex).unwrap_or_default());
+                    }
                 }
                 out.push('\'');
             }
