@@ -500,41 +500,16 @@ async fn keys_command(command: KeysCommand, cfg: &Config) -> anyhow::Result<()> 
 }
 
 async fn jobs_command(command: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
-    use mysql_async::prelude::*;
     const JOBS: [&str; 4] = ["purge", "rotation", "root-rotation", "refresh"];
     let db = crate::app::open_db(cfg).await?;
     let mut c = db.conn().await?;
-    let print = |r: &crate::scheduler::RunRecord| {
-        let fmt = |us: i64| {
-            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
-                .ok()
-                .and_then(|t| {
-                    t.format(&time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
-                .unwrap_or_default()
-        };
-        println!(
-            "{:>8} {:<14} {:<9} fence {:<5} {} .. {}  {}  {}",
-            r.id,
-            r.job,
-            r.outcome.as_deref().unwrap_or("running"),
-            r.fence,
-            fmt(r.started_us),
-            r.ended_us.map(fmt).unwrap_or_else(|| "-".into()),
-            r.holder,
-            r.counts.as_ref().map(|c| c.to_string()).unwrap_or_default()
-        );
-    };
     match command {
         JobsCommand::List { job, limit } => {
             let runs = crate::scheduler::recent_runs(&mut c, job.as_deref(), limit).await?;
             if runs.is_empty() {
                 println!("no runs recorded");
             }
-            for r in &runs {
-                print(r);
-            }
+            runs.iter().for_each(print_run);
         }
         JobsCommand::Run { job, params, wait } => {
             if !JOBS.contains(&job.as_str()) {
@@ -547,41 +522,74 @@ async fn jobs_command(command: JobsCommand, cfg: &Config) -> anyhow::Result<()> 
             let who = format!("cli:{}", std::env::var("USER").unwrap_or_default());
             let id = crate::scheduler::trigger(&mut c, &job, &params, &who).await?;
             println!("trigger {id} recorded for job {job}");
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
             if wait == 0 {
                 return Ok(());
             }
-            loop {
-                let run: Option<Option<u64>> = c
-                    .exec_first("SELECT run_id FROM job_triggers WHERE id = ?", (id,))
-                    .await?;
-                if let Some(Some(run_id)) = run {
-                    let ended: Option<Option<String>> = c
-                        .exec_first("SELECT outcome FROM job_runs WHERE id = ?", (run_id,))
-                        .await?;
-                    if let Some(Some(outcome)) = ended {
-                        let runs = crate::scheduler::recent_runs(&mut c, Some(&job), 50).await?;
-                        if let Some(r) = runs.iter().find(|r| r.id == run_id) {
-                            print(r);
-                        }
-                        if outcome != "ok" {
-                            anyhow::bail!("run {run_id} of {job} ended {outcome}");
-                        }
-                        break;
-                    }
-                }
-                if std::time::Instant::now() > deadline {
-                    anyhow::bail!(
-                        "no run of {job} ended within {wait} s (is a scheduler role running?)"
-                    );
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
+            wait_for_run(&mut c, id, &job, wait).await?;
         }
     }
     drop(c);
     db.close().await;
     Ok(())
+}
+
+/// Waits up to `wait` seconds for the run of trigger `id` to end, prints
+/// it; an error unless it ended `ok`.
+async fn wait_for_run(
+    c: &mut mysql_async::Conn,
+    id: u64,
+    job: &str,
+    wait: u64,
+) -> anyhow::Result<()> {
+    use mysql_async::prelude::*;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+    loop {
+        let run: Option<Option<u64>> = c
+            .exec_first("SELECT run_id FROM job_triggers WHERE id = ?", (id,))
+            .await?;
+        if let Some(Some(run_id)) = run {
+            let ended: Option<Option<String>> = c
+                .exec_first("SELECT outcome FROM job_runs WHERE id = ?", (run_id,))
+                .await?;
+            if let Some(Some(outcome)) = ended {
+                let runs = crate::scheduler::recent_runs(c, Some(job), 50).await?;
+                if let Some(r) = runs.iter().find(|r| r.id == run_id) {
+                    print_run(r);
+                }
+                if outcome != "ok" {
+                    anyhow::bail!("run {run_id} of {job} ended {outcome}");
+                }
+                return Ok(());
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("no run of {job} ended within {wait} s (is a scheduler role running?)");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+fn print_run(r: &crate::scheduler::RunRecord) {
+    let fmt = |us: i64| {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default()
+    };
+    println!(
+        "{:>8} {:<14} {:<9} fence {:<5} {} .. {}  {}  {}",
+        r.id,
+        r.job,
+        r.outcome.as_deref().unwrap_or("running"),
+        r.fence,
+        fmt(r.started_us),
+        r.ended_us.map(fmt).unwrap_or_else(|| "-".into()),
+        r.holder,
+        r.counts.as_ref().map(|c| c.to_string()).unwrap_or_default()
+    );
 }
 
 /// stderr logging through a non-blocking writer; the guard flushes on drop

@@ -175,6 +175,26 @@ async fn token_endpoint(State(auth): State<Auth>, headers: HeaderMap, body: Byte
 }
 
 async fn issue(auth: &Auth, headers: &HeaderMap, body: &[u8]) -> Result<Response, OAuthError> {
+    let form = client_credentials_form(headers, body)?;
+    let (client_id, row) = authenticate_client(auth, headers, &form).await?;
+    let scopes = granted_scopes(&form, &row.scopes)?;
+    let s = auth.settings();
+    let key = signing_key(auth).await?;
+    let (access_token, claims) = key.mint(s, &client_id, &scopes, token::unix_now());
+    tracing::info!(client_id = %client_id, jti = %claims.jti, kid = %key.kid(), scope = %claims.scope, "access token issued");
+    let mut resp = Json(json!({
+        "access_token": access_token,
+        "token_type": "Bearer",
+        "expires_in": s.token_lifetime_s,
+        "scope": claims.scope,
+    }))
+    .into_response();
+    no_store(resp.headers_mut());
+    Ok(resp)
+}
+
+/// The form of a client credentials grant request.
+fn client_credentials_form(headers: &HeaderMap, body: &[u8]) -> Result<Form, OAuthError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -188,21 +208,27 @@ async fn issue(auth: &Auth, headers: &HeaderMap, body: &[u8]) -> Result<Response
     }
     let form = Form::parse(body)?;
     match form.get("grant_type") {
-        None => return Err(oauth_err("invalid_request", "grant_type missing")),
-        Some("client_credentials") => {}
-        Some(_) => {
-            return Err(oauth_err(
-                "unsupported_grant_type",
-                "only grant_type=client_credentials is supported",
-            ))
-        }
+        None => Err(oauth_err("invalid_request", "grant_type missing")),
+        Some("client_credentials") => Ok(form),
+        Some(_) => Err(oauth_err(
+            "unsupported_grant_type",
+            "only grant_type=client_credentials is supported",
+        )),
     }
-    let (client_id, secret) = credentials(headers, &form)?;
+}
+
+/// The client's id and its (enabled) record, once its secret is checked.
+/// Failed attempts are counted per client id, and past the limit refused
+/// before a hash is spent on them (429 `slow_down`).
+async fn authenticate_client(
+    auth: &Auth,
+    headers: &HeaderMap,
+    form: &Form,
+) -> Result<(String, clients::ClientRow), OAuthError> {
+    let (client_id, secret) = credentials(headers, form)?;
     if clients::validate_client_id(&client_id).is_err() {
         return Err(oauth_err("invalid_client", "client authentication failed"));
     }
-
-    // Failed attempts per client id: refuse before spending a hash on it.
     let s = auth.settings();
     let (rate, burst) = (
         f64::from(s.failed_token_per_min) / 60.0,
@@ -216,7 +242,6 @@ async fn issue(auth: &Auth, headers: &HeaderMap, body: &[u8]) -> Result<Response
         e.retry_after = Some(wait);
         return Err(e);
     }
-
     let row = clients::lookup(auth.db(), &client_id).await.map_err(|e| {
         tracing::warn!("token endpoint cannot read oauth_clients: {e}");
         let mut e = oauth_err(
@@ -229,20 +254,24 @@ async fn issue(auth: &Auth, headers: &HeaderMap, body: &[u8]) -> Result<Response
     let ok = auth
         .verify_secret(row.as_ref().map(|r| r.secret_hash.clone()), secret)
         .await;
-    let row = match row {
-        Some(r) if ok && r.enabled => r,
+    match row {
+        Some(r) if ok && r.enabled => Ok((client_id, r)),
         _ => {
             auth.failures().spend(&client_id, rate, burst);
             tracing::warn!(client_id = ?client_id, "token request refused: bad client credentials or disabled client");
-            return Err(oauth_err("invalid_client", "client authentication failed"));
+            Err(oauth_err("invalid_client", "client authentication failed"))
         }
-    };
+    }
+}
 
+/// The scopes asked for (all the client's when none are), each granted to
+/// the client.
+fn granted_scopes(form: &Form, granted: &[Scope]) -> Result<Vec<Scope>, OAuthError> {
     let scopes = match form.get("scope") {
-        None => row.scopes.clone(),
+        None => granted.to_vec(),
         Some(req) => {
             let asked = Scope::parse_list(req).map_err(|m| oauth_err("invalid_scope", m))?;
-            if let Some(extra) = asked.iter().find(|s| !row.scopes.contains(s)) {
+            if let Some(extra) = asked.iter().find(|s| !granted.contains(s)) {
                 return Err(oauth_err(
                     "invalid_scope",
                     format!("scope `{extra}` is not granted to this client"),
@@ -254,19 +283,7 @@ async fn issue(auth: &Auth, headers: &HeaderMap, body: &[u8]) -> Result<Response
     if scopes.is_empty() {
         return Err(oauth_err("invalid_scope", "no scope to grant"));
     }
-
-    let key = signing_key(auth).await?;
-    let (access_token, claims) = key.mint(s, &client_id, &scopes, token::unix_now());
-    tracing::info!(client_id = %client_id, jti = %claims.jti, kid = %key.kid(), scope = %claims.scope, "access token issued");
-    let mut resp = Json(json!({
-        "access_token": access_token,
-        "token_type": "Bearer",
-        "expires_in": s.token_lifetime_s,
-        "scope": claims.scope,
-    }))
-    .into_response();
-    no_store(resp.headers_mut());
-    Ok(resp)
+    Ok(scopes)
 }
 
 /// The process's signing key, published and not retired.

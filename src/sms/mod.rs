@@ -279,76 +279,84 @@ async fn command(
         Ok(c) => c,
         Err(e) => return ctx.refuse(None, None, "", e).await,
     };
-    let sender = caller.client_id.as_str();
-    let limit = ctx.st.shared.cfg.api.body_limit;
-    let body = read_body(&headers, body, limit).await;
-    let message = match &body {
-        Ok(b) => String::from_utf8_lossy(b).into_owned(),
-        Err(_) => String::new(),
-    };
-    let fields_tid = body
-        .as_ref()
-        .ok()
-        .and_then(|b| types::Fields::parse(b).ok())
-        .and_then(|f| f.raw_transaction_id());
-    let tid = fields_tid.as_deref();
-    if let Err(e) = caller.require(Scope::SmsWrite) {
-        return ctx.refuse(Some(sender), tid, &message, e).await;
+    match ctx.admit(kind, &caller, &headers, body).await {
+        Ok(sub) => ctx.submit(sub).await,
+        Err(refused) => refused,
     }
-    if !is_json(&headers) {
-        return ctx
-            .refuse(Some(sender), tid, &message, SmsError::UnsupportedMediaType)
-            .await;
+}
+
+impl Ctx {
+    /// The checks after authentication, in the documented order: body size
+    /// (413), scope (403), media type (415), the command itself (400/422).
+    /// A refusal is answered (and recorded) here.
+    async fn admit(
+        &self,
+        kind: CommandKind,
+        caller: &Caller,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<store::Submission, Response> {
+        let sender = caller.client_id.as_str();
+        let body = read_body(headers, body, self.st.shared.cfg.api.body_limit).await;
+        let message = match &body {
+            Ok(b) => String::from_utf8_lossy(b).into_owned(),
+            Err(_) => String::new(),
+        };
+        let fields_tid = body
+            .as_ref()
+            .ok()
+            .and_then(|b| types::Fields::parse(b).ok())
+            .and_then(|f| f.raw_transaction_id());
+        let tid = fields_tid.as_deref();
+        let refuse = |e: ApiError| self.refuse(Some(sender), tid, &message, e);
+        if let Err(e) = caller.require(Scope::SmsWrite) {
+            return Err(refuse(e).await);
+        }
+        if !is_json(headers) {
+            return Err(refuse(SmsError::UnsupportedMediaType.into()).await);
+        }
+        let body = match body {
+            Ok(b) => b,
+            Err(e) => return Err(refuse(e.into()).await),
+        };
+        let max_section = self.st.shared.cfg.cas.max_section_bytes;
+        let req = match types::parse_command(kind, &body, max_section) {
+            Ok(r) => r,
+            Err(e) => return Err(refuse(e.into()).await),
+        };
+        Ok(store::Submission {
+            sender: sender.to_owned(),
+            path: kind.path(),
+            message,
+            received_at: self.received_at,
+            req,
+        })
     }
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return ctx.refuse(Some(sender), tid, &message, e).await,
-    };
-    let max_section = ctx.st.shared.cfg.cas.max_section_bytes;
-    let req = match types::parse_command(kind, &body, max_section) {
-        Ok(r) => r,
-        Err(e) => return ctx.refuse(Some(sender), tid, &message, e).await,
-    };
-    let sub = store::Submission {
-        sender: sender.to_owned(),
-        path: kind.path(),
-        message: message.clone(),
-        received_at: ctx.received_at,
-        req,
-    };
-    let tid_owned = sub.req.transaction_id.as_str().to_owned();
-    let tid = Some(tid_owned.as_str());
-    match ctx.st.committer.submit(sub).await {
-        Ok(store::Accepted::New { request_id, reply }) => {
-            ctx.st.shared.work_ready.notify_one();
-            ctx.log(
-                Some(request_id),
-                Some(sender),
-                tid,
-                200,
-                &message,
-                &reply,
-                None,
-            );
-            json_response(StatusCode::OK, reply, None, Some(request_id))
-        }
-        Ok(store::Accepted::Replay { reply, .. }) => {
-            ctx.finish_unaccepted(
-                Some(sender),
-                tid,
-                &message,
-                StatusCode::OK,
-                reply,
-                None,
-                true,
-            )
-            .await
-        }
-        Err(e) => {
-            if let SmsError::Db(db) = &e {
-                tracing::warn!(path = kind.path(), "command not stored: {db}");
+
+    /// Hands the command to the committer and answers its outcome: 200
+    /// after COMMIT (and the EMMG woken), a replay's stored reply, or the
+    /// refusal.
+    async fn submit(&self, sub: store::Submission) -> Response {
+        let sender = sub.sender.clone();
+        let message = sub.message.clone();
+        let tid = sub.req.transaction_id.as_str().to_owned();
+        let (sender, tid) = (Some(sender.as_str()), Some(tid.as_str()));
+        match self.st.committer.submit(sub).await {
+            Ok(store::Accepted::New { request_id, reply }) => {
+                self.st.shared.work_ready.notify_one();
+                self.log(Some(request_id), sender, tid, 200, &message, &reply, None);
+                json_response(StatusCode::OK, reply, None, Some(request_id))
             }
-            ctx.refuse(Some(sender), tid, &message, e).await
+            Ok(store::Accepted::Replay { reply, .. }) => {
+                self.finish_unaccepted(sender, tid, &message, StatusCode::OK, reply, None, true)
+                    .await
+            }
+            Err(e) => {
+                if let SmsError::Db(db) = &e {
+                    tracing::warn!(path = %self.path, "command not stored: {db}");
+                }
+                self.refuse(sender, tid, &message, e).await
+            }
         }
     }
 }

@@ -495,90 +495,92 @@ pub fn parse_command(
         CommandKind::RemoveDevice => SmsCommand::RemoveDevice {
             device_id: f.device_id("device_id")?,
         },
-        CommandKind::AddEntitlement => {
-            let device_id = f.device_id("device_id")?;
-            let product_id = ProductId(f.id_u32("product_id")?);
-            let start = f.time("start")?.ok_or(SmsError::Missing("start"))?;
-            let end = f.time("end")?.ok_or(SmsError::Missing("end"))?;
-            if start > end {
-                return Err(SmsError::StartAfterEnd);
-            }
-            SmsCommand::AddEntitlement {
-                device_id,
-                product_id,
-                start,
-                end,
-            }
-        }
+        CommandKind::AddEntitlement => add_entitlement(&mut f)?,
         CommandKind::RemoveEntitlement => SmsCommand::RemoveEntitlement {
             device_id: f.device_id("device_id")?,
             product_id: ProductId(f.id_u32("product_id")?),
         },
-        CommandKind::GenerateOsm => {
-            let has_device = f.map.get("device_id").is_some_and(|v| !v.is_null());
-            let has_group = f.map.get("group_id").is_some_and(|v| !v.is_null());
-            let all = f.bool_opt("all")?.unwrap_or(false);
-            let target = match (has_device, has_group, all) {
-                (true, false, false) => Target::Device(f.device_id("device_id")?),
-                (false, true, false) => Target::Group(GroupId(f.id_u32("group_id")?)),
-                (false, false, true) => Target::All,
-                (false, false, false) => {
-                    return Err(SmsError::InvalidTarget(
-                        "one of `device_id`, `group_id` or `all: true` is required".into(),
-                    ))
-                }
-                _ => {
-                    return Err(SmsError::InvalidTarget(
-                        "exactly one of `device_id`, `group_id` or `all: true` may be given".into(),
-                    ))
-                }
-            };
-            let text = match f.req("text")? {
-                Value::String(s) => OsmText::new(&s).ok_or(SmsError::Invalid {
-                    field: "text",
-                    message: "`text` must not be empty".into(),
-                })?,
-                _ => {
-                    return Err(SmsError::WrongType {
-                        field: "text",
-                        expected: "a string",
-                    })
-                }
-            };
-            let dv = f.req("duration_s")?;
-            let duration_s =
-                Fields::integer("duration_s", &dv, u16::MAX as u64).map_err(|e| match e {
-                    SmsError::OutOfRange { field, .. } => SmsError::OutOfRange {
-                        field,
-                        message:
-                            "`duration_s` must be an integer in 0..=65535 (0 = until dismissed)"
-                                .into(),
-                    },
-                    e => e,
-                })? as u16;
-            let forced = f.bool_opt("forced")?.unwrap_or(false);
-            let expires_at = f.time("expires_at")?;
-            let max = max_osm_text_len(max_section_bytes, target);
-            if text.as_str().len() > max {
-                return Err(SmsError::OsmTooLong {
-                    len: text.as_str().len(),
-                    max,
-                });
-            }
-            SmsCommand::GenerateOsm {
-                target,
-                text,
-                duration_s,
-                forced,
-                expires_at,
-            }
-        }
+        CommandKind::GenerateOsm => generate_osm(&mut f, max_section_bytes)?,
     };
     f.finish()?;
     Ok(CommandRequest {
         transaction_id,
         command,
     })
+}
+
+fn add_entitlement(f: &mut Fields) -> Result<SmsCommand, SmsError> {
+    let device_id = f.device_id("device_id")?;
+    let product_id = ProductId(f.id_u32("product_id")?);
+    let start = f.time("start")?.ok_or(SmsError::Missing("start"))?;
+    let end = f.time("end")?.ok_or(SmsError::Missing("end"))?;
+    if start > end {
+        return Err(SmsError::StartAfterEnd);
+    }
+    Ok(SmsCommand::AddEntitlement {
+        device_id,
+        product_id,
+        start,
+        end,
+    })
+}
+
+fn generate_osm(f: &mut Fields, max_section_bytes: usize) -> Result<SmsCommand, SmsError> {
+    let target = osm_target(f)?;
+    let text = match f.req("text")? {
+        Value::String(s) => OsmText::new(&s).ok_or(SmsError::Invalid {
+            field: "text",
+            message: "`text` must not be empty".into(),
+        })?,
+        _ => {
+            return Err(SmsError::WrongType {
+                field: "text",
+                expected: "a string",
+            })
+        }
+    };
+    let dv = f.req("duration_s")?;
+    let duration_s = Fields::integer("duration_s", &dv, u16::MAX as u64).map_err(|e| match e {
+        SmsError::OutOfRange { field, .. } => SmsError::OutOfRange {
+            field,
+            message: "`duration_s` must be an integer in 0..=65535 (0 = until dismissed)".into(),
+        },
+        e => e,
+    })? as u16;
+    let forced = f.bool_opt("forced")?.unwrap_or(false);
+    let expires_at = f.time("expires_at")?;
+    let max = max_osm_text_len(max_section_bytes, target);
+    if text.as_str().len() > max {
+        return Err(SmsError::OsmTooLong {
+            len: text.as_str().len(),
+            max,
+        });
+    }
+    Ok(SmsCommand::GenerateOsm {
+        target,
+        text,
+        duration_s,
+        forced,
+        expires_at,
+    })
+}
+
+/// Exactly one of `device_id`, `group_id` or `all: true`.
+fn osm_target(f: &mut Fields) -> Result<Target, SmsError> {
+    let has_device = f.map.get("device_id").is_some_and(|v| !v.is_null());
+    let has_group = f.map.get("group_id").is_some_and(|v| !v.is_null());
+    let all = f.bool_opt("all")?.unwrap_or(false);
+    match (has_device, has_group, all) {
+        (true, false, false) => Ok(Target::Device(f.device_id("device_id")?)),
+        (false, true, false) => Ok(Target::Group(GroupId(f.id_u32("group_id")?))),
+        (false, false, true) => Ok(Target::All),
+        (false, false, false) => Err(SmsError::InvalidTarget(
+            "one of `device_id`, `group_id` or `all: true` is required".into(),
+        )),
+        _ => Err(SmsError::InvalidTarget(
+            "exactly one of `device_id`, `group_id` or `all: true` may be given".into(),
+        )),
+    }
 }
 
 #[cfg(test)]
