@@ -760,10 +760,23 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Every key in range and consistent, section by section (the first
+    /// error found is reported).
     fn validate(&self) -> Result<(), ConfigError> {
         if self.roles.is_empty() {
             return Err(key_err("roles", "at least one role is needed"));
         }
+        self.validate_database()?;
+        self.validate_api()?;
+        self.validate_cas_and_emmg()?;
+        self.validate_cycler()?;
+        self.validate_scheduler()?;
+        self.validate_auth()?;
+        self.validate_log()
+    }
+
+    /// `[database]`.
+    fn validate_database(&self) -> Result<(), ConfigError> {
         let url = self.database.url.expose();
         if !url.starts_with("mysql://") {
             return Err(key_err(
@@ -778,6 +791,11 @@ impl Config {
         if self.database.pool_max == 0 {
             return Err(key_err("database.pool_max", "must be at least 1"));
         }
+        Ok(())
+    }
+
+    /// `[api]`: limits, batching, TLS or explicit plain HTTP.
+    fn validate_api(&self) -> Result<(), ConfigError> {
         if self.api.body_limit < 1024 || self.api.body_limit > 16 * 1024 * 1024 {
             return Err(key_err(
                 "api.body_limit",
@@ -801,6 +819,11 @@ impl Config {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// `[cas]` and `[emmg]`.
+    fn validate_cas_and_emmg(&self) -> Result<(), ConfigError> {
         if !(64..=4096).contains(&self.cas.max_section_bytes) {
             return Err(key_err(
                 "cas.max_section_bytes",
@@ -813,6 +836,11 @@ impl Config {
         if self.emmg.batch == 0 || self.emmg.batch > 1000 {
             return Err(key_err("emmg.batch", "must be between 1 and 1000"));
         }
+        Ok(())
+    }
+
+    /// `[cycler]`: outputs, each with a unique name and valid transport settings.
+    fn validate_cycler(&self) -> Result<(), ConfigError> {
         if self.cycler.outputs.is_empty() && self.roles.contains(&Role::Cycler) {
             return Err(key_err(
                 "cycler.outputs",
@@ -853,6 +881,11 @@ impl Config {
                 return Err(key_err(k("destination"), "port 0 is not a destination"));
             }
         }
+        Ok(())
+    }
+
+    /// `[scheduler]`: lease, pacing, rotation and schedules.
+    fn validate_scheduler(&self) -> Result<(), ConfigError> {
         if self.scheduler.lease_seconds < 2 {
             return Err(key_err("scheduler.lease_seconds", "must be at least 2"));
         }
@@ -898,6 +931,11 @@ impl Config {
                 return Err(key_err(k, m));
             }
         }
+        Ok(())
+    }
+
+    /// `[auth]`.
+    fn validate_auth(&self) -> Result<(), ConfigError> {
         let a = &self.auth;
         if a.issuer.is_empty() || a.issuer.len() > 128 {
             return Err(key_err("auth.issuer", "must be 1..=128 characters"));
@@ -929,6 +967,11 @@ impl Config {
         if a.failed_token_per_min == 0 {
             return Err(key_err("auth.failed_token_per_min", "must be at least 1"));
         }
+        Ok(())
+    }
+
+    /// `[log]`.
+    fn validate_log(&self) -> Result<(), ConfigError> {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(key_err("log.format", "must be \"text\" or \"json\""));
         }
