@@ -131,6 +131,46 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(crate::tls::load_server_config(cert, key)?),
         _ => None,
     };
+    let auth = start_auth(&cfg, &db).await;
+    let encryptor = encryptor_for(&cfg, &db, &roles).await?;
+    let shared = Shared {
+        cfg: std::sync::Arc::new(cfg),
+        db: db.clone(),
+        readiness: readiness.clone(),
+        shutdown: shutdown.clone(),
+        work_ready: Default::default(),
+        emms_ready: Default::default(),
+        auth: auth.clone(),
+        encryptor,
+    };
+    let (router, tasks) = start_roles(&roles, &shared).await?;
+    log_start(&listener, &roles, &shared, tls.is_some())?;
+    let server = match tls {
+        Some(tls) => tokio::spawn(crate::tls::serve_tls(
+            listener,
+            router,
+            tls,
+            shutdown.clone(),
+        )),
+        None => tokio::spawn(http::serve(listener, router, shutdown.clone())),
+    };
+    let watchdog = start_watchdog(readiness.clone(), shutdown.clone());
+    let failure = wait_and_drain(&shutdown, tasks, server).await;
+    db.close().await;
+    if let Some(w) = watchdog {
+        let _ = w.stopping();
+    }
+    tracing::info!("stopped");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The process's authentication context, with the verification keys
+/// loaded if the database has them yet (a missing signing key only makes
+/// `POST /oauth/token` answer 503, said at start).
+async fn start_auth(cfg: &Config, db: &Db) -> crate::auth::Auth {
     let auth = crate::auth::Auth::new(
         db.clone(),
         crate::auth::AuthSettings::from_config(&cfg.auth),
@@ -144,40 +184,44 @@ pub async fn run(
             tracing::warn!("POST /oauth/token will answer 503 until this is fixed: {e}");
         }
     }
-    let local_encryptor = if roles.contains(&Role::Encryptor) {
-        Some(open_local_encryptor(&cfg, &db).await?)
-    } else {
-        None
-    };
-    let encryptor: Option<std::sync::Arc<dyn Encryptor>> = match &local_encryptor {
-        Some(l) => Some(std::sync::Arc::new(l.clone())),
-        None if roles.contains(&Role::Emmg) || roles.contains(&Role::Scheduler) => {
-            Some(std::sync::Arc::new(remote_encryptor(&cfg)?))
-        }
-        None => None,
-    };
-    let shared = Shared {
-        cfg: std::sync::Arc::new(cfg),
-        db: db.clone(),
-        readiness: readiness.clone(),
-        shutdown: shutdown.clone(),
-        work_ready: Default::default(),
-        emms_ready: Default::default(),
-        auth: auth.clone(),
-        encryptor,
-    };
+    auth
+}
 
-    let mut router: Router = http::health_routes(db.clone(), readiness.clone());
+/// The Encryptor the roles use: this process's own when it runs the
+/// Encryptor role, else the remote one for the roles that need one.
+async fn encryptor_for(
+    cfg: &Config,
+    db: &Db,
+    roles: &[Role],
+) -> anyhow::Result<Option<std::sync::Arc<dyn Encryptor>>> {
+    if roles.contains(&Role::Encryptor) {
+        return Ok(Some(std::sync::Arc::new(
+            open_local_encryptor(cfg, db).await?,
+        )));
+    }
+    if roles.contains(&Role::Emmg) || roles.contains(&Role::Scheduler) {
+        return Ok(Some(std::sync::Arc::new(remote_encryptor(cfg)?)));
+    }
+    Ok(None)
+}
+
+/// Starts every role: the process's router (every role's routes behind
+/// authentication) and the roles' tasks.
+async fn start_roles(
+    roles: &[Role],
+    shared: &Shared,
+) -> anyhow::Result<(Router, JoinSet<anyhow::Result<()>>)> {
+    let mut router: Router = http::health_routes(shared.db.clone(), shared.readiness.clone());
     if shared.cfg.auth.token_endpoint {
-        router = router.merge(crate::auth::endpoint::routes(auth.clone()));
+        router = router.merge(crate::auth::endpoint::routes(shared.auth.clone()));
     }
     // Routes whose handlers check the caller themselves and record refused
     // requests (the SMS role) go behind `auth::attach`; all others behind
     // `auth::protect`.
     let mut self_checking: Router = Router::new();
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
-    for role in &roles {
-        let (routes, task) = start_role(*role, &shared).await?;
+    for role in roles {
+        let (routes, task) = start_role(*role, shared).await?;
         if let Some(r) = routes {
             if *role == Role::Sms {
                 self_checking = self_checking.merge(r);
@@ -189,35 +233,42 @@ pub async fn run(
             tasks.spawn(t);
         }
     }
-
-    let addr = listener.local_addr()?;
-    let names: Vec<&str> = roles.iter().map(|r| r.name()).collect();
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(%addr, %scheme, roles = %names.join(","), database = %db.display(), "casd running");
-    for o in &shared.cfg.cycler.outputs {
-        if roles.contains(&Role::Cycler) {
-            tracing::info!(output = %o.name, destination = %o.destination, pid = o.pid, bitrate = o.bitrate, "carousel output");
-        }
-    }
-
     // Bearer token, enabled client and rate limit on every route but
     // auth::PUBLIC_PATHS; the body limit everywhere (the
     // SMS routes apply it themselves).
+    let auth = shared.auth.clone();
     let router = crate::auth::protect(router, auth.clone(), shared.cfg.api.body_limit)
         .merge(crate::auth::attach(self_checking, auth));
-    let server = match tls {
-        Some(tls) => tokio::spawn(crate::tls::serve_tls(
-            listener,
-            router,
-            tls,
-            shutdown.clone(),
-        )),
-        None => tokio::spawn(http::serve(listener, router, shutdown.clone())),
-    };
-    let watchdog = start_watchdog(readiness.clone(), shutdown.clone());
+    Ok((router, tasks))
+}
 
-    // A role task that fails brings the process down (systemd restarts it);
-    // otherwise we wait for the shutdown signal.
+fn log_start(
+    listener: &TcpListener,
+    roles: &[Role],
+    shared: &Shared,
+    tls: bool,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let names: Vec<&str> = roles.iter().map(|r| r.name()).collect();
+    let scheme = if tls { "https" } else { "http" };
+    tracing::info!(%addr, %scheme, roles = %names.join(","), database = %shared.db.display(), "casd running");
+    if roles.contains(&Role::Cycler) {
+        for o in &shared.cfg.cycler.outputs {
+            tracing::info!(output = %o.name, destination = %o.destination, pid = o.pid, bitrate = o.bitrate, "carousel output");
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the shutdown signal or a role's failure (a role task that
+/// fails brings the process down; systemd restarts it), then lets the
+/// roles and the server drain for at most [`DRAIN_TIMEOUT`]. Returns the
+/// failure, if any.
+async fn wait_and_drain(
+    shutdown: &CancellationToken,
+    mut tasks: JoinSet<anyhow::Result<()>>,
+    server: tokio::task::JoinHandle<impl Sized>,
+) -> Option<anyhow::Error> {
     let mut failure = None;
     tokio::select! {
         // Shutdown first: roles end by themselves once it is asked, and
@@ -245,15 +296,7 @@ pub async fn run(
     if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
         tracing::warn!("roles did not finish within {DRAIN_TIMEOUT:?}; stopping anyway");
     }
-    db.close().await;
-    if let Some(w) = watchdog {
-        let _ = w.stopping();
-    }
-    tracing::info!("stopped");
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    failure
 }
 
 /// systemd integration when run under `Type=notify` (NOTIFY_SOCKET set):
