@@ -299,6 +299,20 @@ mod tests {
         }
     }
 
+    /// One adddevice per (transaction_id as JSON text, device).
+    fn adddevices(cmds: &[(&str, u64)]) -> Vec<Submission> {
+        cmds.iter()
+            .map(|(tid, d)| {
+                let body = format!(r#"{{"transaction_id":"{tid}","device_id":{d}}}"#);
+                sub(CommandKind::AddDevice, &body)
+            })
+            .collect()
+    }
+
+    fn shas_of(subs: &[Submission]) -> Vec<[u8; 32]> {
+        subs.iter().map(|s| s.req.canonical_sha256()).collect()
+    }
+
     fn dev(enabled: bool, pmk_version: u32) -> DeviceRow {
         DeviceRow {
             enabled,
@@ -505,18 +519,9 @@ mod tests {
 
     #[test]
     fn refused_commands_are_looked_up_and_replays_replace_them() {
-        let subs = [
-            sub(
-                CommandKind::AddDevice,
-                r#"{"transaction_id":"a","device_id":1}"#,
-            ),
-            sub(
-                CommandKind::AddDevice,
-                r#"{"transaction_id":"b","device_id":2}"#,
-            ),
-        ];
+        let subs = adddevices(&[("a", 1), ("b", 2)]);
         let cmds: Vec<&Submission> = subs.iter().collect();
-        let shas: Vec<[u8; 32]> = subs.iter().map(|s| s.req.canonical_sha256()).collect();
+        let shas = shas_of(&subs);
         // Device 2 exists: a replay of its adddevice looks like a refusal.
         let found = found_with(&[(2, dev(true, 1))]);
         let mut plans = decide(&cmds, &shas, &found, NOW);
@@ -539,22 +544,9 @@ mod tests {
 
     #[test]
     fn settle_gives_slots_in_arrival_order_and_asks_for_more() {
-        let subs = [
-            sub(
-                CommandKind::AddDevice,
-                r#"{"transaction_id":"a","device_id":1}"#,
-            ),
-            sub(
-                CommandKind::AddDevice,
-                r#"{"transaction_id":"b","device_id":2}"#,
-            ),
-            sub(
-                CommandKind::AddDevice,
-                r#"{"transaction_id":"c\"","device_id":3}"#,
-            ),
-        ];
+        let subs = adddevices(&[("a", 1), ("b", 2), ("c\\\"", 3)]);
         let cmds: Vec<&Submission> = subs.iter().collect();
-        let shas: Vec<[u8; 32]> = subs.iter().map(|s| s.req.canonical_sha256()).collect();
+        let shas = shas_of(&subs);
         let found = found_with(&[(2, dev(true, 1))]);
         let plans = || decide(&cmds, &shas, &found, NOW);
         // Two adddevice accepted (device 2 exists): two slots needed.
