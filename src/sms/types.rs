@@ -645,7 +645,7 @@ mod tests {
         .unwrap();
         assert!(matches!(
             r.command,
-            Command::GenerateOsm {
+            SmsCommand::GenerateOsm {
                 target: Target::All,
                 forced: false,
                 expires_at: None,
