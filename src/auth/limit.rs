@@ -10,7 +10,7 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use governor::clock::{Clock, DefaultClock, Reference};
@@ -154,23 +154,38 @@ pub fn too_large(limit: usize) -> ApiError {
 }
 
 /// The configured body limit (`api.body_limit`) on every route of
-/// `router`, with the spec's 413 body: tower-http refuses a declared
+/// `router`, with the spec's error bodies: tower-http refuses a declared
 /// length over the limit at once and limits the body a handler reads
-/// (axum's extractors then answer 413; axum's own default limit is set to
-/// the same value). Every 413 leaves with the spec's body.
+/// (axum's `Bytes` extractor then answers 413; axum's own default limit is
+/// set to the same value, or its 2 MiB would cap a larger one).
 pub fn body_limit(router: Router, limit: usize) -> Router {
     router
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(limit))
         .layer(axum::middleware::map_response(
-            move |r: Response| async move {
-                if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    too_large(limit).into_response()
-                } else {
-                    r
-                }
-            },
+            move |r: Response| async move { spec_body_errors(r, limit) },
         ))
+}
+
+/// Every 413 leaves with the spec's body, and so does a 400 that is not
+/// ours (not JSON): axum's answer when a body could not be read (the
+/// client went away, a broken chunk), `bad_body` in docs/openapi.json.
+fn spec_body_errors(r: Response, limit: usize) -> Response {
+    let json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => too_large(limit).into_response(),
+        StatusCode::BAD_REQUEST if !json => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "the request body could not be read",
+        )
+        .into_response(),
+        _ => r,
+    }
 }
 
 #[cfg(test)]
@@ -219,6 +234,30 @@ mod tests {
         // One failure back: the next one locks again.
         l.spend("x", per_min, 2.0);
         assert_eq!(l.peek("x"), Err(6));
+    }
+
+    #[tokio::test]
+    async fn body_errors_leave_with_the_spec_body() {
+        use axum::body::{to_bytes, Body};
+        let code = |r: Response| async move {
+            let status = r.status().as_u16();
+            let body = to_bytes(r.into_body(), 4096).await.unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            (status, v["error"]["code"].as_str().unwrap_or("").to_owned())
+        };
+        let plain = |status: StatusCode| {
+            let mut r = Response::new(Body::from("Failed to buffer the request body"));
+            *r.status_mut() = status;
+            r
+        };
+        let r = spec_body_errors(plain(StatusCode::PAYLOAD_TOO_LARGE), 1024);
+        assert_eq!(code(r).await, (413, "body_too_large".to_owned()));
+        let r = spec_body_errors(plain(StatusCode::BAD_REQUEST), 1024);
+        assert_eq!(code(r).await, (400, "bad_body".to_owned()));
+        // Our own 400s (JSON) pass unchanged.
+        let ours = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "x").into_response();
+        let r = spec_body_errors(ours, 1024);
+        assert_eq!(code(r).await, (400, "invalid_request".to_owned()));
     }
 
     #[test]
