@@ -5,6 +5,7 @@
 //! `casd_wire::emm` (never copies of them). See `docs/tools.md`.
 
 pub mod audit;
+pub mod capture;
 pub mod cli;
 pub mod decode;
 pub mod input;
