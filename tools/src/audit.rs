@@ -11,7 +11,8 @@ use clap::Args;
 use mysql_async::prelude::*;
 use serde_json::{json, Value};
 
-use crate::cli::{capture, DecodeArgs, InputArgs, Recorders};
+use crate::capture::{capture, unix_now, Recorders};
+use crate::cli::{DecodeArgs, InputArgs};
 use crate::decode::{Kind, Seen};
 use crate::report::{address_str, Printer};
 
@@ -53,6 +54,31 @@ pub struct Row {
     pub state: String,
     pub created: f64,
     pub not_after: f64,
+}
+
+impl Row {
+    /// A row as read: the times in microseconds since the epoch.
+    fn from_db(
+        id: u64,
+        addressing: String,
+        address: u64,
+        state: String,
+        created_us: i64,
+        not_after_us: i64,
+    ) -> Row {
+        Row {
+            id,
+            addressing,
+            address,
+            state,
+            created: seconds(created_us),
+            not_after: seconds(not_after_us),
+        }
+    }
+}
+
+fn seconds(us: i64) -> f64 {
+    us as f64 / 1e6
 }
 
 const PAGE: usize = 2000;
@@ -140,17 +166,8 @@ async fn load(db: &Db) -> anyhow::Result<HashMap<Vec<u8>, Row>> {
         let n = rows.len();
         for (id, addressing, address, state, created, not_after, bytes) in rows {
             after = id;
-            out.insert(
-                bytes,
-                Row {
-                    id,
-                    addressing,
-                    address,
-                    state,
-                    created: created as f64 / 1e6,
-                    not_after: not_after as f64 / 1e6,
-                },
-            );
+            let row = Row::from_db(id, addressing, address, state, created, not_after);
+            out.insert(bytes, row);
         }
         if n < PAGE {
             return Ok(out);
@@ -186,20 +203,8 @@ async fn lookup(
             .await
             .context("looking up sections in emms")?;
         for (id, addressing, address, state, created, not_after, bytes, removed) in rows {
-            out.insert(
-                bytes,
-                (
-                    Row {
-                        id,
-                        addressing,
-                        address,
-                        state,
-                        created: created as f64 / 1e6,
-                        not_after: not_after as f64 / 1e6,
-                    },
-                    removed.map(|r| r as f64 / 1e6),
-                ),
-            );
+            let row = Row::from_db(id, addressing, address, state, created, not_after);
+            out.insert(bytes, (row, removed.map(seconds)));
         }
     }
     Ok(out)
@@ -227,83 +232,17 @@ pub fn compare(
     grace: f64,
     now: f64,
 ) -> Value {
-    let mut problems: Vec<Value> = Vec::new();
-    let mut expected = 0u64;
-    let mut ok = 0u64;
-    let period = max_period.or(window.map(|(a, b)| b - a));
+    let rules = Rules {
+        window,
+        period: max_period.or(window.map(|(a, b)| b - a)),
+        grace,
+        now,
+    };
+    let mut tally = Tally::default();
     let mut ids: Vec<(&Vec<u8>, &Row)> = live.iter().collect();
     ids.sort_by_key(|(_, r)| r.id);
     for (bytes, r) in ids {
-        let s = seen.get(bytes.as_slice());
-        if let Some(s) = s {
-            let last = s.last_time.unwrap_or(f64::NEG_INFINITY);
-            let late = match window {
-                Some(_) => last > r.not_after + grace,
-                None => r.not_after < now,
-            };
-            if late {
-                problems.push(json!({"kind": "expired_on_air", "row": row_json(r),
-                    "detail": format!("{} expired at {:.3} but was on air until {:.3}", row_str(r), r.not_after, last)}));
-            }
-        }
-        match (window, period) {
-            (Some((t0, t1)), Some(p)) => {
-                let ws = t0.max(r.created);
-                let we = t1.min(r.not_after);
-                if we <= ws {
-                    continue; // not due on air during the capture
-                }
-                let times: Vec<f64> = s
-                    .map(|s| {
-                        s.times
-                            .iter()
-                            .copied()
-                            .filter(|t| *t >= ws && *t <= we + grace)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                if times.is_empty() {
-                    if we - ws >= p.min(t1 - t0) - 1e-9 {
-                        expected += 1;
-                        problems.push(json!({"kind": "missing", "row": row_json(r),
-                            "detail": format!("{} is live but was not on air during {:.3} s of capture", row_str(r), we - ws)}));
-                    }
-                    continue;
-                }
-                expected += 1;
-                let mut gap: f64 = times[0] - ws;
-                let mut at = ws;
-                for w in times.windows(2) {
-                    if w[1] - w[0] > gap {
-                        gap = w[1] - w[0];
-                        at = w[0];
-                    }
-                }
-                let tail = we - times[times.len() - 1];
-                if tail > gap {
-                    gap = tail;
-                    at = times[times.len() - 1];
-                }
-                if gap > p {
-                    problems.push(json!({"kind": "late", "row": row_json(r), "gap_s": gap,
-                        "detail": format!("{} was off air for {gap:.3} s from {:.3} s into the capture (max period {p:.3} s)", row_str(r), at - t0)}));
-                } else {
-                    ok += 1;
-                }
-            }
-            _ => {
-                if r.not_after < now {
-                    continue;
-                }
-                expected += 1;
-                if s.is_some() {
-                    ok += 1;
-                } else {
-                    problems.push(json!({"kind": "missing", "row": row_json(r),
-                        "detail": format!("{} is live but not in the capture", row_str(r))}));
-                }
-            }
-        }
+        rules.check_live(r, seen.get(bytes.as_slice()), &mut tally);
     }
     let mut on_air: Vec<(&bytes::Bytes, &Seen)> = seen
         .iter()
@@ -312,55 +251,207 @@ pub fn compare(
     on_air.sort_by(|(a, x), (b, y)| (x.first_packet, a).cmp(&(y.first_packet, b)));
     let distinct = on_air.len();
     for (bytes, s) in on_air {
-        if live.contains_key(bytes.as_ref()) {
-            continue;
-        }
-        let last = s.last_time.unwrap_or(f64::INFINITY);
-        match known.get(bytes.as_ref()) {
-            Some((r, removed)) if r.state == "withdrawn" => {
-                let w = removed.unwrap_or(f64::NEG_INFINITY);
-                if window.is_none() || last > w + grace {
-                    let when = removed
-                        .map(|w| format!("withdrawn at {w:.3}"))
-                        .unwrap_or_else(|| "withdrawn (no remove event)".into());
-                    problems.push(json!({"kind": "withdrawn_on_air", "row": row_json(r),
-                        "detail": format!("{} is {when} but was on air{}", row_str(r),
-                            s.last_time.map(|l| format!(" at {l:.3}")).unwrap_or_default())}));
-                }
-            }
-            Some((r, _)) => {
-                problems.push(json!({"kind": "unexpected", "row": row_json(r),
-                    "detail": format!("{} is on air in state {}", row_str(r), r.state)}));
-            }
-            None => {
-                let (mode, ext, address) = match &s.kind {
-                    Kind::Emm {
-                        mode,
-                        table_id_extension,
-                        address,
-                        ..
-                    } => (*mode, *table_id_extension, address.clone()),
-                    _ => ("?", 0, Value::Null),
-                };
-                problems.push(json!({"kind": "unknown_on_air", "table_id_extension": ext, "mode": mode, "address": address,
-                    "emm_id": s.emm_id(), "len": bytes.len(), "pid": s.pid, "count": s.count,
-                    "detail": format!("an EMM section on air matches no row of emms: {} ext {ext:#06x}, {} bytes, PID {:#06x}, seen {}x",
-                        address_str(&address), bytes.len(), s.pid, s.count)}));
-            }
+        if !live.contains_key(bytes.as_ref()) {
+            let problem = rules.check_not_live(bytes, s, known.get(bytes.as_ref()));
+            tally.problems.extend(problem);
         }
     }
     json!({
         "type": "audit",
-        "ok": problems.is_empty(),
+        "ok": tally.problems.is_empty(),
         "window": window.map(|(a, b)| json!({"start": a, "end": b, "duration_s": b - a})),
-        "max_period_s": period,
+        "max_period_s": rules.period,
         "grace_s": grace,
         "live_rows": live.len(),
-        "expected": expected,
-        "in_period": ok,
+        "expected": tally.expected,
+        "in_period": tally.in_period,
         "on_air_distinct": distinct,
-        "problems": problems,
+        "problems": tally.problems,
     })
+}
+
+/// What [`compare`] holds every row and section against.
+struct Rules {
+    window: Option<(f64, f64)>,
+    /// --max-period, else the capture's duration ("seen at all").
+    period: Option<f64>,
+    grace: f64,
+    now: f64,
+}
+
+/// What [`compare`] has found so far.
+#[derive(Default)]
+struct Tally {
+    problems: Vec<Value>,
+    /// Live rows that had to be on air during the capture.
+    expected: u64,
+    /// Those of them seen often enough.
+    in_period: u64,
+}
+
+fn problem(kind: &str, r: &Row, detail: String) -> Value {
+    json!({"kind": kind, "row": row_json(r), "detail": detail})
+}
+
+impl Rules {
+    /// A live row: on air when due, often enough, and not past its expiry.
+    fn check_live(&self, r: &Row, s: Option<&Seen>, t: &mut Tally) {
+        if let Some(s) = s {
+            t.problems.extend(self.expired_on_air(r, s));
+        }
+        match (self.window, self.period) {
+            (Some(window), Some(period)) => self.check_timed(r, s, window, period, t),
+            _ => {
+                if r.not_after < self.now {
+                    return;
+                }
+                t.expected += 1;
+                if s.is_some() {
+                    t.in_period += 1;
+                } else {
+                    let detail = format!("{} is live but not in the capture", row_str(r));
+                    t.problems.push(problem("missing", r, detail));
+                }
+            }
+        }
+    }
+
+    fn expired_on_air(&self, r: &Row, s: &Seen) -> Option<Value> {
+        let last = s.last_time.unwrap_or(f64::NEG_INFINITY);
+        let late = match self.window {
+            Some(_) => last > r.not_after + self.grace,
+            None => r.not_after < self.now,
+        };
+        late.then(|| {
+            let detail = format!(
+                "{} expired at {:.3} but was on air until {:.3}",
+                row_str(r),
+                r.not_after,
+                last
+            );
+            problem("expired_on_air", r, detail)
+        })
+    }
+
+    /// With timing: the row's sightings while it was due, and the longest
+    /// time it was off air.
+    fn check_timed(
+        &self,
+        r: &Row,
+        s: Option<&Seen>,
+        (t0, t1): (f64, f64),
+        period: f64,
+        t: &mut Tally,
+    ) {
+        let (ws, we) = (t0.max(r.created), t1.min(r.not_after));
+        if we <= ws {
+            return; // not due on air during the capture
+        }
+        let times: Vec<f64> = s
+            .map(|s| {
+                s.times
+                    .iter()
+                    .copied()
+                    .filter(|t| *t >= ws && *t <= we + self.grace)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if times.is_empty() {
+            if we - ws >= period.min(t1 - t0) - 1e-9 {
+                t.expected += 1;
+                let detail = format!(
+                    "{} is live but was not on air during {:.3} s of capture",
+                    row_str(r),
+                    we - ws
+                );
+                t.problems.push(problem("missing", r, detail));
+            }
+            return;
+        }
+        t.expected += 1;
+        let (gap, at) = longest_gap(&times, ws, we);
+        if gap > period {
+            let detail = format!(
+                "{} was off air for {gap:.3} s from {:.3} s into the capture (max period {period:.3} s)",
+                row_str(r),
+                at - t0
+            );
+            let mut p = problem("late", r, detail);
+            p["gap_s"] = json!(gap);
+            t.problems.push(p);
+        } else {
+            t.in_period += 1;
+        }
+    }
+
+    /// An EMM section on air that is not a live row.
+    fn check_not_live(
+        &self,
+        bytes: &[u8],
+        s: &Seen,
+        known: Option<&(Row, Option<f64>)>,
+    ) -> Option<Value> {
+        match known {
+            Some((r, removed)) if r.state == "withdrawn" => {
+                let last = s.last_time.unwrap_or(f64::INFINITY);
+                let w = removed.unwrap_or(f64::NEG_INFINITY);
+                // Without timing any sighting counts; with it, only those
+                // after the grace that follows the removal.
+                if !(self.window.is_none() || last > w + self.grace) {
+                    return None;
+                }
+                let when = removed
+                    .map(|w| format!("withdrawn at {w:.3}"))
+                    .unwrap_or_else(|| "withdrawn (no remove event)".into());
+                let at = s
+                    .last_time
+                    .map(|l| format!(" at {l:.3}"))
+                    .unwrap_or_default();
+                let detail = format!("{} is {when} but was on air{at}", row_str(r));
+                Some(problem("withdrawn_on_air", r, detail))
+            }
+            Some((r, _)) => {
+                let detail = format!("{} is on air in state {}", row_str(r), r.state);
+                Some(problem("unexpected", r, detail))
+            }
+            None => Some(unknown_on_air(bytes, s)),
+        }
+    }
+}
+
+/// The longest time off air within `[start, end]` given the sighting
+/// `times` (sorted, not empty), and when it began.
+fn longest_gap(times: &[f64], start: f64, end: f64) -> (f64, f64) {
+    let mut gap: f64 = times[0] - start;
+    let mut at = start;
+    for w in times.windows(2) {
+        if w[1] - w[0] > gap {
+            gap = w[1] - w[0];
+            at = w[0];
+        }
+    }
+    let last = times[times.len() - 1];
+    if end - last > gap {
+        gap = end - last;
+        at = last;
+    }
+    (gap, at)
+}
+
+fn unknown_on_air(bytes: &[u8], s: &Seen) -> Value {
+    let (mode, ext, address) = match &s.kind {
+        Kind::Emm {
+            mode,
+            table_id_extension,
+            address,
+            ..
+        } => (*mode, *table_id_extension, address.clone()),
+        _ => ("?", 0, Value::Null),
+    };
+    json!({"kind": "unknown_on_air", "table_id_extension": ext, "mode": mode, "address": address,
+        "emm_id": s.emm_id(), "len": bytes.len(), "pid": s.pid, "count": s.count,
+        "detail": format!("an EMM section on air matches no row of emms: {} ext {ext:#06x}, {} bytes, PID {:#06x}, seen {}x",
+            address_str(&address), bytes.len(), s.pid, s.count)})
 }
 
 pub fn print_human(o: &mut dyn Write, v: &Value) -> io::Result<()> {
@@ -414,10 +505,7 @@ pub fn run(a: AuditArgs) -> anyhow::Result<ExitCode> {
         .map(|(b, _)| b.as_ref())
         .collect();
     let known = rt.block_on(lookup(&db, &unmatched))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
+    let now = unix_now();
     let mut report = compare(
         &live,
         &known,
@@ -436,4 +524,28 @@ pub fn run(a: AuditArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn longest_gap_includes_both_ends() {
+        // Start to first sighting.
+        assert_eq!(longest_gap(&[5.0, 6.0], 0.0, 7.0), (5.0, 0.0));
+        // Between sightings.
+        assert_eq!(longest_gap(&[1.0, 2.0, 6.0], 0.0, 7.0), (4.0, 2.0));
+        // Last sighting to the end.
+        assert_eq!(longest_gap(&[1.0, 2.0], 0.0, 9.0), (7.0, 2.0));
+        // Ties keep the earliest.
+        assert_eq!(longest_gap(&[2.0, 4.0], 0.0, 6.0), (2.0, 0.0));
+    }
+
+    #[test]
+    fn row_times_from_microseconds() {
+        let r = Row::from_db(7, "unique".into(), 9, "live".into(), 1_500_000, 2_000_001);
+        assert_eq!((r.created, r.not_after), (1.5, 2.000001));
+        assert_eq!(row_str(&r), "emm 7 (unique 9)");
+    }
 }
