@@ -11,11 +11,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use bytes::Bytes;
 use carousel::section::SectionError;
 use carousel::{Cat, Depacketizer, Event, PacketRef, Pid, Section, StreamError, TableId};
-use casd_wire::crypto::{self, OpenError};
+use casd_wire::crypto::{self, Key128, OpenError};
 use casd_wire::emm::{self, Address, Command, OpenEmmError};
 use serde_json::{json, Value};
 
-use crate::keys::KeySet;
+use crate::keys::{KeySet, KeySource};
 
 /// TS packet size.
 pub const PACKET_LEN: usize = 188;
@@ -165,6 +165,60 @@ pub struct Seen {
 }
 
 impl Seen {
+    fn first(
+        pid: u16,
+        kind: Kind,
+        index: u64,
+        t: Option<f64>,
+        keep_times: bool,
+        keys_generation: u64,
+    ) -> Seen {
+        Seen {
+            pid,
+            kind,
+            count: 1,
+            first_packet: index,
+            last_packet: index,
+            first_time: t,
+            last_time: t,
+            cycle_s: IntervalStats::default(),
+            cycle_packets: IntervalStats::default(),
+            times: if keep_times {
+                t.into_iter().collect()
+            } else {
+                Vec::new()
+            },
+            keys_generation,
+        }
+    }
+
+    /// Another sighting, in packet `index` at time `t`.
+    fn sighted_again(&mut self, index: u64, t: Option<f64>, keep_times: bool) {
+        self.count += 1;
+        if let (Some(t), Some(last)) = (t, self.last_time) {
+            self.cycle_s.add(t - last);
+        }
+        self.cycle_packets.add((index - self.last_packet) as f64);
+        self.last_packet = index;
+        if t.is_some() {
+            self.last_time = t;
+        }
+        if let (true, Some(t)) = (keep_times, t) {
+            self.times.push(t);
+        }
+    }
+
+    /// An EMM that had no key, tried before the keys of `generation`.
+    fn awaits_key(&self, generation: u64) -> bool {
+        matches!(
+            &self.kind,
+            Kind::Emm {
+                outcome: Outcome::NoKey(_),
+                ..
+            }
+        ) && self.keys_generation != generation
+    }
+
     pub fn emm_id(&self) -> Option<u64> {
         match &self.kind {
             Kind::Emm {
@@ -420,61 +474,17 @@ impl Probe {
         if let Some(st) = self.pids.get_mut(&pid) {
             st.sections += 1;
         }
-        let generation = self.keys_generation;
-        let keep_times = self.cfg.keep_times;
-        let retry = if let Some(seen) = self.sections.get_mut(&s) {
-            seen.count += 1;
-            if let (Some(t), Some(last)) = (t, seen.last_time) {
-                seen.cycle_s.add(t - last);
-            }
-            seen.cycle_packets.add((index - seen.last_packet) as f64);
-            seen.last_packet = index;
-            if t.is_some() {
-                seen.last_time = t;
-            }
-            if keep_times {
-                if let Some(t) = t {
-                    seen.times.push(t);
-                }
-            }
-            let retry = matches!(
-                &seen.kind,
-                Kind::Emm {
-                    outcome: Outcome::NoKey(_),
-                    ..
-                }
-            ) && seen.keys_generation != generation;
-            if !retry && !self.cfg.repeats {
-                // The hot path: a repetition, one hash look-up.
-                count_kind(&mut self.counters, &seen.kind);
-                return;
-            }
-            retry
-        } else {
-            let kind = self.classify(&s);
-            let seen = Seen {
-                pid,
-                kind,
-                count: 1,
-                first_packet: index,
-                last_packet: index,
-                first_time: t,
-                last_time: t,
-                cycle_s: IntervalStats::default(),
-                cycle_packets: IntervalStats::default(),
-                times: if keep_times {
-                    t.into_iter().collect()
-                } else {
-                    Vec::new()
-                },
-                keys_generation: generation,
-            };
-            let rec = self.record(&s, &seen, index, t, false);
-            self.sections.insert(s.clone(), seen);
-            emit(rec);
-            self.count_occurrence(&s);
+        let Some(seen) = self.sections.get_mut(&s) else {
+            self.first_sighting(pid, s, index, t, emit);
             return;
         };
+        seen.sighted_again(index, t, self.cfg.keep_times);
+        let retry = seen.awaits_key(self.keys_generation);
+        if !retry && !self.cfg.repeats {
+            // The hot path: a repetition, one hash look-up.
+            count_kind(&mut self.counters, &seen.kind);
+            return;
+        }
         if retry {
             // A key arrived since this section was last tried.
             let kind = self.classify(&s);
@@ -483,14 +493,33 @@ impl Probe {
                 seen.kind = kind;
                 seen.keys_generation = generation;
             }
-            if let Some(seen) = self.sections.get(&s) {
-                emit(self.record(&s, seen, index, t, false));
-            }
-        } else if self.cfg.repeats {
-            if let Some(seen) = self.sections.get(&s) {
-                emit(self.record(&s, seen, index, t, true));
-            }
         }
+        if let Some(seen) = self.sections.get(&s) {
+            emit(self.record(&s, seen, index, t, !retry));
+        }
+        self.count_occurrence(&s);
+    }
+
+    fn first_sighting(
+        &mut self,
+        pid: u16,
+        s: Bytes,
+        index: u64,
+        t: Option<f64>,
+        emit: &mut dyn FnMut(Value),
+    ) {
+        let kind = self.classify(&s);
+        let seen = Seen::first(
+            pid,
+            kind,
+            index,
+            t,
+            self.cfg.keep_times,
+            self.keys_generation,
+        );
+        let rec = self.record(&s, &seen, index, t, false);
+        self.sections.insert(s.clone(), seen);
+        emit(rec);
         self.count_occurrence(&s);
     }
 
@@ -528,95 +557,66 @@ impl Probe {
     }
 
     fn classify_emm(&mut self, s: &[u8]) -> Kind {
-        let table_id = s[0];
-        let mode = match table_id {
-            0x82 => "unique",
-            0x83 => "group",
-            _ => "global",
+        let mode = emm_mode(s[0]);
+        let (view, address) = match parse_emm(s) {
+            Ok(parsed) => parsed,
+            Err(why) => {
+                return Kind::Emm {
+                    mode,
+                    table_id_extension: s.get(3..5).map_or(0, |b| u16::from_be_bytes([b[0], b[1]])),
+                    address: Value::Null,
+                    key_version: None,
+                    outcome: Outcome::Malformed(why),
+                }
+            }
         };
-        let ext = match s.get(3..5) {
-            Some(b) => u16::from_be_bytes([b[0], b[1]]),
-            None => 0,
-        };
-        let malformed = |why: String| Kind::Emm {
-            mode,
-            table_id_extension: ext,
-            address: Value::Null,
-            key_version: None,
-            outcome: Outcome::Malformed(why),
-        };
-        let view = match crypto::parse_section(s) {
-            Ok(v) => v,
-            Err(e) => return malformed(e.to_string()),
-        };
-        let address = match Address::from_wire(view.table_id, view.address) {
-            Ok(a) => a,
-            Err(e) => return malformed(e.to_string()),
-        };
-        let address_json = serde_json::to_value(&address).unwrap_or(Value::Null);
         let kv = view.key_version;
-        let root = match &address {
-            Address::Unique { device_id } => self.cfg.keys.duk(device_id.get(), kv),
-            Address::Group { group_id, .. } => self.cfg.keys.gk(*group_id, kv),
-            Address::Global => self.cfg.keys.glk(kv),
-        };
-        let outcome = match root {
-            None => Outcome::NoKey(match &address {
-                Address::Unique { device_id } => {
-                    format!("no DUK for device {device_id} (PMK version {kv})")
-                }
-                Address::Group { group_id, .. } => {
-                    format!("no GK for group {group_id} version {kv}")
-                }
-                Address::Global => format!("no GLK version {kv}"),
-            }),
-            Some((key, source)) => match emm::open_emm(s, &key) {
-                Ok(o) => {
-                    if self.cfg.learn_keys {
-                        for c in &o.commands {
-                            let new = match c {
-                                Command::GroupKey {
-                                    group_id,
-                                    key_version,
-                                    key,
-                                    ..
-                                } => self.cfg.keys.learn_gk(*group_id, *key_version, key),
-                                Command::GlobalKey {
-                                    key_version, key, ..
-                                } => self.cfg.keys.learn_glk(*key_version, key),
-                                _ => false,
-                            };
-                            if new {
-                                self.keys_generation += 1;
-                            }
-                        }
-                    }
-                    let commands: Vec<Value> = o
-                        .commands
-                        .iter()
-                        .map(|c| command_json(c, self.cfg.show_keys))
-                        .collect();
-                    Outcome::Opened {
-                        emm_id: o.emm_id.0,
-                        source: source.name(),
-                        json: json!({
-                            "emm_id": o.emm_id.0,
-                            "issued_at": o.issued_at,
-                            "not_after": o.not_after,
-                            "commands": commands,
-                        }),
-                    }
-                }
-                Err(OpenEmmError::Section(OpenError::Mac)) => Outcome::MacFail(source.name()),
-                Err(e) => Outcome::Malformed(e.to_string()),
-            },
+        let outcome = match address_key(&mut self.cfg.keys, &address, kv) {
+            None => Outcome::NoKey(no_key_reason(&address, kv)),
+            Some((key, source)) => self.open(s, &key, source),
         };
         Kind::Emm {
             mode,
             table_id_extension: view.table_id_extension,
-            address: address_json,
+            address: serde_json::to_value(&address).unwrap_or(Value::Null),
             key_version: Some(kv),
             outcome,
+        }
+    }
+
+    /// Opens an EMM with its address's key, learning the keys it delivers.
+    fn open(&mut self, s: &[u8], key: &Key128, source: KeySource) -> Outcome {
+        match emm::open_emm(s, key) {
+            Ok(o) => {
+                if self.cfg.learn_keys {
+                    self.learn_keys(&o.commands);
+                }
+                opened(&o, source, self.cfg.show_keys)
+            }
+            Err(OpenEmmError::Section(OpenError::Mac)) => Outcome::MacFail(source.name()),
+            Err(e) => Outcome::Malformed(e.to_string()),
+        }
+    }
+
+    /// Keeps the GROUP_KEY / GLOBAL_KEY of an opened EMM, as a receiver
+    /// does; a new key makes the sections still waiting for one retried.
+    fn learn_keys(&mut self, commands: &[Command]) {
+        for c in commands {
+            let new = match c {
+                Command::GroupKey {
+                    group_id,
+                    key_version,
+                    key,
+                    ..
+                } => self.cfg.keys.learn_gk(*group_id, *key_version, key),
+                Command::GlobalKey {
+                    key_version, key, ..
+                } => self.cfg.keys.learn_glk(*key_version, key),
+                _ => false,
+            };
+            if new {
+                self.keys_generation += 1;
+            }
         }
     }
 
@@ -710,92 +710,8 @@ impl Probe {
         let c = &self.counters;
         let dur = self.duration().filter(|d| *d > 0.0);
         let rate = |n: u64| dur.map(|d| (n as f64 / d * 1000.0).round() / 1000.0);
-        let pids: Vec<Value> = self
-            .pids
-            .iter()
-            .map(|(pid, st)| {
-                json!({
-                    "pid": pid,
-                    "packets": st.packets,
-                    "bitrate_bps": dur.map(|d| (st.packets as f64 * 1504.0 / d).round()),
-                    "sections": st.sections,
-                    "cc_errors": st.cc_errors,
-                })
-            })
-            .collect();
-        let mut distinct = [0u64; 3];
-        let mut emms: Vec<(&Bytes, &Seen)> = Vec::new();
-        for (b, s) in &self.sections {
-            if let Kind::Emm { mode, .. } = &s.kind {
-                distinct[mode_index(mode)] += 1;
-                emms.push((b, s));
-            }
-        }
-        emms.sort_by(|(a, x), (b, y)| (x.first_packet, a).cmp(&(y.first_packet, b)));
+        let (distinct, emms) = self.emms_in_order();
         let timed = self.first_time.is_some();
-        let unit = if timed { "ms" } else { "packets" };
-        let cyc = |s: &Seen| -> Value {
-            if timed {
-                let st = &s.cycle_s;
-                match st.median() {
-                    None => Value::Null,
-                    Some(m) => {
-                        json!({"min": ms(st.min), "median": ms(m), "max": ms(st.max), "count": st.count})
-                    }
-                }
-            } else {
-                s.cycle_packets.json()
-            }
-        };
-        let mut agg = IntervalStats::default();
-        let mut with_cycle = 0u64;
-        for (_, s) in &emms {
-            let st = if timed { &s.cycle_s } else { &s.cycle_packets };
-            if let Some(m) = st.median() {
-                with_cycle += 1;
-                agg.add(if timed { m * 1000.0 } else { m });
-            }
-        }
-        let (amin, amax) =
-            emms.iter()
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (_, s)| {
-                    let st = if timed { &s.cycle_s } else { &s.cycle_packets };
-                    if st.count == 0 {
-                        (lo, hi)
-                    } else {
-                        let k = if timed { 1000.0 } else { 1.0 };
-                        (lo.min(st.min * k), hi.max(st.max * k))
-                    }
-                });
-        let cycle = if with_cycle == 0 {
-            json!({"unit": unit, "emms": 0})
-        } else {
-            json!({"unit": unit, "emms": with_cycle, "min": round3(amin), "median_of_medians": agg.median().map(round3), "max": round3(amax)})
-        };
-        let per_emm: Vec<Value> = emms
-            .iter()
-            .take(per_emm_limit)
-            .map(|(b, s)| {
-                let Kind::Emm {
-                    mode,
-                    table_id_extension,
-                    address,
-                    ..
-                } = &s.kind
-                else {
-                    return Value::Null;
-                };
-                json!({
-                    "emm_id": s.emm_id(),
-                    "table_id_extension": table_id_extension,
-                    "mode": mode,
-                    "address": address,
-                    "len": b.len(),
-                    "count": s.count,
-                    "cycle": cyc(s),
-                })
-            })
-            .collect();
         let cat: Vec<Value> = self
             .cat
             .iter()
@@ -808,7 +724,7 @@ impl Probe {
             "packets": c.packets,
             "datagrams": c.datagrams,
             "rtp_datagrams": c.rtp_datagrams,
-            "pids": pids,
+            "pids": self.pids_json(dur),
             "sections": c.sections,
             "sections_per_s": rate(c.sections),
             "cat_sections": c.cat_sections,
@@ -817,29 +733,125 @@ impl Probe {
             "emm_sections": {"unique": c.emm_sections[0], "group": c.emm_sections[1], "global": c.emm_sections[2]},
             "emms_distinct": {"unique": distinct[0], "group": distinct[1], "global": distinct[2]},
             "emms_opened": c.opened,
-            "errors": {
-                "crc": c.crc_errors,
-                "cc": c.cc_errors,
-                "mac": c.mac_errors,
-                "truncated": c.truncated,
-                "duplicate": c.duplicates,
-                "invalid_section": c.invalid_sections,
-                "stream": c.other_stream_errors,
-                "sync": c.sync_errors,
-                "malformed_emm": c.malformed,
-                "no_key": c.no_key,
-                "discontinuities": c.discontinuities,
-                "skipped_bytes": c.skipped_bytes,
-                "sync_losses": c.sync_losses,
-                "trailing_bytes": c.trailing_bytes,
-                "frames_skipped": c.frames_skipped,
-                "error_records_suppressed": c.error_records_suppressed,
-            },
-            "cycle": cycle,
-            "per_emm": per_emm,
+            "errors": c.errors_json(),
+            "cycle": cycle_json(&emms, timed),
+            "per_emm": emms.iter().take(per_emm_limit).map(|(b, s)| per_emm_json(b, s, timed)).collect::<Vec<_>>(),
             "per_emm_truncated": emms.len() > per_emm_limit,
         })
     }
+
+    fn pids_json(&self, dur: Option<f64>) -> Vec<Value> {
+        self.pids
+            .iter()
+            .map(|(pid, st)| {
+                json!({
+                    "pid": pid,
+                    "packets": st.packets,
+                    "bitrate_bps": dur.map(|d| (st.packets as f64 * 1504.0 / d).round()),
+                    "sections": st.sections,
+                    "cc_errors": st.cc_errors,
+                })
+            })
+            .collect()
+    }
+
+    /// Distinct EMM sections by mode, and the EMMs in the order first seen.
+    fn emms_in_order(&self) -> ([u64; 3], Vec<(&Bytes, &Seen)>) {
+        let mut distinct = [0u64; 3];
+        let mut emms: Vec<(&Bytes, &Seen)> = Vec::new();
+        for (b, s) in &self.sections {
+            if let Kind::Emm { mode, .. } = &s.kind {
+                distinct[mode_index(mode)] += 1;
+                emms.push((b, s));
+            }
+        }
+        emms.sort_by(|(a, x), (b, y)| (x.first_packet, a).cmp(&(y.first_packet, b)));
+        (distinct, emms)
+    }
+}
+
+impl Counters {
+    fn errors_json(&self) -> Value {
+        json!({
+            "crc": self.crc_errors,
+            "cc": self.cc_errors,
+            "mac": self.mac_errors,
+            "truncated": self.truncated,
+            "duplicate": self.duplicates,
+            "invalid_section": self.invalid_sections,
+            "stream": self.other_stream_errors,
+            "sync": self.sync_errors,
+            "malformed_emm": self.malformed,
+            "no_key": self.no_key,
+            "discontinuities": self.discontinuities,
+            "skipped_bytes": self.skipped_bytes,
+            "sync_losses": self.sync_losses,
+            "trailing_bytes": self.trailing_bytes,
+            "frames_skipped": self.frames_skipped,
+            "error_records_suppressed": self.error_records_suppressed,
+        })
+    }
+}
+
+/// A section's repetition intervals: in seconds when the capture is timed
+/// (shown in ms), else in packets.
+fn cycle_stats(s: &Seen, timed: bool) -> &IntervalStats {
+    if timed {
+        &s.cycle_s
+    } else {
+        &s.cycle_packets
+    }
+}
+
+/// The cycle time over every EMM: min, median of the medians, max.
+fn cycle_json(emms: &[(&Bytes, &Seen)], timed: bool) -> Value {
+    let unit = if timed { "ms" } else { "packets" };
+    let k = if timed { 1000.0 } else { 1.0 };
+    let mut medians = IntervalStats::default();
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for (_, s) in emms {
+        let st = cycle_stats(s, timed);
+        if let Some(m) = st.median() {
+            medians.add(m * k);
+        }
+        if st.count > 0 {
+            (lo, hi) = (lo.min(st.min * k), hi.max(st.max * k));
+        }
+    }
+    if medians.count == 0 {
+        json!({"unit": unit, "emms": 0})
+    } else {
+        json!({"unit": unit, "emms": medians.count, "min": round3(lo), "median_of_medians": medians.median().map(round3), "max": round3(hi)})
+    }
+}
+
+fn per_emm_json(b: &Bytes, s: &Seen, timed: bool) -> Value {
+    let Kind::Emm {
+        mode,
+        table_id_extension,
+        address,
+        ..
+    } = &s.kind
+    else {
+        return Value::Null;
+    };
+    let cycle = match (timed, s.cycle_s.median()) {
+        (false, _) => s.cycle_packets.json(),
+        (true, None) => Value::Null,
+        (true, Some(m)) => {
+            let st = &s.cycle_s;
+            json!({"min": ms(st.min), "median": ms(m), "max": ms(st.max), "count": st.count})
+        }
+    };
+    json!({
+        "emm_id": s.emm_id(),
+        "table_id_extension": table_id_extension,
+        "mode": mode,
+        "address": address,
+        "len": b.len(),
+        "count": s.count,
+        "cycle": cycle,
+    })
 }
 
 fn count_kind(c: &mut Counters, kind: &Kind) {
@@ -855,6 +867,58 @@ fn count_kind(c: &mut Counters, kind: &Kind) {
                 Outcome::Opened { .. } => c.opened += 1,
             }
         }
+    }
+}
+
+fn emm_mode(table_id: u8) -> &'static str {
+    match table_id {
+        0x82 => "unique",
+        0x83 => "group",
+        _ => "global",
+    }
+}
+
+/// The envelope and the address of an EMM section, or why it is malformed.
+fn parse_emm(s: &[u8]) -> Result<(crypto::SectionView<'_>, Address), String> {
+    let view = crypto::parse_section(s).map_err(|e| e.to_string())?;
+    let address = Address::from_wire(view.table_id, view.address).map_err(|e| e.to_string())?;
+    Ok((view, address))
+}
+
+/// The key an EMM to `address` under key version `kv` is sealed with.
+fn address_key(keys: &mut KeySet, address: &Address, kv: u32) -> Option<(Key128, KeySource)> {
+    match address {
+        Address::Unique { device_id } => keys.duk(device_id.get(), kv),
+        Address::Group { group_id, .. } => keys.gk(*group_id, kv),
+        Address::Global => keys.glk(kv),
+    }
+}
+
+fn no_key_reason(address: &Address, kv: u32) -> String {
+    match address {
+        Address::Unique { device_id } => {
+            format!("no DUK for device {device_id} (PMK version {kv})")
+        }
+        Address::Group { group_id, .. } => format!("no GK for group {group_id} version {kv}"),
+        Address::Global => format!("no GLK version {kv}"),
+    }
+}
+
+fn opened(o: &emm::OpenedEmm, source: KeySource, show_keys: bool) -> Outcome {
+    let commands: Vec<Value> = o
+        .commands
+        .iter()
+        .map(|c| command_json(c, show_keys))
+        .collect();
+    Outcome::Opened {
+        emm_id: o.emm_id.0,
+        source: source.name(),
+        json: json!({
+            "emm_id": o.emm_id.0,
+            "issued_at": o.issued_at,
+            "not_after": o.not_after,
+            "commands": commands,
+        }),
     }
 }
 
@@ -1039,5 +1103,77 @@ mod tests {
             s.add(f64::from(i % 7));
         }
         assert_eq!(s.median(), Some(3.0));
+    }
+
+    fn emm_seen(outcome: Outcome, generation: u64) -> Seen {
+        let kind = Kind::Emm {
+            mode: "global",
+            table_id_extension: 1,
+            address: Value::Null,
+            key_version: Some(1),
+            outcome,
+        };
+        Seen::first(0x101, kind, 10, Some(1.0), true, generation)
+    }
+
+    #[test]
+    fn sightings_update_cycles_and_times() {
+        let mut s = emm_seen(Outcome::MacFail("glk"), 0);
+        s.sighted_again(15, Some(1.5), true);
+        s.sighted_again(25, None, true);
+        assert_eq!((s.count, s.first_packet, s.last_packet), (3, 10, 25));
+        assert_eq!((s.first_time, s.last_time), (Some(1.0), Some(1.5)));
+        assert_eq!(s.times, vec![1.0, 1.5]);
+        assert_eq!((s.cycle_s.count, s.cycle_s.max), (1, 0.5));
+        assert_eq!((s.cycle_packets.min, s.cycle_packets.max), (5.0, 10.0));
+        let mut untimed = emm_seen(Outcome::MacFail("glk"), 0);
+        untimed.times.clear();
+        untimed.sighted_again(11, Some(2.0), false);
+        assert!(untimed.times.is_empty());
+    }
+
+    #[test]
+    fn only_keyless_emms_wait_for_new_keys() {
+        let waiting = emm_seen(Outcome::NoKey("no GLK version 1".into()), 2);
+        assert!(!waiting.awaits_key(2));
+        assert!(waiting.awaits_key(3));
+        assert!(!emm_seen(Outcome::MacFail("glk"), 2).awaits_key(3));
+    }
+
+    #[test]
+    fn emm_modes_and_missing_key_reasons() {
+        assert_eq!(
+            [emm_mode(0x82), emm_mode(0x83), emm_mode(0x84)],
+            ["unique", "group", "global"]
+        );
+        assert_eq!(no_key_reason(&Address::Global, 4), "no GLK version 4");
+        let group = Address::Group {
+            group_id: 9,
+            bitmap: [0; 32],
+        };
+        assert_eq!(no_key_reason(&group, 2), "no GK for group 9 version 2");
+        let mut keys = KeySet::default();
+        assert!(address_key(&mut keys, &group, 2).is_none());
+    }
+
+    #[test]
+    fn cycle_over_emms_in_the_capture_unit() {
+        let b = Bytes::from_static(b"x");
+        let mut s = emm_seen(Outcome::MacFail("glk"), 0);
+        assert_eq!(
+            cycle_json(&[(&b, &s)], true),
+            json!({"unit": "ms", "emms": 0})
+        );
+        s.sighted_again(20, Some(1.25), true);
+        s.sighted_again(40, Some(1.75), true);
+        assert_eq!(
+            cycle_json(&[(&b, &s)], true),
+            json!({"unit": "ms", "emms": 1, "min": 250.0, "median_of_medians": 500.0, "max": 500.0})
+        );
+        assert_eq!(
+            cycle_json(&[(&b, &s)], false),
+            json!({"unit": "packets", "emms": 1, "min": 10.0, "median_of_medians": 20.0, "max": 20.0})
+        );
+        assert_eq!(per_emm_json(&b, &s, true)["cycle"]["median"], json!(500.0));
     }
 }
