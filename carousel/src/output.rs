@@ -151,109 +151,126 @@ fn lookup_interface(
     Ok((index, v4))
 }
 
+/// Names the socket option in an error from setting it.
+fn ctx(what: &'static str) -> impl Fn(io::Error) -> io::Error {
+    move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// The traffic class byte (IP_TOS / IPV6_TCLASS) for a DSCP.
+fn traffic_class(dscp: u8) -> io::Result<u32> {
+    if dscp > 63 {
+        return Err(invalid(format!("DSCP {dscp} is above 63")));
+    }
+    Ok(u32::from(dscp) << 2)
+}
+
+/// The local address to bind when none is configured: any, same family.
+fn unspecified_for(dest: SocketAddr) -> SocketAddr {
+    match dest {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+    }
+}
+
+/// The IPv4 address to send multicast from, for the configured interface.
+fn multicast_if_v4(interface: Option<&MulticastInterface>) -> io::Result<Option<Ipv4Addr>> {
+    let (found, name) = match interface {
+        None => return Ok(None),
+        Some(MulticastInterface::Address(a)) => return Ok(Some(*a)),
+        Some(MulticastInterface::Index(i)) => (
+            lookup_interface(Some(*i), None)?,
+            format!("interface index {i}"),
+        ),
+        Some(MulticastInterface::Name(n)) => {
+            (lookup_interface(None, Some(n))?, format!("interface {n:?}"))
+        }
+    };
+    let addr = found
+        .1
+        .ok_or_else(|| invalid(format!("{name} has no IPv4 address")))?;
+    Ok(Some(addr))
+}
+
+/// The interface index to send IPv6 multicast on.
+fn multicast_if_v6(interface: Option<&MulticastInterface>) -> io::Result<Option<u32>> {
+    match interface {
+        None => Ok(None),
+        Some(MulticastInterface::Index(i)) => Ok(Some(*i)),
+        Some(MulticastInterface::Name(n)) => Ok(Some(lookup_interface(None, Some(n))?.0)),
+        Some(MulticastInterface::Address(a)) => Err(invalid(format!(
+            "IPv6 destination with IPv4 interface address {a}"
+        ))),
+    }
+}
+
+fn configure_v4(socket: &Socket, config: &UdpConfig, multicast: bool) -> io::Result<()> {
+    match (config.ttl, multicast) {
+        (Some(ttl), true) => socket
+            .set_multicast_ttl_v4(ttl)
+            .map_err(ctx("IP_MULTICAST_TTL"))?,
+        (Some(ttl), false) => socket.set_ttl_v4(ttl).map_err(ctx("IP_TTL"))?,
+        (None, _) => {}
+    }
+    if let Some(dscp) = config.dscp {
+        socket
+            .set_tos_v4(traffic_class(dscp)?)
+            .map_err(ctx("IP_TOS"))?;
+    }
+    if !multicast {
+        return Ok(());
+    }
+    socket
+        .set_multicast_loop_v4(config.multicast_loop)
+        .map_err(ctx("IP_MULTICAST_LOOP"))?;
+    if let Some(a) = multicast_if_v4(config.interface.as_ref())? {
+        socket
+            .set_multicast_if_v4(&a)
+            .map_err(ctx("IP_MULTICAST_IF"))?;
+    }
+    Ok(())
+}
+
+fn configure_v6(socket: &Socket, config: &UdpConfig, multicast: bool) -> io::Result<()> {
+    match (config.ttl, multicast) {
+        (Some(ttl), true) => socket
+            .set_multicast_hops_v6(ttl)
+            .map_err(ctx("IPV6_MULTICAST_HOPS"))?,
+        (Some(ttl), false) => socket
+            .set_unicast_hops_v6(ttl)
+            .map_err(ctx("IPV6_UNICAST_HOPS"))?,
+        (None, _) => {}
+    }
+    if let Some(dscp) = config.dscp {
+        socket
+            .set_tclass_v6(traffic_class(dscp)?)
+            .map_err(ctx("IPV6_TCLASS"))?;
+    }
+    if !multicast {
+        return Ok(());
+    }
+    socket
+        .set_multicast_loop_v6(config.multicast_loop)
+        .map_err(ctx("IPV6_MULTICAST_LOOP"))?;
+    if let Some(i) = multicast_if_v6(config.interface.as_ref())? {
+        socket
+            .set_multicast_if_v6(i)
+            .map_err(ctx("IPV6_MULTICAST_IF"))?;
+    }
+    Ok(())
+}
+
 impl UdpOutput {
     /// Creates, configures and connects the socket. Every option is
     /// applied or the call fails naming it.
     pub fn open(config: &UdpConfig) -> io::Result<UdpOutput> {
         let dest = config.destination;
         let multicast = dest.ip().is_multicast();
-        let domain = Domain::for_address(dest);
-        let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-        let ctx = |what: &'static str| {
-            move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
-        };
+        let socket = Socket::new(Domain::for_address(dest), Type::DGRAM, Some(Protocol::UDP))?;
         match dest.ip() {
-            IpAddr::V4(_) => {
-                if let Some(ttl) = config.ttl {
-                    if multicast {
-                        socket
-                            .set_multicast_ttl_v4(ttl)
-                            .map_err(ctx("IP_MULTICAST_TTL"))?;
-                    } else {
-                        socket.set_ttl_v4(ttl).map_err(ctx("IP_TTL"))?;
-                    }
-                }
-                if let Some(dscp) = config.dscp {
-                    if dscp > 63 {
-                        return Err(invalid(format!("DSCP {dscp} is above 63")));
-                    }
-                    socket
-                        .set_tos_v4(u32::from(dscp) << 2)
-                        .map_err(ctx("IP_TOS"))?;
-                }
-                if multicast {
-                    socket
-                        .set_multicast_loop_v4(config.multicast_loop)
-                        .map_err(ctx("IP_MULTICAST_LOOP"))?;
-                    let addr = match &config.interface {
-                        None => None,
-                        Some(MulticastInterface::Address(a)) => Some(*a),
-                        Some(MulticastInterface::Index(i)) => {
-                            Some(lookup_interface(Some(*i), None)?.1.ok_or_else(|| {
-                                invalid(format!("interface index {i} has no IPv4 address"))
-                            })?)
-                        }
-                        Some(MulticastInterface::Name(n)) => {
-                            Some(lookup_interface(None, Some(n))?.1.ok_or_else(|| {
-                                invalid(format!("interface {n:?} has no IPv4 address"))
-                            })?)
-                        }
-                    };
-                    if let Some(a) = addr {
-                        socket
-                            .set_multicast_if_v4(&a)
-                            .map_err(ctx("IP_MULTICAST_IF"))?;
-                    }
-                }
-            }
-            IpAddr::V6(_) => {
-                if let Some(ttl) = config.ttl {
-                    if multicast {
-                        socket
-                            .set_multicast_hops_v6(ttl)
-                            .map_err(ctx("IPV6_MULTICAST_HOPS"))?;
-                    } else {
-                        socket
-                            .set_unicast_hops_v6(ttl)
-                            .map_err(ctx("IPV6_UNICAST_HOPS"))?;
-                    }
-                }
-                if let Some(dscp) = config.dscp {
-                    if dscp > 63 {
-                        return Err(invalid(format!("DSCP {dscp} is above 63")));
-                    }
-                    socket
-                        .set_tclass_v6(u32::from(dscp) << 2)
-                        .map_err(ctx("IPV6_TCLASS"))?;
-                }
-                if multicast {
-                    socket
-                        .set_multicast_loop_v6(config.multicast_loop)
-                        .map_err(ctx("IPV6_MULTICAST_LOOP"))?;
-                    let index = match &config.interface {
-                        None => None,
-                        Some(MulticastInterface::Index(i)) => Some(*i),
-                        Some(MulticastInterface::Name(n)) => {
-                            Some(lookup_interface(None, Some(n))?.0)
-                        }
-                        Some(MulticastInterface::Address(a)) => {
-                            return Err(invalid(format!(
-                                "IPv6 destination with IPv4 interface address {a}"
-                            )))
-                        }
-                    };
-                    if let Some(i) = index {
-                        socket
-                            .set_multicast_if_v6(i)
-                            .map_err(ctx("IPV6_MULTICAST_IF"))?;
-                    }
-                }
-            }
+            IpAddr::V4(_) => configure_v4(&socket, config, multicast)?,
+            IpAddr::V6(_) => configure_v6(&socket, config, multicast)?,
         }
-        let bind = config.bind.unwrap_or(match dest {
-            SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-            SocketAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
-        });
+        let bind = config.bind.unwrap_or(unspecified_for(dest));
         socket.bind(&bind.into()).map_err(ctx("bind"))?;
         socket.connect(&dest.into()).map_err(ctx("connect"))?;
         Ok(UdpOutput {
@@ -314,6 +331,30 @@ mod tests {
         cfg.dscp = None;
         cfg.interface = Some(MulticastInterface::Name("no-such-if0".into()));
         assert!(UdpOutput::open(&cfg).is_err());
+    }
+
+    #[test]
+    fn option_values() {
+        assert_eq!(traffic_class(46).unwrap(), 46 << 2);
+        assert_eq!(
+            traffic_class(64).unwrap_err().to_string(),
+            "DSCP 64 is above 63"
+        );
+        assert_eq!(
+            unspecified_for("[::1]:5".parse().unwrap()),
+            "[::]:0".parse().unwrap()
+        );
+        let a = MulticastInterface::Address(Ipv4Addr::LOCALHOST);
+        assert_eq!(
+            multicast_if_v4(Some(&a)).unwrap(),
+            Some(Ipv4Addr::LOCALHOST)
+        );
+        assert_eq!(multicast_if_v4(None).unwrap(), None);
+        assert!(multicast_if_v6(Some(&a)).is_err());
+        assert_eq!(
+            multicast_if_v6(Some(&MulticastInterface::Index(3))).unwrap(),
+            Some(3)
+        );
     }
 
     #[test]
