@@ -283,7 +283,22 @@ impl Packetizer {
             Some(s) => s.len() - self.offset,
             None => return false,
         };
+        let mut pos = self.write_header(out);
+        let (pointer, pending) = self.pointer_field(tail_len, PACKET_LEN - pos, &mut source);
+        if let Some(p) = pointer {
+            out[1] |= 0x40;
+            out[pos] = p;
+            pos += 1;
+        }
+        pos = self.write_payload(out, pos, pointer.is_some(), pending, &mut source);
+        out[pos..].fill(0xFF);
+        true
+    }
 
+    /// The 4-byte header (plus a discontinuity-only adaptation field once
+    /// after [`Packetizer::set_discontinuity`]); returns where the payload
+    /// begins.
+    fn write_header(&mut self, out: &mut [u8; PACKET_LEN]) -> usize {
         out[0] = SYNC_BYTE;
         let pid = self.pid.value().to_be_bytes();
         out[1] = pid[0];
@@ -302,28 +317,41 @@ impl Packetizer {
         }
         self.next_cc = (self.next_cc + 1) & 0x0F;
         self.packets += 1;
+        pos
+    }
 
-        // Decide PUSI and pointer_field before writing any payload byte: a
-        // section starts here if the current one does, or if the tail ends
-        // here, packing is on and a next section is available with room for
-        // its first MIN_SECTION_START bytes.
-        let room = PACKET_LEN - pos;
-        let mut pending = None;
-        let pointer = if self.offset == 0 {
-            Some(0u8)
-        } else if self.pack && 1 + tail_len + MIN_SECTION_START <= room {
-            pending = self.pull(&mut source);
-            // tail_len < room ≤ 184, fits in the 8-bit pointer_field.
-            pending.as_ref().map(|_| tail_len as u8)
-        } else {
-            None
-        };
-        if let Some(p) = pointer {
-            out[1] |= 0x40;
-            out[pos] = p;
-            pos += 1;
+    /// Decides PUSI and the pointer_field before any payload byte is
+    /// written: a section starts in this packet if the current one does, or
+    /// if its tail (`tail_len` bytes) ends here, packing is on and a next
+    /// section is available with room for its first MIN_SECTION_START bytes
+    /// (that section is returned, pulled from `source`).
+    fn pointer_field(
+        &mut self,
+        tail_len: usize,
+        room: usize,
+        source: &mut impl FnMut() -> Option<Bytes>,
+    ) -> (Option<u8>, Option<Bytes>) {
+        if self.offset == 0 {
+            return (Some(0), None);
         }
+        if !(self.pack && 1 + tail_len + MIN_SECTION_START <= room) {
+            return (None, None);
+        }
+        let pending = self.pull(source);
+        // tail_len < room ≤ 184, fits in the 8-bit pointer_field.
+        (pending.as_ref().map(|_| tail_len as u8), pending)
+    }
 
+    /// Copies the current section (and, in a packet with a pointer_field,
+    /// the sections that may follow it) from `pos`; returns the end.
+    fn write_payload(
+        &mut self,
+        out: &mut [u8; PACKET_LEN],
+        mut pos: usize,
+        has_pointer: bool,
+        mut pending: Option<Bytes>,
+        source: &mut impl FnMut() -> Option<Bytes>,
+    ) -> usize {
         while let Some(cur) = &self.current {
             let n = (cur.len() - self.offset).min(PACKET_LEN - pos);
             out[pos..pos + n].copy_from_slice(&cur[self.offset..self.offset + n]);
@@ -336,18 +364,45 @@ impl Packetizer {
             self.offset = 0;
             // A further section may start here only in a packet that has a
             // pointer_field (PUSI) and, unless packing, none started yet.
-            let may_start = pointer.is_some() && (self.pack || pending.is_some());
+            let may_start = has_pointer && (self.pack || pending.is_some());
             if PACKET_LEN - pos < MIN_SECTION_START || !may_start {
                 break;
             }
             self.current = match pending.take() {
                 Some(s) => Some(s),
-                None if self.pack => self.pull(&mut source),
+                None if self.pack => self.pull(source),
                 None => None,
             };
         }
-        out[pos..].fill(0xFF);
-        true
+        pos
+    }
+}
+
+/// How a packet's continuity_counter follows the last one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Continuity {
+    InOrder,
+    /// 13818-1 §2.4.3.3: a packet may be sent twice; the duplicate is
+    /// discarded, it is not a loss.
+    Duplicate,
+    Gap {
+        expected: u8,
+    },
+}
+
+/// Packets without payload do not advance the counter; the first packet
+/// seen is in order whatever it carries.
+fn continuity(last: Option<u8>, cc: u8, has_payload: bool) -> Continuity {
+    let Some(last) = last else {
+        return Continuity::InOrder;
+    };
+    let expected = if has_payload { (last + 1) & 0x0F } else { last };
+    if has_payload && cc == last {
+        Continuity::Duplicate
+    } else if cc != expected {
+        Continuity::Gap { expected }
+    } else {
+        Continuity::InOrder
     }
 }
 
@@ -450,33 +505,9 @@ impl Depacketizer {
                 return out(Event::Error(e));
             }
         };
-        let cc = p.continuity_counter();
-        if p.discontinuity() {
-            if self.in_section {
-                self.truncated(out);
-            }
-            out(Event::Discontinuity);
-        } else if let Some(last) = self.last_cc {
-            // Packets without payload do not advance the counter.
-            let expected = if payload.is_some() {
-                (last + 1) & 0x0F
-            } else {
-                last
-            };
-            if payload.is_some() && cc == last {
-                // 13818-1 §2.4.3.3: a packet may be sent twice; the
-                // duplicate is discarded, it is not a loss.
-                return out(Event::Error(StreamError::Duplicate { cc }));
-            }
-            if cc != expected {
-                self.abandon();
-                out(Event::Error(StreamError::ContinuityGap {
-                    expected,
-                    found: cc,
-                }));
-            }
+        if !self.check_continuity(&p, payload.is_some(), out) {
+            return;
         }
-        self.last_cc = Some(cc);
         let Some(payload) = payload else { return };
         if p.scrambling_control() != 0 {
             self.abandon();
@@ -484,15 +515,52 @@ impl Depacketizer {
                 control: p.scrambling_control(),
             }));
         }
-
-        if !p.payload_unit_start() {
-            if self.in_section {
-                // Whatever follows the end of the section must be stuffing:
-                // without PUSI no section may start in this packet.
-                self.feed(payload, out);
-            }
-            return;
+        if p.payload_unit_start() {
+            self.unit_start(payload, out);
+        } else if self.in_section {
+            // Whatever follows the end of the section must be stuffing:
+            // without PUSI no section may start in this packet.
+            self.feed(payload, out);
         }
+    }
+
+    /// The continuity_counter against the last one; false for a duplicate
+    /// packet, which is dropped.
+    fn check_continuity(
+        &mut self,
+        p: &PacketRef<'_>,
+        has_payload: bool,
+        out: &mut impl FnMut(Event),
+    ) -> bool {
+        let cc = p.continuity_counter();
+        if p.discontinuity() {
+            if self.in_section {
+                self.truncated(out);
+            }
+            out(Event::Discontinuity);
+        } else {
+            match continuity(self.last_cc, cc, has_payload) {
+                Continuity::InOrder => {}
+                Continuity::Duplicate => {
+                    out(Event::Error(StreamError::Duplicate { cc }));
+                    return false;
+                }
+                Continuity::Gap { expected } => {
+                    self.abandon();
+                    out(Event::Error(StreamError::ContinuityGap {
+                        expected,
+                        found: cc,
+                    }));
+                }
+            }
+        }
+        self.last_cc = Some(cc);
+        true
+    }
+
+    /// A payload with payload_unit_start_indicator: the tail of the section
+    /// in progress up to the pointer_field, then the sections starting here.
+    fn unit_start(&mut self, payload: &[u8], out: &mut impl FnMut(Event)) {
         let Some((&pointer, rest)) = payload.split_first() else {
             return;
         };
@@ -579,6 +647,18 @@ mod tests {
     use super::*;
     use crate::section::{build, LongHeader, TableId};
     use std::collections::VecDeque;
+
+    #[test]
+    fn continuity_rules() {
+        use Continuity::*;
+        assert_eq!(continuity(None, 9, true), InOrder);
+        assert_eq!(continuity(Some(15), 0, true), InOrder);
+        assert_eq!(continuity(Some(4), 4, true), Duplicate);
+        assert_eq!(continuity(Some(4), 6, true), Gap { expected: 5 });
+        // Without payload the counter stays.
+        assert_eq!(continuity(Some(4), 4, false), InOrder);
+        assert_eq!(continuity(Some(4), 5, false), Gap { expected: 4 });
+    }
 
     fn section(len: usize, seed: u8) -> Bytes {
         let body: Vec<u8> = (0..len - 12).map(|i| seed.wrapping_add(i as u8)).collect();
