@@ -176,8 +176,11 @@ impl FileKeySource {
         })?;
         let mut key = Zeroizing::new([0u8; ROOT_KEY_LEN]);
         OsRng.fill_bytes(&mut key[..]);
-        let mut text = Zeroizing::new(encode_hex(&key));
-        text.push('\n');
+        // The file's text in a fixed buffer: a growing String would leave
+        // copies of the key behind that Zeroizing never sees.
+        let mut text = Zeroizing::new([b'\n'; 2 * ROOT_KEY_LEN + 1]);
+        hex::encode_to_slice(&key[..], &mut text[..2 * ROOT_KEY_LEN])
+            .expect("the buffer holds two digits per key byte");
 
         let tmp = dir.join(format!(
             ".{}.tmp-{}-{:016x}",
@@ -192,7 +195,7 @@ impl FileKeySource {
                 .mode(0o600)
                 .open(&tmp)
                 .map_err(io_err(&tmp))?;
-            f.write_all(text.as_bytes()).map_err(io_err(&tmp))?;
+            f.write_all(&text[..]).map_err(io_err(&tmp))?;
             f.sync_all().map_err(io_err(&tmp))?;
             std::fs::hard_link(&tmp, path).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::AlreadyExists {
@@ -230,39 +233,15 @@ impl KeySource for FileKeySource {
     }
 }
 
-fn encode_hex(key: &[u8; ROOT_KEY_LEN]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(2 * ROOT_KEY_LEN + 1);
-    for b in key {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 0x0f)]));
-    }
-    s
-}
-
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
-
 fn parse_key_file(content: &[u8]) -> Result<Zeroizing<[u8; ROOT_KEY_LEN]>, &'static str> {
     let body = content.strip_suffix(b"\n").unwrap_or(content);
     if body.len() != 2 * ROOT_KEY_LEN {
         return Err("expected exactly 32 hex digits and an optional newline");
     }
     let mut key = Zeroizing::new([0u8; ROOT_KEY_LEN]);
-    for (i, pair) in body.chunks_exact(2).enumerate() {
-        match (hex_val(pair[0]), hex_val(pair[1])) {
-            (Some(h), Some(l)) => key[i] = (h << 4) | l,
-            _ => {
-                key.zeroize();
-                return Err("a character is not a hex digit");
-            }
-        }
+    if hex::decode_to_slice(body, &mut key[..]).is_err() {
+        key.zeroize(); // a partial key must not linger
+        return Err("a character is not a hex digit");
     }
     Ok(key)
 }
