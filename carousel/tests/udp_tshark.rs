@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use carousel::mux::{MuxConfig, RtpConfig, RTP_HEADER_LEN};
@@ -14,56 +13,20 @@ use carousel::output::{UdpConfig, UdpOutput};
 use carousel::player::{AsyncUdpOutput, Carousel, PlayerConfig};
 use carousel::schedule::{Class, ScheduleConfig};
 use carousel::ts::Pid;
+use common::tshark::{assert_no_cc_drops, sections, Sections};
 use common::{demux, emm, id_of};
 use tokio_util::sync::CancellationToken;
 
-fn tshark(args: &[&str]) -> String {
-    let out = Command::new("tshark")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "tshark is needed by this test and could not be run ({e}): apt-get install tshark"
-            )
-        });
-    assert!(
-        out.status.success(),
-        "tshark {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn check_with_tshark(ts: &Path, expect_sections: usize) {
     let f = ts.to_str().unwrap();
-    // One line per section: table_id and CRC status (1 = Good, 0 = Bad).
-    let lines = tshark(&[
-        "-r",
-        f,
-        "-o",
-        "mpeg_sect.verify_crc:TRUE",
-        "-T",
-        "fields",
-        "-E",
-        "occurrence=a",
-        "-E",
-        "separator=;",
-        "-e",
-        "mpeg_sect.tid",
-        "-e",
-        "mpeg_sect.crc.status",
-    ]);
-    let mut tids = Vec::new();
-    let mut statuses = Vec::new();
-    for line in lines.lines() {
-        let mut cols = line.split(';');
-        let (t, s) = (cols.next().unwrap_or(""), cols.next().unwrap_or(""));
-        tids.extend(t.split(',').filter(|x| !x.is_empty()).map(str::to_owned));
-        statuses.extend(s.split(',').filter(|x| !x.is_empty()).map(str::to_owned));
-    }
+    let Sections {
+        tids,
+        crc_statuses: statuses,
+        raw,
+    } = sections(f, &[]);
     assert!(
         !statuses.is_empty(),
-        "tshark decoded no section CRC at all:\n{lines}"
+        "tshark decoded no section CRC at all:\n{raw}"
     );
     let bad = statuses.iter().filter(|s| *s != "1").count();
     assert_eq!(
@@ -90,8 +53,7 @@ fn check_with_tshark(ts: &Path, expect_sections: usize) {
     );
     // tshark counts exactly the sections our depacketizer found.
     assert_eq!(statuses.len(), expect_sections, "sections seen by tshark");
-    let drops = tshark(&["-r", f, "-Y", "mp2t.cc.drop"]);
-    assert!(drops.trim().is_empty(), "tshark reports CC drops:\n{drops}");
+    assert_no_cc_drops(f, &[]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

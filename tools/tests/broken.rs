@@ -16,13 +16,7 @@ fn clean_stream_decodes_every_emm_with_the_pmk_alone() {
     let pkts = stream(&[f.unique.clone(), f.group.clone(), f.global.clone()], 5);
     let path = d.path().join("clean.ts");
     write_ts(&path, &pkts);
-    let r = probe(&[
-        "--ts",
-        path.to_str().unwrap(),
-        "--json",
-        "--pmk",
-        &hex16(&PMK),
-    ]);
+    let r = probe_json("--ts", &path, &["--pmk", &hex16(&PMK)]);
     assert_eq!(r.code(), 0, "{}", r.stderr());
     let u = r.emm(1);
     assert_eq!(u["mac"], "ok");
@@ -81,24 +75,11 @@ fn clean_stream_decodes_every_emm_with_the_pmk_alone() {
     assert_eq!(s["cycle"]["unit"], "packets");
     assert_eq!(s["per_emm"][0]["cycle"]["count"], 4);
     // --show-keys prints them (test keys only).
-    let r = probe(&[
-        "--ts",
-        path.to_str().unwrap(),
-        "--json",
-        "--pmk",
-        &hex16(&PMK),
-        "--show-keys",
-    ]);
+    let r = probe_json("--ts", &path, &["--pmk", &hex16(&PMK), "--show-keys"]);
     assert_eq!(r.emm(1)["commands"][1]["key"], hex16(&GK));
     assert_eq!(r.emm(1)["commands"][2]["key"], hex16(&GLK));
     // With --ts-bitrate the cycle comes out in ms and PIDs get a bitrate.
-    let r = probe(&[
-        "--ts",
-        path.to_str().unwrap(),
-        "--json",
-        "--ts-bitrate",
-        "1000000",
-    ]);
+    let r = probe_json("--ts", &path, &["--ts-bitrate", "1000000"]);
     let s = r.summary();
     assert_eq!(s["cycle"]["unit"], "ms");
     assert!(s["pids"][1]["bitrate_bps"].as_f64().unwrap() > 0.0, "{s}");
@@ -117,13 +98,7 @@ fn bad_crc_is_counted_and_the_section_dropped() {
     pkts[1][40] ^= 0x01;
     let path = d.path().join("crc.ts");
     write_ts(&path, &pkts);
-    let r = probe(&[
-        "--ts",
-        path.to_str().unwrap(),
-        "--json",
-        "--glk",
-        &format!("1={}", hex16(&GLK)),
-    ]);
+    let r = probe_json("--ts", &path, &["--glk", &format!("1={}", hex16(&GLK))]);
     assert_eq!(r.code(), 0);
     assert_eq!(r.errors("crc"), 1);
     assert_eq!(r.errors("cc"), 0);
@@ -156,7 +131,7 @@ fn cc_gap_and_truncated_section_are_reported() {
     gap.remove(2);
     let path = d.path().join("cc.ts");
     write_ts(&path, &gap);
-    let r = probe(&["--ts", path.to_str().unwrap(), "--json"]);
+    let r = probe_json("--ts", &path, &[]);
     assert_eq!(r.errors("cc"), 1, "{}", r.stdout());
     let e = r.of_type("error");
     assert_eq!(e[0]["kind"], "cc");
@@ -176,7 +151,7 @@ fn cc_gap_and_truncated_section_are_reported() {
     tr[2] = p;
     let path = d.path().join("trunc.ts");
     write_ts(&path, &tr);
-    let r = probe(&["--ts", path.to_str().unwrap(), "--json"]);
+    let r = probe_json("--ts", &path, &[]);
     assert_eq!(r.errors("truncated"), 1, "{}", r.stdout());
     assert_eq!(r.errors("cc"), 0);
     let e = r.of_type("error");
@@ -195,15 +170,11 @@ fn wrong_key_fails_the_mac_and_prints_no_command() {
     let path = d.path().join("k.ts");
     write_ts(&path, &pkts);
     let wrong = hex16(&[0x22; 16]);
-    let r = probe(&[
+    let r = probe_json(
         "--ts",
-        path.to_str().unwrap(),
-        "--json",
-        "--pmk",
-        &wrong,
-        "--gk",
-        &format!("3:1={wrong}"),
-    ]);
+        &path,
+        &["--pmk", &wrong, "--gk", &format!("3:1={wrong}")],
+    );
     assert_eq!(r.code(), 0);
     assert_eq!(r.errors("mac"), 8);
     let u = r.emm(1);
@@ -231,7 +202,7 @@ fn garbage_and_sync_loss_never_panic() {
     bytes.extend_from_slice(&[0x47, 0x00]);
     let path = d.path().join("g.ts");
     std::fs::write(&path, &bytes).unwrap();
-    let r = probe(&["--ts", path.to_str().unwrap(), "--json"]);
+    let r = probe_json("--ts", &path, &[]);
     assert_eq!(r.code(), 0, "{}", r.stderr());
     assert_eq!(r.errors("skipped_bytes"), 7 + 50);
     assert_eq!(r.errors("sync_losses"), 1);
@@ -242,14 +213,7 @@ fn garbage_and_sync_loss_never_panic() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(&path, &noise).unwrap();
-    let r = probe(&[
-        "--ts",
-        path.to_str().unwrap(),
-        "--json",
-        "--all-pids",
-        "--pmk",
-        &hex16(&PMK),
-    ]);
+    let r = probe_json("--ts", &path, &["--all-pids", "--pmk", &hex16(&PMK)]);
     assert_eq!(r.code(), 0, "{}", r.stderr());
     assert!(r.stderr().is_empty(), "{}", r.stderr());
 }
@@ -352,14 +316,11 @@ fn key_file_opens_everything_and_is_documented_format() {
     });
     let kf = d.path().join("keys.json");
     std::fs::write(&kf, keys.to_string()).unwrap();
-    let r = probe(&[
+    let r = probe_json(
         "--ts",
-        path.to_str().unwrap(),
-        "--json",
-        "--keys",
-        kf.to_str().unwrap(),
-        "--no-learn-keys",
-    ]);
+        &path,
+        &["--keys", kf.to_str().unwrap(), "--no-learn-keys"],
+    );
     assert_eq!(r.emm(1)["key_source"], "duk");
     assert_eq!(r.emm(2)["key_source"], "gk");
     assert_eq!(r.emm(3)["key_source"], "glk");

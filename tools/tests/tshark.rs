@@ -3,27 +3,11 @@
 //! is required (`apt-get install tshark`): without it this test fails.
 
 mod common;
-
-use std::process::Command;
+#[path = "../../carousel/tests/common/tshark.rs"]
+mod tshark;
 
 use common::*;
-
-fn tshark(args: &[&str]) -> String {
-    let out = Command::new("tshark")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "tshark is needed by this test and could not be run ({e}): apt-get install tshark"
-            )
-        });
-    assert!(
-        out.status.success(),
-        "tshark {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use tshark::{assert_no_cc_drops, sections, tshark, Sections};
 
 #[test]
 fn pcap_written_by_the_probe_opens_in_tshark() {
@@ -33,17 +17,14 @@ fn pcap_written_by_the_probe_opens_in_tshark() {
     let input = d.path().join("in.ts");
     write_ts(&input, &pkts);
     let pcap = d.path().join("out.pcap");
-    let r = probe(&[
+    let r = probe_json(
         "--ts",
-        input.to_str().unwrap(),
-        "--json",
-        "--quiet",
-        "--write-pcap",
-        pcap.to_str().unwrap(),
-    ]);
+        &input,
+        &["--quiet", "--write-pcap", pcap.to_str().unwrap()],
+    );
     assert_eq!(r.code(), 0, "{}", r.stderr());
-    let sections = r.summary()["sections"].as_u64().unwrap();
-    assert_eq!(sections, 20 * 4);
+    let section_count = r.summary()["sections"].as_u64().unwrap();
+    assert_eq!(section_count, 20 * 4);
     let p = pcap.to_str().unwrap();
 
     // One UDP packet per 7 TS packets (the last one partial).
@@ -62,32 +43,17 @@ fn pcap_written_by_the_probe_opens_in_tshark() {
     assert!(lens[..lens.len() - 1].iter().all(|&l| l == 8 + 7 * 188));
 
     // Every section, decoded by tshark's MPEG dissectors, with CRC checked.
-    let out = tshark(&[
-        "-r",
-        p,
-        "-d",
-        "udp.port==5500,mp2t",
-        "-o",
-        "mpeg_sect.verify_crc:TRUE",
-        "-T",
-        "fields",
-        "-E",
-        "occurrence=a",
-        "-E",
-        "separator=;",
-        "-e",
-        "mpeg_sect.tid",
-        "-e",
-        "mpeg_sect.crc.status",
-    ]);
-    let (mut tids, mut statuses) = (Vec::new(), Vec::new());
-    for line in out.lines() {
-        let mut cols = line.split(';');
-        let (t, s) = (cols.next().unwrap_or(""), cols.next().unwrap_or(""));
-        tids.extend(t.split(',').filter(|x| !x.is_empty()).map(str::to_owned));
-        statuses.extend(s.split(',').filter(|x| !x.is_empty()).map(str::to_owned));
-    }
-    assert_eq!(statuses.len() as u64, sections, "tshark sections:\n{out}");
+    let udp_ts = ["-d", "udp.port==5500,mp2t"];
+    let Sections {
+        tids,
+        crc_statuses: statuses,
+        raw,
+    } = sections(p, &udp_ts);
+    assert_eq!(
+        statuses.len() as u64,
+        section_count,
+        "tshark sections:\n{raw}"
+    );
     assert!(
         statuses.iter().all(|s| s == "1"),
         "bad CRC in tshark: {statuses:?}"
@@ -95,24 +61,16 @@ fn pcap_written_by_the_probe_opens_in_tshark() {
     for t in ["0x01", "0x82", "0x83", "0x84"] {
         assert_eq!(tids.iter().filter(|x| *x == t).count(), 20, "{t}: {tids:?}");
     }
-    let drops = tshark(&["-r", p, "-d", "udp.port==5500,mp2t", "-Y", "mp2t.cc.drop"]);
-    assert!(drops.trim().is_empty(), "tshark reports CC drops:\n{drops}");
+    assert_no_cc_drops(p, &udp_ts);
 
     // tshark's pcapng of the same capture reads back identically.
     let ng = d.path().join("out.pcapng");
     tshark(&["-r", p, "-F", "pcapng", "-w", ng.to_str().unwrap()]);
-    let r2 = probe(&[
-        "--pcap",
-        ng.to_str().unwrap(),
-        "--json",
-        "--quiet",
-        "--port",
-        "5500",
-    ]);
+    let r2 = probe_json("--pcap", &ng, &["--quiet", "--port", "5500"]);
     assert_eq!(r2.code(), 0, "{}", r2.stderr());
     let (a, b) = (r.summary(), r2.summary());
     assert_eq!(a["emm_sections"], b["emm_sections"]);
-    assert_eq!(b["sections"], sections);
+    assert_eq!(b["sections"], section_count);
     assert_eq!(b["datagrams"].as_u64().unwrap() as usize, lens.len());
     assert_eq!(b["errors"]["cc"], 0);
     // The pcap times were kept (synthesised at 2 Mbit/s for a .ts input).
@@ -120,14 +78,7 @@ fn pcap_written_by_the_probe_opens_in_tshark() {
     let expect = (lens.len() - 1) as f64 * 7.0 * 1504.0 / 2e6;
     assert!((dur - expect).abs() < 1e-3, "{dur} vs {expect}");
     // A port filter that matches nothing skips every frame.
-    let r3 = probe(&[
-        "--pcap",
-        ng.to_str().unwrap(),
-        "--json",
-        "--quiet",
-        "--port",
-        "9",
-    ]);
+    let r3 = probe_json("--pcap", &ng, &["--quiet", "--port", "9"]);
     assert_eq!(r3.summary()["packets"], 0);
     assert_eq!(
         r3.summary()["errors"]["frames_skipped"].as_u64().unwrap() as usize,

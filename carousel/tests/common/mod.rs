@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod tshark;
+
 use bytes::Bytes;
 use carousel::section::{build, LongHeader, TableId};
 use carousel::ts::{Depacketizer, Event, Pid, PACKET_LEN};

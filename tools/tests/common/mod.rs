@@ -223,6 +223,12 @@ impl Run {
     }
 }
 
+/// The probe on `input` (`--ts` or `--pcap`) `path` with `--json` and `args`.
+pub fn probe_json(input: &str, path: &Path, args: &[&str]) -> Run {
+    let path = path.to_str().expect("a UTF-8 temporary path");
+    probe(&[&[input, path, "--json"], args].concat())
+}
+
 pub fn probe(args: &[&str]) -> Run {
     let out = Proc::new(probe_bin())
         .args(args)
