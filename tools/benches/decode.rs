@@ -15,14 +15,16 @@ use std::io::Read;
 use std::time::Instant;
 
 use bytes::Bytes;
-use carousel::{build_cat, CaDescriptor, Packetizer, Pid};
+use carousel::{Packetizer, Pid};
 use casd_tools::decode::{Probe, ProbeConfig, Resync};
 use casd_tools::keys::KeySet;
 use casd_wire::crypto::{derive_duk, Key128};
-use casd_wire::emm::{self, Address, Command, DeviceId, EmmId, Entitlement, SealInput};
-use rand::rngs::OsRng;
+use casd_wire::emm::{Address, Command, DeviceId, Entitlement};
 
-const PMK: [u8; 16] = [0x11; 16];
+// The streams and the sealing of the probe's tests, one copy.
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{cat_section, seal, GK, PMK};
 
 fn sections() -> Vec<Bytes> {
     let pmk = Key128::from_bytes(PMK);
@@ -32,53 +34,27 @@ fn sections() -> Vec<Bytes> {
         end: 1_800_000_000,
     };
     let mut out = Vec::new();
-    let seal = |id: u64, address: Address, root: &Key128, commands: Vec<Command>| {
-        let input = SealInput {
-            emm_id: EmmId(id),
-            issued_at: 1_700_000_000,
-            not_after: 2_000_000_000,
-            address,
-            key_version: 1,
-            commands,
-        };
-        Bytes::from(emm::seal_emm(&input, root, 256, &mut OsRng).unwrap())
-    };
     for d in 1..=3000u64 {
-        out.push(seal(
-            d,
-            Address::Unique {
-                device_id: DeviceId::new(d).unwrap(),
-            },
-            &derive_duk(&pmk, d),
-            vec![Command::EntitlementSet {
-                entries: vec![ent; 4],
-            }],
-        ));
+        let address = Address::Unique {
+            device_id: DeviceId::new(d).unwrap(),
+        };
+        let commands = vec![Command::EntitlementSet {
+            entries: vec![ent; 4],
+        }];
+        out.push(seal(d, address, 1, commands, &derive_duk(&pmk, d)));
     }
-    let gk = Key128::from_bytes([0x5A; 16]);
+    let gk = Key128::from_bytes(GK);
     for g in 0..100u32 {
-        out.push(seal(
-            10_000 + u64::from(g),
-            Address::group_with_slots(g, 0..=255),
-            &gk,
-            vec![Command::EntitlementAdd(ent)],
-        ));
+        let address = Address::group_with_slots(g, 0..=255);
+        let commands = vec![Command::EntitlementAdd(ent)];
+        out.push(seal(10_000 + u64::from(g), address, 1, commands, &gk));
     }
     out
 }
 
 fn make_file(path: &std::path::Path, packets: usize) {
     let secs = sections();
-    let cat = Bytes::from(
-        build_cat(
-            CaDescriptor {
-                ca_system_id: 0x4AFF,
-                ca_pid: Pid::DEFAULT_EMM,
-            },
-            0,
-        )
-        .unwrap(),
-    );
+    let cat = cat_section();
     let mut emm = Packetizer::new(Pid::DEFAULT_EMM, true);
     let mut catp = Packetizer::new(Pid::CAT, true);
     let mut w = std::io::BufWriter::new(std::fs::File::create(path).unwrap());

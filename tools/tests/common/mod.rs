@@ -1,7 +1,7 @@
-//! Shared by the casd-probe tests: hand-made streams (sealed with
-//! casd-wire, packetized with the carousel crate) and running the probe
-//! binary as a subprocess. The casd crate's tests that need a running
-//! headend (`tests/probe_*.rs` there) include this file too.
+//! Shared by the casd-probe tests and the decode bench: hand-made streams
+//! (sealed with casd-wire, packetized with the carousel crate) and running
+//! the probe binary as a subprocess. The casd crate's tests that need a
+//! running headend (`tests/probe_*.rs` there) include this file too.
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -115,19 +115,19 @@ pub fn fixture() -> Fixture {
     }
 }
 
+/// The headend's CAT: CA_system_ID 0x4AFF, EMMs on PID 0x0101.
+pub fn cat_section() -> Bytes {
+    let ca = CaDescriptor {
+        ca_system_id: 0x4AFF,
+        ca_pid: Pid::DEFAULT_EMM,
+    };
+    Bytes::from(build_cat(ca, 0).unwrap())
+}
+
 /// `cycles` passes over `sections` on PID 0x0101 with a CAT packet before
 /// each pass, packed like the headend does.
 pub fn stream(sections: &[Bytes], cycles: usize) -> Vec<[u8; 188]> {
-    let cat = Bytes::from(
-        build_cat(
-            CaDescriptor {
-                ca_system_id: 0x4AFF,
-                ca_pid: Pid::DEFAULT_EMM,
-            },
-            0,
-        )
-        .unwrap(),
-    );
+    let cat = cat_section();
     let mut emm = Packetizer::new(Pid::DEFAULT_EMM, true);
     let mut catp = Packetizer::new(Pid::CAT, true);
     let mut out = Vec::new();
