@@ -3,23 +3,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use bytes::Bytes;
 use carousel::schedule::{Class, Emm, Lane, Played, Schedule, ScheduleConfig};
-use carousel::section::{build, LongHeader, TableId};
 use proptest::prelude::*;
 
+mod common;
+
+/// A 20-byte EMM section carrying its id (the body is the id alone).
 fn emm(id: u64, class: Class, not_after: u64) -> Emm {
-    let section = build(
-        &LongHeader::private(TableId::EMM_UNIQUE, id as u16),
-        &id.to_be_bytes(),
-    )
-    .unwrap();
-    Emm {
-        id,
-        class,
-        not_after,
-        section: Bytes::from(section),
-    }
+    common::emm(id, class, not_after, 20)
 }
 
 const NO_BURST: ScheduleConfig = ScheduleConfig {
