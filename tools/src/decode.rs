@@ -475,7 +475,8 @@ impl Probe {
             st.sections += 1;
         }
         let Some(seen) = self.sections.get_mut(&s) else {
-            self.first_sighting(pid, s, index, t, emit);
+            emit(self.first_sighting(pid, &s, index, t));
+            self.count_occurrence(&s);
             return;
         };
         seen.sighted_again(index, t, self.cfg.keep_times);
@@ -500,15 +501,9 @@ impl Probe {
         self.count_occurrence(&s);
     }
 
-    fn first_sighting(
-        &mut self,
-        pid: u16,
-        s: Bytes,
-        index: u64,
-        t: Option<f64>,
-        emit: &mut dyn FnMut(Value),
-    ) {
-        let kind = self.classify(&s);
+    /// Classifies a new section, keeps it and returns its record.
+    fn first_sighting(&mut self, pid: u16, s: &Bytes, index: u64, t: Option<f64>) -> Value {
+        let kind = self.classify(s);
         let seen = Seen::first(
             pid,
             kind,
@@ -517,10 +512,9 @@ impl Probe {
             self.cfg.keep_times,
             self.keys_generation,
         );
-        let rec = self.record(&s, &seen, index, t, false);
+        let rec = self.record(s, &seen, index, t, false);
         self.sections.insert(s.clone(), seen);
-        emit(rec);
-        self.count_occurrence(&s);
+        rec
     }
 
     fn count_occurrence(&mut self, s: &Bytes) {
