@@ -34,21 +34,60 @@ impl DbError {
     /// (connection refused/reset, pool timeout), as opposed to a bad query:
     /// callers map it to 503 and retry.
     pub fn is_unavailable(&self) -> bool {
+        self.kind() == DbErrorKind::Unavailable
+    }
+
+    /// What kind of failure this is (see [`classify`]).
+    pub fn kind(&self) -> DbErrorKind {
         match self {
-            DbError::Unreachable(_) => true,
-            DbError::Query(e) => is_unavailable(e),
-            DbError::Migration { .. } => false,
+            DbError::Unreachable(_) => DbErrorKind::Unavailable,
+            DbError::Query(e) => classify(e),
+            DbError::Migration { .. } => DbErrorKind::Other,
         }
     }
 }
 
-/// See [`DbError::is_unavailable`].
-pub fn is_unavailable(e: &mysql_async::Error) -> bool {
+/// The kinds of database failure the code reacts to; every other error is
+/// `Other`. The one place that knows MariaDB's error codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbErrorKind {
+    /// The database is not there right now: connection refused, reset or
+    /// lost, too many connections, shutdown in progress. Retry later.
+    Unavailable,
+    /// 1213: chosen as a deadlock victim; the transaction was rolled back.
+    Deadlock,
+    /// 1205: a lock wait timed out.
+    LockWaitTimeout,
+    /// 1062: a unique key already holds the value.
+    Duplicate,
+    /// 1146: no such table (or sequence engine table such as `seq_1_to_N`).
+    NoSuchTable,
+    Other,
+}
+
+impl DbErrorKind {
+    /// Deadlock or lock wait timeout: the transaction lost a race and can
+    /// simply be run again.
+    pub fn is_conflict(self) -> bool {
+        matches!(self, DbErrorKind::Deadlock | DbErrorKind::LockWaitTimeout)
+    }
+}
+
+/// Classifies a driver error (see [`DbErrorKind`]).
+pub fn classify(e: &mysql_async::Error) -> DbErrorKind {
     match e {
-        mysql_async::Error::Io(_) | mysql_async::Error::Driver(_) => true,
-        // 1040 too many connections, 1053 shutdown in progress, 2006/2013 gone away / lost
-        mysql_async::Error::Server(s) => matches!(s.code, 1040 | 1053 | 2006 | 2013 | 1927),
-        _ => false,
+        mysql_async::Error::Io(_) | mysql_async::Error::Driver(_) => DbErrorKind::Unavailable,
+        mysql_async::Error::Server(s) => match s.code {
+            // 1040 too many connections, 1053 shutdown in progress,
+            // 2006/2013 gone away / lost, 1927 connection killed.
+            1040 | 1053 | 2006 | 2013 | 1927 => DbErrorKind::Unavailable,
+            1213 => DbErrorKind::Deadlock,
+            1205 => DbErrorKind::LockWaitTimeout,
+            1062 => DbErrorKind::Duplicate,
+            1146 => DbErrorKind::NoSuchTable,
+            _ => DbErrorKind::Other,
+        },
+        _ => DbErrorKind::Other,
     }
 }
 
@@ -213,9 +252,9 @@ impl Db {
         let n: Option<u64> = c
             .query_first("SELECT COUNT(*) FROM schema_migrations")
             .await
-            .or_else(|e| match e {
-                mysql_async::Error::Server(ref s) if s.code == 1146 => Ok(Some(0)),
-                e => Err(e),
+            .or_else(|e| match classify(&e) {
+                DbErrorKind::NoSuchTable => Ok(Some(0)),
+                _ => Err(e),
             })?;
         Ok(n.unwrap_or(0) as usize >= MIGRATIONS.len())
     }
@@ -318,6 +357,27 @@ mod tests {
             .map(|m| format!("{:04}_{}.sql", m.version, m.name))
             .collect();
         assert_eq!(files, listed);
+    }
+
+    #[test]
+    fn server_codes_are_classified() {
+        let server = |code| {
+            mysql_async::Error::Server(mysql_async::ServerError {
+                code,
+                message: String::new(),
+                state: String::new(),
+            })
+        };
+        assert_eq!(classify(&server(1213)), DbErrorKind::Deadlock);
+        assert_eq!(classify(&server(1205)), DbErrorKind::LockWaitTimeout);
+        assert_eq!(classify(&server(1062)), DbErrorKind::Duplicate);
+        assert_eq!(classify(&server(1146)), DbErrorKind::NoSuchTable);
+        assert_eq!(classify(&server(2013)), DbErrorKind::Unavailable);
+        assert_eq!(classify(&server(1064)), DbErrorKind::Other);
+        assert!(DbErrorKind::Deadlock.is_conflict() && DbErrorKind::LockWaitTimeout.is_conflict());
+        assert!(!DbErrorKind::Duplicate.is_conflict());
+        assert!(DbError::Unreachable("x".into()).is_unavailable());
+        assert!(!DbError::Query(server(1062)).is_unavailable());
     }
 
     #[test]

@@ -73,7 +73,7 @@ use mysql_async::{Conn, IsolationLevel, Transaction, TxOpts, Value};
 use time::OffsetDateTime;
 
 use crate::app::Shared;
-use crate::db::{Db, DbError};
+use crate::db::{classify, Db, DbError, DbErrorKind};
 use crate::encryptor::{Encryptor, EncryptorError, SealJob, SealJobError};
 use crate::keystore::{KeyKind, KeyMeta};
 use crate::sms::store::db_time;
@@ -145,7 +145,7 @@ impl EmmgError {
         }
     }
     fn is_retryable_now(&self) -> bool {
-        matches!(self, EmmgError::Db(DbError::Query(mysql_async::Error::Server(s))) if matches!(s.code, 1213 | 1205))
+        matches!(self, EmmgError::Db(d) if d.kind().is_conflict())
     }
 }
 
@@ -629,9 +629,8 @@ async fn try_batch(
         }
         // No sequence engine (seq_1_to_N): one NEXTVAL at a time, then
         // the lookup on its own.
-        // 1146: no such table.
-        Err(crate::sqltext::Error::Db(mysql_async::Error::Server(e)))
-            if ids_at.is_some() && e.code == 1146 =>
+        Err(crate::sqltext::Error::Db(e))
+            if ids_at.is_some() && classify(&e) == DbErrorKind::NoSuchTable =>
         {
             let ids = next_emm_ids(&mut tx, total).await?;
             let live: Vec<(u64, u64, String)> = if withdrawing.is_empty() {

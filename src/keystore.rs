@@ -22,7 +22,7 @@ use mysql_async::{Row, TxOpts};
 use rand::rngs::OsRng;
 use serde::{Deserialize, Serialize};
 
-use crate::db::{Db, DbError};
+use crate::db::{classify, Db, DbError, DbErrorKind};
 use casd_wire::crypto::{self, Key128};
 
 /// Which key family a row belongs to.
@@ -238,15 +238,6 @@ fn now_unix() -> u32 {
         .unwrap_or(0)
 }
 
-/// Deadlock or lock wait timeout: the transaction can simply be retried.
-pub fn is_conflict(e: &mysql_async::Error) -> bool {
-    matches!(e, mysql_async::Error::Server(s) if s.code == 1213 || s.code == 1205)
-}
-
-fn is_duplicate(e: &mysql_async::Error) -> bool {
-    matches!(e, mysql_async::Error::Server(s) if s.code == 1062)
-}
-
 impl KeyStore {
     pub fn new(db: Db, root: Key128, root_version: u32) -> KeyStore {
         let fingerprint = root_fingerprint(&root);
@@ -344,7 +335,7 @@ impl KeyStore {
                 return Err(KeyStoreError::NoVersion { kind });
             }
             match self.create_inner(kind, 0, true).await {
-                Err(KeyStoreError::Db(DbError::Query(e))) if is_conflict(&e) => continue,
+                Err(KeyStoreError::Db(e)) if e.kind().is_conflict() => continue,
                 other => return other,
             }
         }
@@ -410,7 +401,7 @@ impl KeyStore {
             .await;
         if let Err(e) = inserted {
             drop(tx);
-            if is_duplicate(&e) {
+            if classify(&e) == DbErrorKind::Duplicate {
                 let mut c = self.db.conn().await?;
                 let found = list_meta(&mut c, kind)
                     .await?

@@ -10,7 +10,7 @@ use mysql_async::prelude::*;
 use zeroize::Zeroizing;
 
 use super::Scope;
-use crate::db::{Db, DbError};
+use crate::db::{classify, Db, DbError, DbErrorKind};
 
 /// A freshly generated client secret. `Debug` never shows it; the bytes
 /// are zeroized on drop.
@@ -192,7 +192,7 @@ pub async fn create(
         .await;
     match r {
         Ok(()) => Ok(secret),
-        Err(mysql_async::Error::Server(e)) if e.code == 1062 => {
+        Err(e) if classify(&e) == DbErrorKind::Duplicate => {
             Err(ClientError::Exists(client_id.to_owned()))
         }
         Err(e) => Err(e.into()),

@@ -24,7 +24,7 @@ use super::slots::{ensure_free_slots, SlotHint};
 use super::store::{db_time, Accepted, Submission};
 use super::types::{SmsCommand, Target};
 use super::work::Work;
-use crate::db::DbError;
+use crate::db::{DbError, DbErrorKind};
 use crate::keystore::{self, KeyKind};
 use crate::sqltext::{col, marks, Script};
 
@@ -49,10 +49,11 @@ enum RoundEnd {
 }
 
 fn is_retryable(e: &SmsError) -> bool {
-    // 1213 deadlock, 1205 lock wait timeout, 1062 a concurrent transaction
-    // (another committer or process) took the same transaction_id or added
-    // the same new device first: the round is run again and then sees it.
-    matches!(e, SmsError::Db(DbError::Query(mysql_async::Error::Server(s))) if matches!(s.code, 1213 | 1205 | 1062))
+    // A deadlock or lock wait timeout, or a duplicate key: a concurrent
+    // transaction (another committer or process) took the same
+    // transaction_id or added the same new device first: the round is run
+    // again and then sees it.
+    matches!(e, SmsError::Db(d) if d.kind().is_conflict() || d.kind() == DbErrorKind::Duplicate)
 }
 
 /// Runs one round until it commits, retrying contention; creating group
