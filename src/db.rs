@@ -187,6 +187,12 @@ impl Db {
         &self.display
     }
 
+    /// The database's name (tests tell their throwaway databases apart
+    /// by it: see [`crate::failpoint`]).
+    pub fn database_name(&self) -> Option<&str> {
+        self.opts.db_name()
+    }
+
     pub fn pool(&self) -> &Pool {
         &self.pool
     }

@@ -63,46 +63,30 @@
 //! fails the whole batch, which the worker retries with back-off (logged
 //! once per outage).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use carousel::Class;
 use mysql_async::prelude::*;
 use mysql_async::{Conn, IsolationLevel, Transaction, TxOpts, Value};
 use time::OffsetDateTime;
 
 use crate::app::Shared;
 use crate::db::{classify, Db, DbError, DbErrorKind};
-use crate::encryptor::{Encryptor, EncryptorError, SealJob, SealJobError};
+use crate::emm_store::{self, LiveEmm, NewEmm, Purpose, Review};
+use crate::encryptor::{Encryptor, EncryptorError, SealJob, SealJobError, SealResults, Sealed};
 use crate::keystore::{KeyKind, KeyMeta};
-use crate::sms::store::db_time;
-use crate::sms::types::Target;
-use crate::sms::Work;
-use crate::sqltext::{col, values, Script};
+use crate::queue::{self, Item, Work};
+use crate::sms::types::{ProductId, Target};
+use crate::sqltext::{col, marks, Script};
 use casd_wire::emm::{self, Address, CommandSpec, DeviceId, Entitlement};
 
-pub const CLASS_URGENT: u8 = 0;
-pub const CLASS_CHANGE: u8 = 1;
-pub const CLASS_BACKGROUND: u8 = 2;
-
-/// Attempts of an item whose key was not found before it is marked failed.
-pub const MAX_ATTEMPTS: u32 = 8;
-
-/// `emms.purpose` values (supersession is decided on them).
-pub mod purpose {
-    pub const DEVICE_ENABLE: &str = "device_enable";
-    pub const DEVICE_DISABLE: &str = "device_disable";
-    pub const ENTITLEMENT_SET: &str = "entitlement_set";
-    pub const OSM: &str = "osm";
-    pub const KEYS: &str = "keys";
-    pub fn entitlement_add(product_id: u32) -> String {
-        format!("entitlement_add:{product_id}")
-    }
-    pub fn entitlement_remove(product_id: u32) -> String {
-        format!("entitlement_remove:{product_id}")
-    }
-}
+/// Name of the fail point (tests only, see [`crate::failpoint`]) where a
+/// batch has done everything but COMMIT: armed, the batch drops its
+/// transaction instead, as a crash right there would.
+pub const FAIL_BEFORE_COMMIT: &str = "emmg::before_commit";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmmgError {
@@ -112,12 +96,10 @@ pub enum EmmgError {
     Encryptor(#[from] EncryptorError),
     #[error("the emmg role needs an encryptor")]
     NoEncryptor,
-    /// A statement's result was not what the code expects (a bug).
+    /// A statement's result was not what the code expects (a bug), or the
+    /// batch was abandoned at a fail point (tests).
     #[error("internal: {0}")]
     Internal(String),
-    /// Test hook: the batch was abandoned just before COMMIT.
-    #[error("batch abandoned before commit (injected)")]
-    Injected,
 }
 
 impl From<crate::sqltext::Error> for EmmgError {
@@ -147,17 +129,6 @@ impl EmmgError {
     fn is_retryable_now(&self) -> bool {
         matches!(self, EmmgError::Db(d) if d.kind().is_conflict())
     }
-}
-
-/// Options of one batch (tests).
-#[derive(Clone, Debug, Default)]
-pub struct BatchOptions {
-    /// Items per batch; 0 = `emmg.batch`.
-    pub batch: usize,
-    /// Do everything, then drop the transaction instead of committing it,
-    /// as a crash right before COMMIT would.
-    #[doc(hidden)]
-    pub abandon_before_commit: bool,
 }
 
 /// The EMMG role: `emmg.workers` workers until shutdown; each finishes the
@@ -218,24 +189,30 @@ async fn worker(shared: Shared, enc: Arc<dyn Encryptor>, outage: Arc<AtomicBool>
     }
 }
 
-/// Processes one batch; returns how many items it finished (done or failed).
+/// Processes one batch of `emmg.batch` items; returns how many items it
+/// finished (done or failed).
 pub async fn process_once(shared: &Shared, enc: &dyn Encryptor) -> Result<usize, EmmgError> {
-    process_batch(shared, enc, &BatchOptions::default()).await
+    process_batch(shared, enc, 0).await
 }
 
-/// [`process_once`] with options.
+/// [`process_once`] with at most `batch` items (0 = `emmg.batch`).
 pub async fn process_batch(
     shared: &Shared,
     enc: &dyn Encryptor,
-    opts: &BatchOptions,
+    batch: usize,
 ) -> Result<usize, EmmgError> {
+    let batch = if batch == 0 {
+        shared.cfg.emmg.batch
+    } else {
+        batch
+    }
+    .max(1);
     let mut conn = shared.db.conn().await?;
     conn.reset_connection(false);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let r = try_batch(shared, enc, opts, &mut conn).await;
-        match r {
+        match try_batch(shared, enc, batch, &mut conn).await {
             Err(e) if attempt < 4 && e.is_retryable_now() => continue,
             Ok((n, changed)) => {
                 if changed {
@@ -248,85 +225,544 @@ pub async fn process_batch(
     }
 }
 
-struct Item {
-    id: u64,
-    request_id: Option<u64>,
-    device_id: Option<u64>,
-    payload: String,
-    attempts: u32,
+/// One batch, one READ COMMITTED transaction (see the module doc): take
+/// (1-2), plan (3), seal (4), settle and write (5), commit (6). Returns the
+/// items finished and whether the carousel changed.
+async fn try_batch(
+    shared: &Shared,
+    enc: &dyn Encryptor,
+    batch: usize,
+    conn: &mut Conn,
+) -> Result<(usize, bool), EmmgError> {
+    let now = OffsetDateTime::now_utc();
+    let now_unix = unix(now);
+    let mut txo = TxOpts::default();
+    txo.with_isolation_level(IsolationLevel::ReadCommitted);
+    let mut tx = conn.start_transaction(txo).await?;
+
+    let taken = take(&mut tx, batch, now).await?;
+    if taken.items.is_empty() {
+        tx.rollback().await?;
+        return Ok((0, false));
+    }
+    let outcomes = plan(shared, enc, &mut tx, &taken, now_unix).await?;
+    let (ids, live) = ids_and_live(&mut tx, planned(&outcomes), &withdrawing(&outcomes)).await?;
+    let sealed = seal(enc, seal_jobs(&outcomes, &ids, now_unix)).await?;
+    let settled = settle(&taken.items, outcomes, ids, sealed, now_unix);
+    let gone = superseded(live, &settled.withdraw);
+    let (writes, changed) = writes(&settled, &gone, now)?;
+    writes.run(&mut tx).await?;
+
+    if crate::failpoint::armed(FAIL_BEFORE_COMMIT, shared.db.database_name()) {
+        drop(tx);
+        return Err(EmmgError::Internal(format!(
+            "batch abandoned before commit (fail point {FAIL_BEFORE_COMMIT})"
+        )));
+    }
+    tx.commit().await?;
+    Ok((settled.done.len() + settled.failed.len(), changed))
 }
 
-struct DeviceRow {
-    pmk_version: u32,
+fn unix(t: OffsetDateTime) -> u32 {
+    t.unix_timestamp().clamp(0, u32::MAX as i64) as u32
+}
+
+// ---------------------------------------------------------------------------
+// 1-2. Take
+// ---------------------------------------------------------------------------
+
+/// The batch's items and what the EMMG reads of their devices.
+#[derive(Default)]
+struct Taken {
+    items: Vec<Item>,
+    /// `pmk_version` of each device of the items.
+    pmk: HashMap<u64, u32>,
+    /// The active entitlements of each device of the items.
+    entitlements: HashMap<u64, Vec<Entitlement>>,
+}
+
+/// Takes up to `batch` items, keeps those whose device has no earlier
+/// pending item left out, and reads their devices' rows and active
+/// entitlements: one round trip of plain reads after the take.
+async fn take(
+    tx: &mut Transaction<'_>,
+    batch: usize,
+    now: OffsetDateTime,
+) -> Result<Taken, EmmgError> {
+    let items = queue::take(tx, batch, now).await?;
+    let devices = queue::devices_of(&items);
+    if devices.is_empty() {
+        return Ok(Taken {
+            items,
+            ..Taken::default()
+        });
+    }
+    let list = marks(devices.len(), "?");
+    let params: Vec<Value> = devices.iter().map(|d| Value::from(*d)).collect();
+    let mut reads = Script::default();
+    let pending_at = queue::push_pending_of(&mut reads, &devices, &items)?;
+    let rows_at = reads.push(
+        &format!("SELECT device_id, pmk_version FROM devices WHERE device_id IN ({list})"),
+        &params,
+    )?;
+    let ents_at = reads.push(
+        &format!(
+            "SELECT device_id, product_id, start_at, end_at FROM entitlements \
+             WHERE state = 'active' AND device_id IN ({list}) ORDER BY device_id, product_id"
+        ),
+        &params,
+    )?;
+    let sets = reads.run(tx).await?;
+    let mut taken = Taken {
+        items: queue::in_device_order(items, &queue::pending_rows(&sets[pending_at])?),
+        ..Taken::default()
+    };
+    for r in &sets[rows_at] {
+        taken.pmk.insert(col(r, 0)?, col(r, 1)?);
+    }
+    for r in &sets[ents_at] {
+        taken
+            .entitlements
+            .entry(col(r, 0)?)
+            .or_default()
+            .push(Entitlement {
+                product_id: col(r, 1)?,
+                start: col(r, 2)?,
+                end: col(r, 3)?,
+            });
+    }
+    Ok(taken)
+}
+
+// ---------------------------------------------------------------------------
+// 3. Plan: read what an item's EMMs depend on, then decide (pure)
+// ---------------------------------------------------------------------------
+
+/// Everything an EMM carries but its commands.
+#[derive(Clone, Debug, PartialEq)]
+struct Head {
+    address: Address,
+    /// The device's PMK version (unique EMMs); `None`: the Encryptor's
+    /// current version.
+    key_version: Option<u32>,
+    class: Class,
+    purpose: Purpose,
+    not_after: u32,
 }
 
 /// One EMM to make.
+#[derive(Clone, Debug, PartialEq)]
 struct Planned {
-    address: Address,
-    key_version: Option<u32>,
-    class: u8,
-    purpose: String,
-    not_after: u32,
+    head: Head,
     commands: Vec<CommandSpec>,
 }
 
-impl Planned {
-    fn addressing(&self) -> (&'static str, u64) {
-        match &self.address {
-            Address::Unique { device_id } => ("unique", device_id.get()),
-            Address::Group { group_id, .. } => ("group", u64::from(*group_id)),
-            Address::Global => ("global", 0),
-        }
-    }
-    fn device(&self) -> Option<u64> {
-        match &self.address {
-            Address::Unique { device_id } => Some(device_id.get()),
-            _ => None,
-        }
-    }
-}
-
 /// Which of the device's live unique EMMs an item supersedes.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 enum Withdraw {
     Nothing,
-    Purposes(Vec<String>),
+    Purposes(Vec<Purpose>),
     /// Every live unique EMM of the device but the item's own.
     All,
 }
 
 impl Withdraw {
-    fn matches(&self, purpose: &str) -> bool {
+    /// Whether it supersedes an EMM of purpose `p` (`None`: a purpose this
+    /// version does not know).
+    fn matches(&self, p: Option<Purpose>) -> bool {
         match self {
             Withdraw::Nothing => false,
-            Withdraw::Purposes(p) => p.iter().any(|x| x == purpose),
+            Withdraw::Purposes(list) => p.is_some_and(|p| list.contains(&p)),
             Withdraw::All => true,
         }
     }
 }
 
-enum Outcome {
-    Done {
-        emms: Vec<Planned>,
-        device: Option<u64>,
-        withdraw: Withdraw,
-    },
+/// The EMMs an item becomes.
+#[derive(Debug, PartialEq)]
+struct Plan {
+    emms: Vec<Planned>,
+    /// The device whose EMMs `withdraw` applies to.
+    device: Option<u64>,
+    withdraw: Withdraw,
+}
+
+impl Plan {
+    fn nothing() -> Plan {
+        Plan {
+            emms: Vec::new(),
+            device: None,
+            withdraw: Withdraw::Nothing,
+        }
+    }
+    fn of(device: DeviceId, emms: Vec<Planned>, withdraw: Withdraw) -> Plan {
+        Plan {
+            emms,
+            device: Some(device.get()),
+            withdraw,
+        }
+    }
+}
+
+/// Why an item makes no EMM this time.
+#[derive(Debug, PartialEq)]
+enum Skip {
+    /// A key was not found: retried with back-off.
     Retry(String),
+    /// Retrying will not help.
     Failed(String),
 }
 
-fn now_unix() -> u32 {
-    OffsetDateTime::now_utc()
-        .unix_timestamp()
-        .clamp(0, u32::MAX as i64) as u32
+type Outcome = Result<Plan, Skip>;
+
+/// What the EMMs of every item depend on but the item itself.
+struct Limits {
+    max_section: usize,
+    /// `not_after` of state EMMs (all but OSMs).
+    state_not_after: u32,
 }
 
-fn unix_to_db(t: u32) -> Value {
-    db_time(OffsetDateTime::from_unix_timestamp(i64::from(t)).unwrap_or(OffsetDateTime::UNIX_EPOCH))
+/// Key versions to deliver: the one in use now, then those created ahead
+/// of time for a coming rotation (a device added now must get them too).
+#[derive(Clone, Debug, Default)]
+struct Keys {
+    group: Vec<KeyMeta>,
+    global: Vec<KeyMeta>,
 }
 
-fn placeholders(n: usize) -> String {
-    vec!["?"; n].join(",")
+/// What an item's EMMs depend on besides the item, read before deciding.
+#[derive(Debug, Default)]
+struct Facts {
+    /// The device's PMK version; `None`: no such device.
+    pmk: Option<u32>,
+    /// The device's active entitlements.
+    entitlements: Vec<Entitlement>,
+    /// A Scheduler item's device if enabled: (group_id, slot, pmk_version).
+    enabled: Option<(u32, u8, u32)>,
+    /// The keys to deliver, or why they cannot be had now.
+    keys: Option<Result<Keys, String>>,
+    /// The slots of a group OSM's members.
+    slots: Vec<u8>,
+}
+
+impl Facts {
+    fn keys(&mut self) -> Result<Keys, Skip> {
+        self.keys
+            .take()
+            .unwrap_or_else(|| Err("key versions not read".into()))
+            .map_err(Skip::Retry)
+    }
+    fn pmk(&self, device: DeviceId) -> Result<u32, Skip> {
+        self.pmk
+            .ok_or_else(|| Skip::Failed(format!("device {device} not found")))
+    }
+}
+
+/// The outcome of every item, in order.
+async fn plan(
+    shared: &Shared,
+    enc: &dyn Encryptor,
+    tx: &mut Transaction<'_>,
+    taken: &Taken,
+    now: u32,
+) -> Result<Vec<Outcome>, EmmgError> {
+    let cfg = &shared.cfg;
+    let limits = Limits {
+        max_section: cfg.cas.max_section_bytes,
+        state_not_after: now.saturating_add(cfg.emmg.emm_lifetime_days.saturating_mul(86_400)),
+    };
+    let mut keys = KeyVersions {
+        enc,
+        db: &shared.db,
+        cache: HashMap::new(),
+    };
+    let mut out = Vec::with_capacity(taken.items.len());
+    for item in &taken.items {
+        let work = match item.work() {
+            Ok(w) => w,
+            Err(m) => {
+                out.push(Err(Skip::Failed(m)));
+                continue;
+            }
+        };
+        let facts = read_facts(&work, tx, taken, &mut keys).await?;
+        out.push(decide(work, facts, &limits));
+    }
+    Ok(out)
+}
+
+/// Reads what `work`'s EMMs depend on. The Scheduler's kinds read their
+/// device's row under a shared lock (see the module doc) and nothing more
+/// when it is not enabled.
+async fn read_facts(
+    work: &Work,
+    tx: &mut Transaction<'_>,
+    taken: &Taken,
+    keys: &mut KeyVersions<'_>,
+) -> Result<Facts, EmmgError> {
+    let mut f = Facts::default();
+    if let Some(d) = work.device_id() {
+        f.pmk = taken.pmk.get(&d.get()).copied();
+        f.entitlements = taken
+            .entitlements
+            .get(&d.get())
+            .cloned()
+            .unwrap_or_default();
+    }
+    match work {
+        Work::AddDevice { group_id, .. } => f.keys = Some(keys.deliverable(*group_id).await?),
+        Work::DeliverKeys { device_id } => {
+            f.enabled = enabled_device(tx, *device_id).await?;
+            if let Some((group_id, _, _)) = f.enabled {
+                f.keys = Some(keys.deliverable(group_id).await?);
+            }
+        }
+        Work::RefreshSet { device_id } => {
+            f.enabled = enabled_device(tx, *device_id).await?;
+            if f.enabled.is_some() {
+                f.entitlements = active_entitlements(tx, *device_id).await?;
+            }
+        }
+        Work::GenerateOsm {
+            target: Target::Group(g),
+            ..
+        } => f.slots = group_slots(tx, g.get()).await?,
+        _ => {}
+    }
+    Ok(f)
+}
+
+/// The EMMs `work` becomes given `f` (see the table in the module doc).
+fn decide(work: Work, f: Facts, lim: &Limits) -> Outcome {
+    match work {
+        Work::AddDevice {
+            device_id,
+            group_id,
+            slot,
+            pmk_version,
+            ..
+        } => add_device(device_id, (group_id, slot, pmk_version), f, lim),
+        Work::RemoveDevice { device_id, .. } => {
+            let head = lim.state(
+                device_id,
+                f.pmk(device_id)?,
+                Class::Urgent,
+                Purpose::DeviceDisable,
+            );
+            let emms = packed(vec![CommandSpec::DeviceDisable {}], head, lim.max_section)?;
+            Ok(Plan::of(device_id, emms, Withdraw::All))
+        }
+        Work::AddEntitlement {
+            device_id,
+            product_id,
+            start,
+            end,
+        } => {
+            let p = product_id.get();
+            let e = Entitlement {
+                product_id: p,
+                start,
+                end,
+            };
+            let add = (CommandSpec::EntitlementAdd(e), Purpose::EntitlementAdd(p));
+            entitlement_change(device_id, product_id, add, f, lim)
+        }
+        Work::RemoveEntitlement {
+            device_id,
+            product_id,
+            ..
+        } => {
+            let p = product_id.get();
+            let remove = (
+                CommandSpec::EntitlementRemove { product_id: p },
+                Purpose::EntitlementRemove(p),
+            );
+            entitlement_change(device_id, product_id, remove, f, lim)
+        }
+        Work::DeliverKeys { device_id } => match f.enabled {
+            Some(place) => deliver_keys(device_id, place, f, lim),
+            None => Ok(Plan::nothing()),
+        },
+        Work::RefreshSet { device_id } => {
+            let Some((_, _, pmk)) = f.enabled else {
+                return Ok(Plan::nothing());
+            };
+            let emms = set_emms(device_id, pmk, f.entitlements, lim)?;
+            let withdraw = Withdraw::Purposes(vec![Purpose::EntitlementSet]);
+            Ok(Plan::of(device_id, emms, withdraw))
+        }
+        Work::GenerateOsm {
+            target,
+            text,
+            duration_s,
+            forced,
+            not_after,
+        } => {
+            let osm = CommandSpec::Osm {
+                duration_s,
+                flags: emm::osm_flags(forced),
+                text,
+            };
+            let class = if forced { Class::Urgent } else { Class::Change };
+            osm_plan((osm, class), target, not_after, f, lim)
+        }
+    }
+}
+
+impl Limits {
+    /// The head of a state EMM to the device.
+    fn state(&self, device_id: DeviceId, pmk: u32, class: Class, purpose: Purpose) -> Head {
+        Head {
+            address: Address::Unique { device_id },
+            key_version: Some(pmk),
+            class,
+            purpose,
+            not_after: self.state_not_after,
+        }
+    }
+}
+
+/// DEVICE_ENABLE with the keys of the device's group and the global keys
+/// (group, slot, pmk_version), then the device's entitlement set.
+fn add_device(
+    device_id: DeviceId,
+    (group_id, slot, pmk): (u32, u8, u32),
+    mut f: Facts,
+    lim: &Limits,
+) -> Outcome {
+    let keys = f.keys()?;
+    let mut cmds = vec![CommandSpec::DeviceEnable {}];
+    cmds.extend(key_commands(group_id, slot, &keys));
+    let head = lim.state(device_id, pmk, Class::Change, Purpose::DeviceEnable);
+    let mut emms = packed(cmds, head, lim.max_section)?;
+    emms.extend(set_emms(device_id, pmk, f.entitlements, lim)?);
+    let withdraw = [
+        Purpose::DeviceEnable,
+        Purpose::DeviceDisable,
+        Purpose::EntitlementSet,
+    ];
+    Ok(Plan::of(
+        device_id,
+        emms,
+        Withdraw::Purposes(withdraw.into()),
+    ))
+}
+
+/// The keys of an enabled device's group (group, slot, pmk_version) and
+/// the global keys, replacing the device's previous `keys` EMM.
+fn deliver_keys(
+    device_id: DeviceId,
+    (group_id, slot, pmk): (u32, u8, u32),
+    mut f: Facts,
+    lim: &Limits,
+) -> Outcome {
+    let keys = f.keys()?;
+    let head = lim.state(device_id, pmk, Class::Background, Purpose::Keys);
+    let emms = packed(key_commands(group_id, slot, &keys), head, lim.max_section)?;
+    Ok(Plan::of(
+        device_id,
+        emms,
+        Withdraw::Purposes(vec![Purpose::Keys]),
+    ))
+}
+
+/// ENTITLEMENT_ADD / ENTITLEMENT_REMOVE of `product`, then the device's
+/// whole set.
+fn entitlement_change(
+    device_id: DeviceId,
+    product: ProductId,
+    (command, purpose): (CommandSpec, Purpose),
+    f: Facts,
+    lim: &Limits,
+) -> Outcome {
+    let pmk = f.pmk(device_id)?;
+    let head = lim.state(device_id, pmk, Class::Change, purpose);
+    let mut emms = packed(vec![command], head, lim.max_section)?;
+    emms.extend(set_emms(device_id, pmk, f.entitlements, lim)?);
+    let p = product.get();
+    let withdraw = [
+        Purpose::EntitlementAdd(p),
+        Purpose::EntitlementRemove(p),
+        Purpose::EntitlementSet,
+    ];
+    Ok(Plan::of(
+        device_id,
+        emms,
+        Withdraw::Purposes(withdraw.into()),
+    ))
+}
+
+/// An OSM to a device, a group's current members (none: no EMM) or all.
+fn osm_plan(
+    (osm, class): (CommandSpec, Class),
+    target: Target,
+    not_after: u32,
+    f: Facts,
+    lim: &Limits,
+) -> Outcome {
+    let (address, key_version) = match target {
+        Target::Device(d) => (Address::Unique { device_id: d }, Some(f.pmk(d)?)),
+        Target::Group(_) if f.slots.is_empty() => return Ok(Plan::nothing()),
+        Target::Group(g) => (Address::group_with_slots(g.get(), f.slots), None),
+        Target::All => (Address::Global, None),
+    };
+    let head = Head {
+        address,
+        key_version,
+        class,
+        purpose: Purpose::Osm,
+        not_after,
+    };
+    Ok(Plan {
+        emms: packed(vec![osm], head, lim.max_section)?,
+        device: None,
+        withdraw: Withdraw::Nothing,
+    })
+}
+
+/// GROUP_KEY of each group key version, then GLOBAL_KEY of each global one.
+fn key_commands(group_id: u32, slot: u8, keys: &Keys) -> Vec<CommandSpec> {
+    let gks = keys.group.iter().map(|k| CommandSpec::GroupKey {
+        group_id,
+        slot,
+        key_version: k.version,
+        activates_at: k.activates_at,
+        key: (),
+    });
+    let glks = keys.global.iter().map(|k| CommandSpec::GlobalKey {
+        key_version: k.version,
+        activates_at: k.activates_at,
+        key: (),
+    });
+    gks.chain(glks).collect()
+}
+
+/// `commands` packed into as few EMMs with `head` as fit.
+fn packed(commands: Vec<CommandSpec>, head: Head, max: usize) -> Result<Vec<Planned>, Skip> {
+    Ok(pack(commands, &head.address, max)
+        .map_err(Skip::Failed)?
+        .into_iter()
+        .map(|commands| Planned {
+            head: head.clone(),
+            commands,
+        })
+        .collect())
+}
+
+fn set_emms(
+    device: DeviceId,
+    pmk_version: u32,
+    entries: Vec<Entitlement>,
+    lim: &Limits,
+) -> Result<Vec<Planned>, Skip> {
+    entitlement_set_emms(
+        device,
+        pmk_version,
+        entries,
+        lim.max_section,
+        lim.state_not_after,
+    )
+    .map_err(Skip::Failed)
 }
 
 /// Packs commands, in order, into as few EMMs as fit `max_section_bytes`.
@@ -382,14 +818,17 @@ fn entitlement_set_emms(
             .collect();
         pack(adds, &address, max)?
     };
+    let head = Head {
+        address,
+        key_version: Some(pmk_version),
+        class: Class::Background,
+        purpose: Purpose::EntitlementSet,
+        not_after,
+    };
     Ok(groups
         .into_iter()
         .map(|commands| Planned {
-            address: address.clone(),
-            key_version: Some(pmk_version),
-            class: CLASS_BACKGROUND,
-            purpose: purpose::ENTITLEMENT_SET.into(),
-            not_after,
+            head: head.clone(),
             commands,
         })
         .collect())
@@ -403,12 +842,22 @@ struct KeyVersions<'a> {
 }
 
 impl KeyVersions<'_> {
+    /// The group's key versions to deliver, then the global ones; `Ok(Err)`
+    /// when one is not to be had now (the item is retried).
+    async fn deliverable(&mut self, group_id: u32) -> Result<Result<Keys, String>, EmmgError> {
+        let group = match self.versions(KeyKind::Group(group_id)).await? {
+            Ok(v) => v,
+            Err(m) => return Ok(Err(m)),
+        };
+        Ok(self
+            .versions(KeyKind::Global)
+            .await?
+            .map(|global| Keys { group, global }))
+    }
+
     /// The version in use now, then versions created ahead of time for a
     /// coming rotation (a device added now must get them too).
-    async fn versions_to_deliver(
-        &mut self,
-        kind: KeyKind,
-    ) -> Result<Result<Vec<KeyMeta>, String>, EmmgError> {
+    async fn versions(&mut self, kind: KeyKind) -> Result<Result<Vec<KeyMeta>, String>, EmmgError> {
         if let Some(v) = self.cache.get(&kind) {
             return Ok(Ok(v.clone()));
         }
@@ -432,522 +881,6 @@ impl KeyVersions<'_> {
     }
 }
 
-async fn try_batch(
-    shared: &Shared,
-    enc: &dyn Encryptor,
-    opts: &BatchOptions,
-    conn: &mut Conn,
-) -> Result<(usize, bool), EmmgError> {
-    let cfg = &shared.cfg;
-    let batch = if opts.batch == 0 {
-        cfg.emmg.batch
-    } else {
-        opts.batch
-    }
-    .max(1);
-    let now_dt = OffsetDateTime::now_utc();
-    let now = now_unix();
-    let mut txo = TxOpts::default();
-    txo.with_isolation_level(IsolationLevel::ReadCommitted);
-    let mut tx = conn.start_transaction(txo).await?;
-
-    // 1. Take items. Index order (not_before, id) so the scan locks only
-    //    the rows it returns.
-    type ItemRow = (u64, Option<u64>, Option<u64>, String, u32);
-    let rows: Vec<ItemRow> = tx
-        .exec(
-            "SELECT id, request_id, device_id, payload, attempts FROM work_items \
-             WHERE state = 'pending' AND not_before <= ? \
-             ORDER BY not_before, id LIMIT ? FOR UPDATE SKIP LOCKED",
-            (db_time(now_dt), batch as u64),
-        )
-        .await?;
-    if rows.is_empty() {
-        tx.rollback().await?;
-        return Ok((0, false));
-    }
-    let mut items: Vec<Item> = rows
-        .into_iter()
-        .map(|(id, request_id, device_id, payload, attempts)| Item {
-            id,
-            request_id,
-            device_id,
-            payload,
-            attempts,
-        })
-        .collect();
-    items.sort_by_key(|i| i.id);
-
-    // 2. One round trip of plain reads about the devices of the items
-    //    taken: their pending items (for the order check), their rows and
-    //    their active entitlements.
-    //
-    //    Per-device order: the device's pending items below our highest
-    //    one must all be ours (a plain read: it sees other workers' held
-    //    items as still pending); otherwise its items are left for later.
-    let held: HashSet<u64> = items.iter().map(|i| i.id).collect();
-    let devices: Vec<u64> = {
-        let mut d: Vec<u64> = items.iter().filter_map(|i| i.device_id).collect();
-        d.sort_unstable();
-        d.dedup();
-        d
-    };
-    let mut dev_rows: HashMap<u64, DeviceRow> = HashMap::new();
-    let mut ents: HashMap<u64, Vec<Entitlement>> = HashMap::new();
-    if !devices.is_empty() {
-        let max_id = items.last().map(|i| i.id).unwrap_or(0);
-        let params: Vec<Value> = devices.iter().map(|d| Value::from(*d)).collect();
-        let list = placeholders(devices.len());
-        let mut reads = Script::default();
-        let mut p = params.clone();
-        p.push(Value::from(max_id));
-        let pending_at = reads.push(
-            &format!(
-                "SELECT device_id, id FROM work_items WHERE state = 'pending' \
-                 AND device_id IN ({list}) AND id <= ? ORDER BY device_id, id"
-            ),
-            &p,
-        )?;
-        let rows_at = reads.push(
-            &format!("SELECT device_id, pmk_version FROM devices WHERE device_id IN ({list})"),
-            &params,
-        )?;
-        let ents_at = reads.push(
-            &format!(
-                "SELECT device_id, product_id, start_at, end_at FROM entitlements \
-                 WHERE state = 'active' AND device_id IN ({list}) ORDER BY device_id, product_id"
-            ),
-            &params,
-        )?;
-        let sets = reads.run(&mut tx).await?;
-        let mut ok: HashSet<u64> = HashSet::new();
-        let mut blocked: HashSet<u64> = HashSet::new();
-        for r in &sets[pending_at] {
-            let (d, id): (u64, u64) = (col(r, 0)?, col(r, 1)?);
-            if blocked.contains(&d) {
-                continue;
-            }
-            if held.contains(&id) {
-                ok.insert(id);
-            } else {
-                blocked.insert(d);
-            }
-        }
-        items.retain(|i| i.device_id.is_none() || ok.contains(&i.id));
-        for r in &sets[rows_at] {
-            dev_rows.insert(
-                col(r, 0)?,
-                DeviceRow {
-                    pmk_version: col(r, 1)?,
-                },
-            );
-        }
-        for r in &sets[ents_at] {
-            ents.entry(col(r, 0)?).or_default().push(Entitlement {
-                product_id: col(r, 1)?,
-                start: col(r, 2)?,
-                end: col(r, 3)?,
-            });
-        }
-    }
-    if items.is_empty() {
-        tx.rollback().await?;
-        return Ok((0, false));
-    }
-
-    // 3. The commands of each item.
-    let mut keys = KeyVersions {
-        enc,
-        db: &shared.db,
-        cache: HashMap::new(),
-    };
-    let mut outcomes: Vec<Outcome> = Vec::with_capacity(items.len());
-    for item in &items {
-        outcomes.push(plan(item, &mut tx, &dev_rows, &ents, &mut keys, shared, now).await?);
-    }
-
-    // 4. emm_ids and one sealing call for the whole batch.
-    let total: usize = outcomes
-        .iter()
-        .map(|o| match o {
-            Outcome::Done { emms, .. } => emms.len(),
-            _ => 0,
-        })
-        .sum();
-    // With them, in the same round trip, the live unique EMMs of the
-    // devices whose items withdraw something, locked until the commit
-    // (read before the new ones exist, so the same rows as after sealing).
-    let mut withdrawing: Vec<u64> = outcomes
-        .iter()
-        .filter_map(|o| match o {
-            Outcome::Done {
-                device: Some(d),
-                withdraw,
-                ..
-            } if !matches!(withdraw, Withdraw::Nothing) => Some(*d),
-            _ => None,
-        })
-        .collect();
-    withdrawing.sort_unstable();
-    withdrawing.dedup();
-    let mut script = Script::default();
-    let ids_at = (total > 0)
-        .then(|| {
-            script.push(
-                &format!("SELECT NEXTVAL(emm_id_seq) FROM seq_1_to_{total}"),
-                &[],
-            )
-        })
-        .transpose()?;
-    let live_sql = format!(
-        "SELECT id, address, purpose FROM emms WHERE addressing = 'unique' \
-         AND address IN ({}) AND state = 'live' FOR UPDATE",
-        placeholders(withdrawing.len())
-    );
-    let live_params: Vec<Value> = withdrawing.iter().map(|d| Value::from(*d)).collect();
-    let live_at = (!withdrawing.is_empty())
-        .then(|| script.push(&live_sql, &live_params))
-        .transpose()?;
-    let (ids, live_rows) = match script.run(&mut tx).await {
-        Ok(sets) => {
-            let mut ids: Vec<u64> = match ids_at {
-                Some(k) => sets[k]
-                    .iter()
-                    .map(|r| col(r, 0))
-                    .collect::<Result<_, _>>()?,
-                None => Vec::new(),
-            };
-            ids.sort_unstable();
-            let live: Vec<(u64, u64, String)> = match live_at {
-                Some(k) => sets[k]
-                    .iter()
-                    .map(|r| Ok((col(r, 0)?, col(r, 1)?, col(r, 2)?)))
-                    .collect::<Result<_, crate::sqltext::Error>>()?,
-                None => Vec::new(),
-            };
-            (ids, live)
-        }
-        // No sequence engine (seq_1_to_N): one NEXTVAL at a time, then
-        // the lookup on its own.
-        Err(crate::sqltext::Error::Db(e))
-            if ids_at.is_some() && classify(&e) == DbErrorKind::NoSuchTable =>
-        {
-            let ids = next_emm_ids(&mut tx, total).await?;
-            let live: Vec<(u64, u64, String)> = if withdrawing.is_empty() {
-                Vec::new()
-            } else {
-                tx.exec(live_sql.as_str(), live_params.clone()).await?
-            };
-            (ids, live)
-        }
-        Err(e) => return Err(e.into()),
-    };
-    if ids.len() != total {
-        return Err(EmmgError::Internal(format!(
-            "{} emm_ids for {total} EMMs",
-            ids.len()
-        )));
-    }
-    let mut jobs = Vec::with_capacity(total);
-    {
-        let mut k = 0;
-        for o in &outcomes {
-            if let Outcome::Done { emms, .. } = o {
-                for p in emms {
-                    jobs.push(SealJob {
-                        emm_id: ids[k],
-                        issued_at: now,
-                        not_after: p.not_after,
-                        address: p.address.clone(),
-                        key_version: p.key_version,
-                        commands: p.commands.clone(),
-                    });
-                    k += 1;
-                }
-            }
-        }
-    }
-    let sealed = if jobs.is_empty() {
-        Vec::new()
-    } else {
-        enc.seal_batch(jobs).await?
-    };
-    if sealed.len() != total {
-        return Err(
-            EncryptorError::Internal(format!("{} results for {total} jobs", sealed.len())).into(),
-        );
-    }
-
-    // Per item: its EMMs with their ids and sections, or why it failed.
-    struct Made {
-        id: u64,
-        request_id: Option<u64>,
-        planned: Planned,
-        section: Vec<u8>,
-        key_version: u32,
-        live: bool,
-    }
-    let mut made: Vec<Made> = Vec::new();
-    let mut done_items: Vec<&Item> = Vec::new();
-    let mut retry_items: Vec<(&Item, String)> = Vec::new();
-    let mut failed_items: Vec<(&Item, String)> = Vec::new();
-    // Withdrawals of EMMs already in the table, per device.
-    let mut db_withdraw: BTreeMap<u64, Vec<Withdraw>> = BTreeMap::new();
-    let mut results = sealed.into_iter();
-    let mut id_iter = ids.into_iter();
-    for (item, o) in items.iter().zip(outcomes) {
-        match o {
-            Outcome::Done {
-                emms,
-                device,
-                withdraw,
-            } => {
-                let mut mine = Vec::new();
-                let mut err: Option<SealJobError> = None;
-                for p in emms {
-                    let id = id_iter.next().unwrap_or(0);
-                    match results.next() {
-                        Some(Ok(s)) => mine.push(Made {
-                            id,
-                            request_id: item.request_id,
-                            planned: p,
-                            section: s.section,
-                            key_version: s.key_version,
-                            live: true,
-                        }),
-                        Some(Err(e)) => err = err.or(Some(e)),
-                        None => err = err.or(Some(SealJobError::Invalid("no result".into()))),
-                    }
-                }
-                match err {
-                    Some(SealJobError::UnknownKey(m)) => retry_items.push((item, m)),
-                    Some(e) => failed_items.push((item, e.to_string())),
-                    None => {
-                        if let Some(d) = device {
-                            if !matches!(withdraw, Withdraw::Nothing) {
-                                // Earlier EMMs of this batch it supersedes
-                                // never go live.
-                                for m in made.iter_mut() {
-                                    if m.planned.device() == Some(d)
-                                        && withdraw.matches(&m.planned.purpose)
-                                    {
-                                        m.live = false;
-                                    }
-                                }
-                                db_withdraw.entry(d).or_default().push(withdraw);
-                            }
-                        }
-                        made.extend(mine);
-                        done_items.push(item);
-                    }
-                }
-            }
-            Outcome::Retry(m) => retry_items.push((item, m)),
-            Outcome::Failed(m) => failed_items.push((item, m)),
-        }
-    }
-
-    // 5. Writes: the live EMMs to withdraw are read (and locked) first,
-    //    then every write goes in one script (one round trip).
-    let mut changed = false;
-    let mut w = Script::default();
-    if !db_withdraw.is_empty() {
-        let gone: Vec<u64> = live_rows
-            .into_iter()
-            .filter(|(_, d, p)| {
-                db_withdraw
-                    .get(d)
-                    .is_some_and(|ws| ws.iter().any(|w| w.matches(p)))
-            })
-            .map(|(id, _, _)| id)
-            .collect();
-        if !gone.is_empty() {
-            let params: Vec<Value> = gone.iter().map(|i| Value::from(*i)).collect();
-            w.push(
-                &format!(
-                    "UPDATE emms SET state = 'withdrawn' WHERE id IN ({})",
-                    placeholders(gone.len())
-                ),
-                &params,
-            )?;
-            insert_events(&mut w, &gone, "remove", now_dt)?;
-            changed = true;
-        }
-    }
-    if !made.is_empty() {
-        let mut params: Vec<Value> = Vec::with_capacity(made.len() * 12);
-        for m in &made {
-            let (addressing, address) = m.planned.addressing();
-            let review = serde_json::json!({
-                "emm_id": m.id,
-                "issued_at": now,
-                "not_after": m.planned.not_after,
-                "address": m.planned.address,
-                "key_version": m.key_version,
-                "commands": m.planned.commands,
-            });
-            params.extend([
-                Value::from(m.id),
-                m.request_id.map(Value::from).unwrap_or(Value::NULL),
-                Value::from(addressing),
-                Value::from(address),
-                Value::from(m.key_version),
-                Value::from(m.planned.class),
-                Value::from(m.planned.purpose.as_str()),
-                Value::from(review.to_string()),
-                Value::from(m.section.clone()),
-                db_time(now_dt),
-                unix_to_db(m.planned.not_after),
-                Value::from(if m.live { "live" } else { "withdrawn" }),
-            ]);
-        }
-        let rows = vec!["(?,?,?,?,?,?,?,?,?,?,?,?)"; made.len()].join(",");
-        w.push(
-            &format!(
-                "INSERT INTO emms (id, request_id, addressing, address, key_version, class, purpose, \
-                 emm_data, encrypted_emm, created_at, not_after, state) VALUES {rows}"
-            ),
-            &params,
-        )?;
-        let live: Vec<u64> = made.iter().filter(|m| m.live).map(|m| m.id).collect();
-        if !live.is_empty() {
-            insert_events(&mut w, &live, "add", now_dt)?;
-            changed = true;
-        }
-    }
-    if !done_items.is_empty() {
-        // done_at and processed_at are the time the EMMs are stored: the
-        // server's clock at these statements, in the write script right
-        // after the EMMs' INSERT and just before the COMMIT (the batch's
-        // `now` would leave out the batch's own build, seal and insert
-        // time, tens of ms under load).
-        let ids: Vec<Value> = done_items.iter().map(|i| Value::from(i.id)).collect();
-        w.push(
-            &format!(
-                "UPDATE work_items SET state = 'done', done_at = UTC_TIMESTAMP(6), \
-                 attempts = attempts + 1, last_error = NULL WHERE id IN ({})",
-                placeholders(done_items.len())
-            ),
-            &ids,
-        )?;
-        let reqs: Vec<Value> = done_items
-            .iter()
-            .filter_map(|i| i.request_id)
-            .map(Value::from)
-            .collect();
-        if !reqs.is_empty() {
-            w.push(
-                &format!(
-                    "UPDATE sms_requests SET processed_at = UTC_TIMESTAMP(6) WHERE id IN ({})",
-                    placeholders(reqs.len())
-                ),
-                &reqs,
-            )?;
-        }
-    }
-    for (item, msg) in &retry_items {
-        let attempts = item.attempts + 1;
-        let give_up = attempts >= MAX_ATTEMPTS;
-        if give_up {
-            tracing::error!(
-                item = item.id,
-                "work item failed after {attempts} attempts: {msg}"
-            );
-        } else {
-            tracing::warn!(item = item.id, "work item will be retried: {msg}");
-        }
-        let delay = 1u64 << attempts.min(8);
-        w.push(
-            "UPDATE work_items SET state = ?, attempts = ?, last_error = ?, \
-             not_before = ? + INTERVAL ? SECOND WHERE id = ?",
-            &values((
-                if give_up { "failed" } else { "pending" },
-                attempts,
-                truncate(msg, 1024),
-                db_time(now_dt),
-                delay,
-                item.id,
-            )),
-        )?;
-    }
-    for (item, msg) in &failed_items {
-        tracing::error!(item = item.id, "work item failed: {msg}");
-        w.push(
-            "UPDATE work_items SET state = 'failed', attempts = attempts + 1, last_error = ?, \
-             done_at = UTC_TIMESTAMP(6) WHERE id = ?",
-            &values((truncate(msg, 1024), item.id)),
-        )?;
-    }
-    w.run(&mut tx).await?;
-    if opts.abandon_before_commit {
-        drop(tx);
-        return Err(EmmgError::Injected);
-    }
-    tx.commit().await?;
-    Ok((done_items.len() + failed_items.len(), changed))
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
-}
-
-fn insert_events(
-    w: &mut Script,
-    ids: &[u64],
-    op: &str,
-    now: OffsetDateTime,
-) -> Result<(), EmmgError> {
-    let mut params: Vec<Value> = Vec::with_capacity(ids.len() * 3);
-    for id in ids {
-        params.extend([Value::from(*id), Value::from(op), db_time(now)]);
-    }
-    let rows = vec!["(?,?,?)"; ids.len()].join(",");
-    w.push(
-        &format!("INSERT INTO carousel_events (emm_id, op, created_at) VALUES {rows}"),
-        &params,
-    )?;
-    Ok(())
-}
-
-/// `n` values of `emm_id_seq`, increasing. Taken outside the transaction's
-/// atomicity (sequences are not rolled back): a batch that does not commit
-/// leaves a gap, which the schema allows.
-async fn next_emm_ids(tx: &mut Transaction<'_>, n: usize) -> Result<Vec<u64>, EmmgError> {
-    if n == 0 {
-        return Ok(Vec::new());
-    }
-    // One round trip with MariaDB's sequence engine (seq_1_to_N).
-    let r: Result<Vec<u64>, mysql_async::Error> = tx
-        .query(format!("SELECT NEXTVAL(emm_id_seq) FROM seq_1_to_{n}"))
-        .await;
-    let mut ids = match r {
-        Ok(v) if v.len() == n => v,
-        _ => {
-            let mut v = Vec::with_capacity(n);
-            for _ in 0..n {
-                let id: Option<u64> = tx.query_first("SELECT NEXTVAL(emm_id_seq)").await?;
-                v.push(id.unwrap_or(0));
-            }
-            v
-        }
-    };
-    ids.sort_unstable();
-    Ok(ids)
-}
-
-/// An item that makes no EMM.
-fn nothing() -> Outcome {
-    Outcome::Done {
-        emms: Vec::new(),
-        device: None,
-        withdraw: Withdraw::Nothing,
-    }
-}
-
 /// (group_id, slot, pmk_version) of an enabled device, its row locked in
 /// share mode until the batch commits (see the module doc); `None` when the
 /// device is unknown or disabled.
@@ -968,311 +901,275 @@ async fn enabled_device(
     })
 }
 
-/// The EMMs one item becomes.
-async fn plan(
-    item: &Item,
+/// The device's active entitlements, by product.
+async fn active_entitlements(
     tx: &mut Transaction<'_>,
-    devices: &HashMap<u64, DeviceRow>,
-    ents: &HashMap<u64, Vec<Entitlement>>,
-    keys: &mut KeyVersions<'_>,
-    shared: &Shared,
-    now: u32,
-) -> Result<Outcome, EmmgError> {
-    let cfg = &shared.cfg;
-    let max = cfg.cas.max_section_bytes;
-    let state_not_after = now.saturating_add(cfg.emmg.emm_lifetime_days.saturating_mul(86_400));
-    let work: Work = match serde_json::from_str(&item.payload) {
-        Ok(w) => w,
-        Err(e) => return Ok(Outcome::Failed(format!("unreadable payload: {e}"))),
-    };
-    let pmk_of = |d: DeviceId| devices.get(&d.get()).map(|r| r.pmk_version);
-    let ents_of = |d: DeviceId| ents.get(&d.get()).cloned().unwrap_or_default();
-    let unique = |d: DeviceId| Address::Unique { device_id: d };
-    let ent_withdraw = |p: u32| {
-        Withdraw::Purposes(vec![
-            purpose::entitlement_add(p),
-            purpose::entitlement_remove(p),
-            purpose::ENTITLEMENT_SET.into(),
-        ])
-    };
-    let mut emms: Vec<Planned> = Vec::new();
-    let pack_into = |emms: &mut Vec<Planned>,
-                     commands: Vec<CommandSpec>,
-                     address: Address,
-                     key_version: Option<u32>,
-                     class: u8,
-                     purpose: String,
-                     not_after: u32|
-     -> Result<(), String> {
-        for commands in pack(commands, &address, max)? {
-            emms.push(Planned {
-                address: address.clone(),
-                key_version,
-                class,
-                purpose: purpose.clone(),
-                not_after,
-                commands,
-            });
+    device: DeviceId,
+) -> Result<Vec<Entitlement>, EmmgError> {
+    let rows: Vec<(u32, u32, u32)> = tx
+        .exec(
+            "SELECT product_id, start_at, end_at FROM entitlements \
+             WHERE state = 'active' AND device_id = ? ORDER BY product_id",
+            (device.get(),),
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(product_id, start, end)| Entitlement {
+            product_id,
+            start,
+            end,
+        })
+        .collect())
+}
+
+/// The slots of the group's current members.
+async fn group_slots(tx: &mut Transaction<'_>, group_id: u32) -> Result<Vec<u8>, EmmgError> {
+    Ok(tx
+        .exec(
+            "SELECT slot FROM group_slots WHERE group_id = ? AND device_id IS NOT NULL",
+            (group_id,),
+        )
+        .await?)
+}
+
+// ---------------------------------------------------------------------------
+// 4. emm_ids and sealing
+// ---------------------------------------------------------------------------
+
+/// EMMs planned in all.
+fn planned(outcomes: &[Outcome]) -> usize {
+    outcomes
+        .iter()
+        .map(|o| o.as_ref().map_or(0, |p| p.emms.len()))
+        .sum()
+}
+
+/// The devices whose items withdraw something, once each.
+fn withdrawing(outcomes: &[Outcome]) -> Vec<u64> {
+    let mut d: Vec<u64> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Ok(Plan {
+                device: Some(d),
+                withdraw,
+                ..
+            }) if *withdraw != Withdraw::Nothing => Some(*d),
+            _ => None,
+        })
+        .collect();
+    d.sort_unstable();
+    d.dedup();
+    d
+}
+
+/// `total` new emm_ids and, in the same round trip, the live unique EMMs
+/// of the `withdrawing` devices, locked until the commit (read before the
+/// new ones exist, so the same rows as after sealing).
+async fn ids_and_live(
+    tx: &mut Transaction<'_>,
+    total: usize,
+    withdrawing: &[u64],
+) -> Result<(Vec<u64>, Vec<LiveEmm>), EmmgError> {
+    let mut script = Script::default();
+    let ids_at = (total > 0)
+        .then(|| emm_store::push_next_ids(&mut script, total))
+        .transpose()?;
+    let live_at = (!withdrawing.is_empty())
+        .then(|| emm_store::push_live_unique(&mut script, withdrawing))
+        .transpose()?;
+    let (ids, live) = match script.run(tx).await {
+        Ok(sets) => (
+            ids_at.map_or(Ok(Vec::new()), |k| emm_store::id_rows(&sets[k]))?,
+            live_at.map_or(Ok(Vec::new()), |k| emm_store::live_rows(&sets[k]))?,
+        ),
+        // No sequence engine (seq_1_to_N): one NEXTVAL at a time, then the
+        // lookup on its own.
+        Err(crate::sqltext::Error::Db(e))
+            if ids_at.is_some() && classify(&e) == DbErrorKind::NoSuchTable =>
+        {
+            let ids = emm_store::next_ids(tx, total).await?;
+            let live = match withdrawing.is_empty() {
+                true => Vec::new(),
+                false => emm_store::live_unique(tx, withdrawing).await?,
+            };
+            (ids, live)
         }
-        Ok(())
+        Err(e) => return Err(e.into()),
     };
-    macro_rules! tri {
-        ($e:expr) => {
-            match $e {
-                Ok(v) => v,
-                Err(m) => return Ok(Outcome::Failed(m)),
+    if ids.len() != total {
+        return Err(EmmgError::Internal(format!(
+            "{} emm_ids for {total} EMMs",
+            ids.len()
+        )));
+    }
+    Ok((ids, live))
+}
+
+/// One sealing job per planned EMM, in order, with `ids` in order.
+fn seal_jobs(outcomes: &[Outcome], ids: &[u64], now: u32) -> Vec<SealJob> {
+    outcomes
+        .iter()
+        .filter_map(|o| o.as_ref().ok())
+        .flat_map(|p| &p.emms)
+        .zip(ids)
+        .map(|(p, id)| SealJob {
+            emm_id: *id,
+            issued_at: now,
+            not_after: p.head.not_after,
+            address: p.head.address.clone(),
+            key_version: p.head.key_version,
+            commands: p.commands.clone(),
+        })
+        .collect()
+}
+
+/// The whole batch in one Encryptor call.
+async fn seal(enc: &dyn Encryptor, jobs: Vec<SealJob>) -> Result<SealResults, EmmgError> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let total = jobs.len();
+    let sealed = enc.seal_batch(jobs).await?;
+    if sealed.len() != total {
+        return Err(
+            EncryptorError::Internal(format!("{} results for {total} jobs", sealed.len())).into(),
+        );
+    }
+    Ok(sealed)
+}
+
+// ---------------------------------------------------------------------------
+// 5. Settle (pure) and write
+// ---------------------------------------------------------------------------
+
+/// What becomes of each item, and the EMMs to store.
+#[derive(Default)]
+struct Settled<'a> {
+    made: Vec<NewEmm>,
+    done: Vec<&'a Item>,
+    retry: Vec<(&'a Item, String)>,
+    failed: Vec<(&'a Item, String)>,
+    /// Withdrawals of EMMs already in the table, per device.
+    withdraw: BTreeMap<u64, Vec<Withdraw>>,
+}
+
+impl<'a> Settled<'a> {
+    /// `item` is done with `emms`; the EMMs of this batch its plan
+    /// supersedes never go live.
+    fn done(&mut self, item: &'a Item, device: Option<u64>, withdraw: Withdraw, emms: Vec<NewEmm>) {
+        if let (Some(d), false) = (device, withdraw == Withdraw::Nothing) {
+            for m in &mut self.made {
+                if device_of(&m.review.address) == Some(d) && withdraw.matches(Some(m.purpose)) {
+                    m.live = false;
+                }
+            }
+            self.withdraw.entry(d).or_default().push(withdraw);
+        }
+        self.made.extend(emms);
+        self.done.push(item);
+    }
+}
+
+fn device_of(a: &Address) -> Option<u64> {
+    match a {
+        Address::Unique { device_id } => Some(device_id.get()),
+        _ => None,
+    }
+}
+
+/// Per item, its EMMs with their ids and sections, or why it is retried
+/// or failed (a key not found: retried; any other refusal: failed).
+fn settle(
+    items: &[Item],
+    outcomes: Vec<Outcome>,
+    ids: Vec<u64>,
+    sealed: SealResults,
+    now: u32,
+) -> Settled<'_> {
+    let mut s = Settled::default();
+    let mut results = ids.into_iter().zip(sealed);
+    for (item, o) in items.iter().zip(outcomes) {
+        let plan = match o {
+            Ok(plan) => plan,
+            Err(Skip::Retry(m)) => {
+                s.retry.push((item, m));
+                continue;
+            }
+            Err(Skip::Failed(m)) => {
+                s.failed.push((item, m));
+                continue;
             }
         };
+        let results: Vec<_> = results.by_ref().take(plan.emms.len()).collect();
+        match stored(item, plan.emms, results, now) {
+            Ok(emms) => s.done(item, plan.device, plan.withdraw, emms),
+            Err(SealJobError::UnknownKey(m)) => s.retry.push((item, m)),
+            Err(e) => s.failed.push((item, e.to_string())),
+        }
     }
-    let (device, withdraw) = match work {
-        Work::AddDevice {
-            device_id,
-            group_id,
-            slot,
-            pmk_version,
-            ..
-        } => {
-            let gks = match keys.versions_to_deliver(KeyKind::Group(group_id)).await? {
-                Ok(v) => v,
-                Err(m) => return Ok(Outcome::Retry(m)),
-            };
-            let glks = match keys.versions_to_deliver(KeyKind::Global).await? {
-                Ok(v) => v,
-                Err(m) => return Ok(Outcome::Retry(m)),
-            };
-            let mut cmds = vec![CommandSpec::DeviceEnable {}];
-            cmds.extend(gks.iter().map(|k| CommandSpec::GroupKey {
-                group_id,
-                slot,
-                key_version: k.version,
-                activates_at: k.activates_at,
-                key: (),
-            }));
-            cmds.extend(glks.iter().map(|k| CommandSpec::GlobalKey {
-                key_version: k.version,
-                activates_at: k.activates_at,
-                key: (),
-            }));
-            tri!(pack_into(
-                &mut emms,
-                cmds,
-                unique(device_id),
-                Some(pmk_version),
-                CLASS_CHANGE,
-                purpose::DEVICE_ENABLE.into(),
-                state_not_after,
-            ));
-            emms.extend(tri!(entitlement_set_emms(
-                device_id,
-                pmk_version,
-                ents_of(device_id),
-                max,
-                state_not_after,
-            )));
-            (
-                device_id,
-                Withdraw::Purposes(vec![
-                    purpose::DEVICE_ENABLE.into(),
-                    purpose::DEVICE_DISABLE.into(),
-                    purpose::ENTITLEMENT_SET.into(),
-                ]),
-            )
-        }
-        Work::RemoveDevice { device_id, .. } => {
-            let Some(pmk) = pmk_of(device_id) else {
-                return Ok(Outcome::Failed(format!("device {device_id} not found")));
-            };
-            tri!(pack_into(
-                &mut emms,
-                vec![CommandSpec::DeviceDisable {}],
-                unique(device_id),
-                Some(pmk),
-                CLASS_URGENT,
-                purpose::DEVICE_DISABLE.into(),
-                state_not_after,
-            ));
-            (device_id, Withdraw::All)
-        }
-        // ENTITLEMENT_ADD / ENTITLEMENT_REMOVE, then the device's whole set.
-        Work::AddEntitlement { device_id, .. } | Work::RemoveEntitlement { device_id, .. } => {
-            let Some(pmk) = pmk_of(device_id) else {
-                return Ok(Outcome::Failed(format!("device {device_id} not found")));
-            };
-            let (command, p, what) = match work {
-                Work::AddEntitlement {
-                    product_id,
-                    start,
-                    end,
-                    ..
-                } => {
-                    let p = product_id.get();
-                    let e = Entitlement {
-                        product_id: p,
-                        start,
-                        end,
-                    };
-                    (
-                        CommandSpec::EntitlementAdd(e),
-                        p,
-                        purpose::entitlement_add(p),
-                    )
-                }
-                Work::RemoveEntitlement { product_id, .. } => {
-                    let p = product_id.get();
-                    (
-                        CommandSpec::EntitlementRemove { product_id: p },
-                        p,
-                        purpose::entitlement_remove(p),
-                    )
-                }
-                _ => unreachable!("matched above"),
-            };
-            tri!(pack_into(
-                &mut emms,
-                vec![command],
-                unique(device_id),
-                Some(pmk),
-                CLASS_CHANGE,
-                what,
-                state_not_after
-            ));
-            emms.extend(tri!(entitlement_set_emms(
-                device_id,
-                pmk,
-                ents_of(device_id),
-                max,
-                state_not_after
-            )));
-            (device_id, ent_withdraw(p))
-        }
-        Work::DeliverKeys { device_id } => {
-            let Some((group_id, slot, pmk)) = enabled_device(tx, device_id).await? else {
-                return Ok(nothing());
-            };
-            let gks = match keys.versions_to_deliver(KeyKind::Group(group_id)).await? {
-                Ok(v) => v,
-                Err(m) => return Ok(Outcome::Retry(m)),
-            };
-            let glks = match keys.versions_to_deliver(KeyKind::Global).await? {
-                Ok(v) => v,
-                Err(m) => return Ok(Outcome::Retry(m)),
-            };
-            let mut cmds: Vec<CommandSpec> = gks
-                .iter()
-                .map(|k| CommandSpec::GroupKey {
-                    group_id,
-                    slot,
-                    key_version: k.version,
-                    activates_at: k.activates_at,
-                    key: (),
-                })
-                .collect();
-            cmds.extend(glks.iter().map(|k| CommandSpec::GlobalKey {
-                key_version: k.version,
-                activates_at: k.activates_at,
-                key: (),
-            }));
-            tri!(pack_into(
-                &mut emms,
-                cmds,
-                unique(device_id),
-                Some(pmk),
-                CLASS_BACKGROUND,
-                purpose::KEYS.into(),
-                state_not_after,
-            ));
-            (device_id, Withdraw::Purposes(vec![purpose::KEYS.into()]))
-        }
-        Work::RefreshSet { device_id } => {
-            let Some((_, _, pmk)) = enabled_device(tx, device_id).await? else {
-                return Ok(nothing());
-            };
-            let rows: Vec<(u32, u32, u32)> = tx
-                .exec(
-                    "SELECT product_id, start_at, end_at FROM entitlements \
-                     WHERE state = 'active' AND device_id = ? ORDER BY product_id",
-                    (device_id.get(),),
-                )
-                .await?;
-            let entries = rows
-                .into_iter()
-                .map(|(product_id, start, end)| Entitlement {
-                    product_id,
-                    start,
-                    end,
-                })
-                .collect();
-            emms.extend(tri!(entitlement_set_emms(
-                device_id,
-                pmk,
-                entries,
-                max,
-                state_not_after,
-            )));
-            (
-                device_id,
-                Withdraw::Purposes(vec![purpose::ENTITLEMENT_SET.into()]),
-            )
-        }
-        Work::GenerateOsm {
-            target,
-            text,
-            duration_s,
-            forced,
-            not_after,
-        } => {
-            let class = if forced { CLASS_URGENT } else { CLASS_CHANGE };
-            let osm = CommandSpec::Osm {
-                duration_s,
-                flags: emm::osm_flags(forced),
-                text,
-            };
-            let (address, key_version) = match target {
-                Target::Device(d) => {
-                    let Some(pmk) = pmk_of(d) else {
-                        return Ok(Outcome::Failed(format!("device {d} not found")));
-                    };
-                    (unique(d), Some(pmk))
-                }
-                Target::Group(g) => {
-                    let slots: Vec<u8> = tx
-                        .exec(
-                            "SELECT slot FROM group_slots WHERE group_id = ? AND device_id IS NOT NULL",
-                            (g.get(),),
-                        )
-                        .await?;
-                    if slots.is_empty() {
-                        return Ok(Outcome::Done {
-                            emms: Vec::new(),
-                            device: None,
-                            withdraw: Withdraw::Nothing,
-                        });
-                    }
-                    (Address::group_with_slots(g.get(), slots), None)
-                }
-                Target::All => (Address::Global, None),
-            };
-            tri!(pack_into(
-                &mut emms,
-                vec![osm],
-                address,
-                key_version,
-                class,
-                purpose::OSM.into(),
-                not_after,
-            ));
-            return Ok(Outcome::Done {
-                emms,
-                device: None,
-                withdraw: Withdraw::Nothing,
-            });
-        }
-    };
-    Ok(Outcome::Done {
-        emms,
-        device: Some(device.get()),
-        withdraw,
-    })
+    s
+}
+
+/// The EMMs of one item as stored, or its first sealing error.
+fn stored(
+    item: &Item,
+    planned: Vec<Planned>,
+    results: Vec<(u64, Result<Sealed, SealJobError>)>,
+    now: u32,
+) -> Result<Vec<NewEmm>, SealJobError> {
+    if results.len() < planned.len() {
+        return Err(SealJobError::Invalid("no result".into()));
+    }
+    let mut out = Vec::with_capacity(planned.len());
+    for (p, (id, r)) in planned.into_iter().zip(results) {
+        let s = r?;
+        out.push(NewEmm {
+            request_id: item.request_id,
+            class: p.head.class,
+            purpose: p.head.purpose,
+            review: Review {
+                address: p.head.address,
+                commands: p.commands,
+                emm_id: id,
+                issued_at: now,
+                key_version: s.key_version,
+                not_after: p.head.not_after,
+                resealed_from: None,
+            },
+            section: s.section,
+            live: true,
+        });
+    }
+    Ok(out)
+}
+
+/// The ids of the `live` EMMs the batch's items supersede.
+fn superseded(live: Vec<LiveEmm>, withdraw: &BTreeMap<u64, Vec<Withdraw>>) -> Vec<u64> {
+    live.into_iter()
+        .filter(|l| {
+            withdraw
+                .get(&l.device)
+                .is_some_and(|ws| ws.iter().any(|w| w.matches(l.purpose)))
+        })
+        .map(|l| l.id)
+        .collect()
+}
+
+/// Every write of the batch in one script (one round trip): withdrawals,
+/// the new EMMs, then the items' marks. Also whether the carousel changes.
+fn writes(s: &Settled<'_>, gone: &[u64], now: OffsetDateTime) -> Result<(Script, bool), EmmgError> {
+    let mut w = Script::default();
+    emm_store::push_withdraw(&mut w, gone, now)?;
+    let added = emm_store::push_insert(&mut w, &s.made, now)?;
+    queue::push_done(&mut w, &s.done)?;
+    for (item, msg) in &s.retry {
+        queue::push_retry(&mut w, item, msg, now)?;
+    }
+    for (item, msg) in &s.failed {
+        queue::push_failed(&mut w, item, msg)?;
+    }
+    Ok((w, added || !gone.is_empty()))
 }
 
 #[cfg(test)]
@@ -1343,13 +1240,228 @@ mod tests {
             .collect();
         let e = entitlement_set_emms(d, 1, many, 256, 100).unwrap();
         assert_eq!(e.len(), 2);
-        assert!(e.iter().all(|p| p.purpose == purpose::ENTITLEMENT_SET
-            && p.class == CLASS_BACKGROUND
+        assert!(e.iter().all(|p| p.head.purpose == Purpose::EntitlementSet
+            && p.head.class == Class::Background
             && p.commands
                 .iter()
                 .all(|c| matches!(c, CommandSpec::EntitlementAdd(_)))));
         // An empty set is still sent: it clears a re-enabled card.
         let e = entitlement_set_emms(d, 1, vec![], 256, 100).unwrap();
         assert_eq!(e.len(), 1);
+    }
+
+    fn lim() -> Limits {
+        Limits {
+            max_section: 256,
+            state_not_after: 1000,
+        }
+    }
+
+    fn meta(kind: KeyKind, version: u32) -> KeyMeta {
+        KeyMeta {
+            id: 0,
+            kind,
+            version,
+            state: "active".into(),
+            activates_at: 10 * version,
+            retires_at: None,
+        }
+    }
+
+    fn keys() -> Keys {
+        Keys {
+            group: vec![meta(KeyKind::Group(3), 1), meta(KeyKind::Group(3), 2)],
+            global: vec![meta(KeyKind::Global, 5)],
+        }
+    }
+
+    fn id(n: u64) -> DeviceId {
+        DeviceId::new(n).unwrap()
+    }
+
+    #[test]
+    fn an_added_device_gets_its_keys_then_its_set() {
+        let work = Work::AddDevice {
+            device_id: id(7),
+            group_id: 3,
+            slot: 9,
+            pmk_version: 4,
+            reenabled: false,
+        };
+        let f = Facts {
+            keys: Some(Ok(keys())),
+            ..Facts::default()
+        };
+        let plan = decide(work.clone(), f, &lim()).unwrap();
+        assert_eq!(plan.device, Some(7));
+        assert_eq!(plan.emms.len(), 2);
+        let enable = &plan.emms[0];
+        assert_eq!(enable.head.purpose, Purpose::DeviceEnable);
+        assert_eq!(enable.head.class, Class::Change);
+        assert_eq!(enable.head.key_version, Some(4));
+        assert_eq!(enable.head.not_after, 1000);
+        assert_eq!(enable.commands.len(), 4, "enable + 2 GK + 1 GLK");
+        assert!(matches!(
+            enable.commands[1],
+            CommandSpec::GroupKey {
+                group_id: 3,
+                slot: 9,
+                key_version: 1,
+                ..
+            }
+        ));
+        assert_eq!(plan.emms[1].head.purpose, Purpose::EntitlementSet);
+        assert!(plan.withdraw.matches(Some(Purpose::DeviceDisable)));
+        assert!(!plan.withdraw.matches(Some(Purpose::Keys)));
+        // Keys not to be had: retried, not failed.
+        let f = Facts {
+            keys: Some(Err("no GK".into())),
+            ..Facts::default()
+        };
+        assert_eq!(decide(work, f, &lim()), Err(Skip::Retry("no GK".into())));
+    }
+
+    #[test]
+    fn unknown_or_disabled_devices() {
+        let gone = Work::RemoveDevice {
+            device_id: id(8),
+            group_id: None,
+            slot: None,
+        };
+        assert!(matches!(
+            decide(gone.clone(), Facts::default(), &lim()),
+            Err(Skip::Failed(m)) if m == "device 8 not found"
+        ));
+        let f = Facts {
+            pmk: Some(2),
+            ..Facts::default()
+        };
+        let plan = decide(gone, f, &lim()).unwrap();
+        assert_eq!(plan.emms[0].head.class, Class::Urgent);
+        assert_eq!(plan.withdraw, Withdraw::All);
+        // The Scheduler's kinds make nothing for a disabled device.
+        for w in [
+            Work::DeliverKeys { device_id: id(8) },
+            Work::RefreshSet { device_id: id(8) },
+        ] {
+            assert_eq!(decide(w, Facts::default(), &lim()), Ok(Plan::nothing()));
+        }
+    }
+
+    #[test]
+    fn osms_by_target() {
+        let osm = |target, forced| Work::GenerateOsm {
+            target,
+            text: "hi".into(),
+            duration_s: 5,
+            forced,
+            not_after: 77,
+        };
+        let g = crate::sms::types::GroupId::new(4).unwrap();
+        // A group without members: no EMM.
+        assert_eq!(
+            decide(osm(Target::Group(g), false), Facts::default(), &lim()),
+            Ok(Plan::nothing())
+        );
+        let f = Facts {
+            slots: vec![1, 2],
+            ..Facts::default()
+        };
+        let plan = decide(osm(Target::Group(g), true), f, &lim()).unwrap();
+        assert_eq!(plan.emms[0].head.class, Class::Urgent);
+        assert_eq!(plan.emms[0].head.not_after, 77);
+        assert_eq!(plan.emms[0].head.key_version, None);
+        assert_eq!(plan.withdraw, Withdraw::Nothing);
+        let plan = decide(osm(Target::All, false), Facts::default(), &lim()).unwrap();
+        assert_eq!(plan.emms[0].head.address, Address::Global);
+        assert_eq!(plan.emms[0].head.class, Class::Change);
+    }
+
+    fn item(id: u64) -> Item {
+        Item {
+            id,
+            request_id: Some(100 + id),
+            device_id: Some(1),
+            payload: String::new(),
+            attempts: 0,
+        }
+    }
+
+    fn sealed(k: u32) -> Result<Sealed, SealJobError> {
+        Ok(Sealed {
+            section: vec![1, 2, 3],
+            key_version: k,
+        })
+    }
+
+    #[test]
+    fn a_later_item_supersedes_an_earlier_one_of_the_batch() {
+        let set = |n| {
+            entitlement_set_emms(id(1), 1, vec![], 256, 9)
+                .unwrap()
+                .into_iter()
+                .map(move |mut p| {
+                    p.head.not_after = n;
+                    p
+                })
+                .collect::<Vec<_>>()
+        };
+        let plan = |n| {
+            Ok(Plan::of(
+                id(1),
+                set(n),
+                Withdraw::Purposes(vec![Purpose::EntitlementSet]),
+            ))
+        };
+        let items = vec![item(1), item(2), item(3), item(4)];
+        let outcomes = vec![
+            plan(10),
+            plan(20),
+            Err(Skip::Failed("bad".into())),
+            plan(40),
+        ];
+        let ids = vec![51, 52, 54];
+        let results = vec![
+            sealed(1),
+            sealed(1),
+            Err(SealJobError::UnknownKey("pmk 1".into())),
+        ];
+        let s = settle(&items, outcomes, ids, results, 5);
+        assert_eq!(s.done.iter().map(|i| i.id).collect::<Vec<_>>(), vec![1, 2]);
+        let ids_msgs = |v: &[(&Item, String)]| -> Vec<(u64, String)> {
+            v.iter().map(|(i, m)| (i.id, m.clone())).collect()
+        };
+        assert_eq!(ids_msgs(&s.retry), vec![(4, "pmk 1".to_string())]);
+        assert_eq!(ids_msgs(&s.failed), vec![(3, "bad".to_string())]);
+        let made: Vec<(u64, bool)> = s.made.iter().map(|m| (m.review.emm_id, m.live)).collect();
+        assert_eq!(made, vec![(51, false), (52, true)]);
+        assert_eq!(s.made[1].request_id, Some(102));
+        assert_eq!(s.made[1].review.issued_at, 5);
+        assert_eq!(s.withdraw[&1].len(), 2);
+    }
+
+    #[test]
+    fn only_everything_supersedes_an_unknown_purpose() {
+        let live = vec![
+            LiveEmm {
+                id: 1,
+                device: 5,
+                purpose: Some(Purpose::Keys),
+            },
+            LiveEmm {
+                id: 2,
+                device: 5,
+                purpose: None,
+            },
+            LiveEmm {
+                id: 3,
+                device: 6,
+                purpose: None,
+            },
+        ];
+        let mut w = BTreeMap::new();
+        w.insert(5, vec![Withdraw::Purposes(vec![Purpose::Keys])]);
+        w.insert(6, vec![Withdraw::All]);
+        assert_eq!(superseded(live, &w), vec![1, 3]);
     }
 }

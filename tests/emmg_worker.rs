@@ -8,8 +8,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use casd::emmg::{self, BatchOptions, EmmgError};
+use casd::emmg;
 use casd::encryptor::{BoxFuture, Encryptor, EncryptorError, LocalEncryptor, SealJob, SealResults};
+use casd::failpoint::Armed;
 use casd::keystore::{KeyKind, KeyMeta, KeyStore};
 use casd_wire::crypto::{self, Key128};
 use casd_wire::emm::{self, Address, Command, Entitlement};
@@ -399,14 +400,11 @@ async fn a_batch_abandoned_before_commit_is_redone_once() {
         r#"{"transaction_id":"o","all":true,"text":"x","duration_s":1}"#,
     )
     .await;
-    let opts = BatchOptions {
-        abandon_before_commit: true,
-        ..Default::default()
-    };
-    let e = emmg::process_batch(&h.shared, &r.enc, &opts)
-        .await
-        .unwrap_err();
-    assert!(matches!(e, EmmgError::Injected));
+    // A crash right before COMMIT, in this test's database only.
+    let armed = Armed::new(emmg::FAIL_BEFORE_COMMIT, h.db().database_name().unwrap());
+    let e = emmg::process_once(&h.shared, &r.enc).await.unwrap_err();
+    drop(armed);
+    assert!(e.to_string().contains(emmg::FAIL_BEFORE_COMMIT), "{e}");
     assert_eq!(h.count("emms").await, 0);
     assert_eq!(h.count("carousel_events").await, 0);
     let mut c = h.db().conn().await.unwrap();
@@ -536,16 +534,10 @@ async fn concurrent_workers_never_double_an_item_and_keep_device_order() {
     for _ in 0..4 {
         let r = r.clone();
         set.spawn(async move {
-            let opts = BatchOptions {
-                batch: 4,
-                ..Default::default()
-            };
             let mut idle = 0;
             let mut n = 0;
             while idle < 20 {
-                let k = emmg::process_batch(&r.h.shared, &r.enc, &opts)
-                    .await
-                    .unwrap();
+                let k = emmg::process_batch(&r.h.shared, &r.enc, 4).await.unwrap();
                 n += k;
                 if k == 0 {
                     idle += 1;

@@ -410,7 +410,7 @@ async fn refresh_replaces_stale_entitlement_sets_in_the_background_carousel() {
             .await
             .unwrap();
         if live.len() == 1 && !old.contains(&live[0].0) {
-            assert_eq!(live[0].1, casd::emmg::CLASS_BACKGROUND);
+            assert_eq!(live[0].1, carousel::Class::Background as u8);
             break;
         }
         assert!(

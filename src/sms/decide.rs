@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use super::error::SmsError;
 use super::store::{Accepted, Submission, DEFAULT_OSM_LIFETIME_S};
 use super::types::{SmsCommand, Target};
-use super::work::Work;
+use crate::queue::Work;
 
 /// A device's row as the round found (and locked) it.
 #[derive(Clone, Debug)]

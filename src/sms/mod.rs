@@ -27,7 +27,6 @@ mod round;
 mod slots;
 pub mod store;
 pub mod types;
-pub mod work;
 
 use std::time::Instant;
 
@@ -47,7 +46,6 @@ use crate::reqlog::{RequestLine, RequestLog};
 
 pub use error::SmsError;
 pub use types::{CommandKind, CommandRequest, DeviceId};
-pub use work::Work;
 
 /// The role's state: the process's shared handles and the request log.
 #[derive(Clone)]

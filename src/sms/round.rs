@@ -23,9 +23,9 @@ use super::error::SmsError;
 use super::slots::{ensure_free_slots, SlotHint};
 use super::store::{db_time, Accepted, Submission};
 use super::types::{SmsCommand, Target};
-use super::work::Work;
 use crate::db::{DbError, DbErrorKind};
 use crate::keystore::{self, KeyKind};
+use crate::queue::{self, At, NewItem, Work};
 use crate::sqltext::{col, marks, Script};
 
 /// Attempts of one round on deadlock / lock-wait timeout / duplicate key.
@@ -735,28 +735,16 @@ fn push_entitlements(w: &mut Script, d: &Decided, now: OffsetDateTime) -> Result
 
 /// The work items, in the round's order.
 fn push_work_items(w: &mut Script, d: &Decided, now: OffsetDateTime) -> Result<(), SmsError> {
-    let mut v: Vec<Value> = Vec::with_capacity(d.writes.len() * 6);
-    for x in &d.writes {
-        v.extend([
-            Value::from(x.request_id),
-            Value::from(x.work.kind()),
-            x.work
-                .device_id()
-                .map(|d| Value::from(d.get()))
-                .unwrap_or(Value::NULL),
-            Value::from(serde_json::to_string(&x.work).unwrap_or_default()),
-            db_time(now),
-            db_time(now),
-        ]);
-    }
-    w.push(
-        &format!(
-            "INSERT INTO work_items (request_id, kind, device_id, payload, state, attempts, not_before, created_at) \
-             VALUES {}",
-            marks(d.writes.len(), "(?,?,?,?,'pending',0,?,?)")
-        ),
-        &v,
-    )?;
+    let items: Vec<NewItem<'_>> = d
+        .writes
+        .iter()
+        .map(|x| NewItem {
+            request_id: Some(x.request_id),
+            work: &x.work,
+            not_before: At::Client(now),
+        })
+        .collect();
+    queue::push_enqueue(w, &items, At::Client(now))?;
     Ok(())
 }
 
