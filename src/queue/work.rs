@@ -87,3 +87,18 @@ impl Work {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kind_is_the_payload_tag() {
+        let w = Work::RefreshSet {
+            device_id: DeviceId::new(3).unwrap(),
+        };
+        let v = serde_json::to_value(&w).unwrap();
+        assert_eq!(v["kind"], w.kind());
+        assert_eq!(w.kind(), "refreshset");
+    }
+}

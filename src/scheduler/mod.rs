@@ -522,67 +522,22 @@ impl Scheduler {
         let Some(fence) = lease::acquire(&mut c, &lname, &self.holder, self.lease).await? else {
             return Ok(None);
         };
-        let lost = Arc::new(AtomicBool::new(false));
         let ctx = JobCtx {
             shared: self.shared.clone(),
             enc: self.enc.clone(),
-            job: name.clone(),
+            job: name,
             holder: self.holder.clone(),
             fence,
             run_id: 0,
             params: json!({}),
             cancel: self.shared.shutdown.child_token(),
-            lost: lost.clone(),
+            lost: Arc::new(AtomicBool::new(false)),
         };
-        // The run's first transaction: still due? record the run, take the triggers.
-        let started = async {
-            let mut tx = ctx.begin(&mut c).await?;
-            let forced_run = forced.is_some();
-            if !forced_run && !is_due(&mut tx, e).await? {
-                tx.rollback().await?;
-                return Ok::<_, JobError>(None);
-            }
-            tx.exec_drop(
-                "INSERT INTO job_runs (job, holder, fence, started_at) VALUES (?, ?, ?, UTC_TIMESTAMP(6))",
-                (&name, &self.holder, fence),
-            )
-            .await?;
-            let run_id = tx.last_insert_id().unwrap_or(0);
-            let triggers: Vec<(u64, Option<String>)> = tx
-                .exec(
-                    "SELECT id, params FROM job_triggers WHERE job = ? AND run_id IS NULL ORDER BY id FOR UPDATE",
-                    (&name,),
-                )
-                .await?;
-            let mut params = serde_json::Map::new();
-            for (_, p) in &triggers {
-                if let Some(Value::Object(m)) = p.as_deref().and_then(|p| serde_json::from_str(p).ok()) {
-                    params.extend(m);
-                }
-            }
-            if let Some(Value::Object(m)) = &forced {
-                params.extend(m.clone());
-            }
-            if !triggers.is_empty() {
-                tx.exec_drop(
-                    "UPDATE job_triggers SET run_id = ? WHERE job = ? AND run_id IS NULL",
-                    (run_id, &name),
-                )
-                .await?;
-            }
-            tx.commit().await?;
-            Ok(Some((run_id, Value::Object(params))))
-        }
-        .await;
-        let (run_id, params) = match started {
-            Ok(Some(x)) => x,
-            Ok(None) => {
+        let (run_id, params) = match start_run(&ctx, &mut c, e, forced).await {
+            Ok(Some(started)) => started,
+            other => {
                 let _ = lease::release(&mut c, &lname, &self.holder, fence).await;
-                return Ok(None);
-            }
-            Err(err) => {
-                let _ = lease::release(&mut c, &lname, &self.holder, fence).await;
-                return Err(err);
+                return other.map(|_| None);
             }
         };
         drop(c);
@@ -591,60 +546,136 @@ impl Scheduler {
             params,
             ..ctx
         };
-
         // Run, renewing the lease; both in this future, so aborting it (a
         // killed process) stops the renewals too.
-        let renew = async {
-            let every = self.lease / 3;
-            loop {
-                tokio::time::sleep(every).await;
-                let r = match self.shared.db.conn().await {
-                    Ok(mut c) => {
-                        lease::renew(&mut c, &lname, &self.holder, fence, self.lease).await
-                    }
-                    Err(e) => Err(e),
-                };
-                match r {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(job = %name, fence, "lease lost; stopping the run");
-                        lost.store(true, Ordering::Relaxed);
-                        ctx.cancel.cancel();
-                        // Let the job notice and return.
-                        std::future::pending::<()>().await;
-                    }
-                    // Could not renew (database away): the fence check of
-                    // the next write decides.
-                    Err(e) => tracing::warn!(job = %name, "lease renewal failed: {e}"),
-                }
-            }
-        };
         let result = tokio::select! {
             r = e.job.run(&ctx) => r,
-            _ = renew => unreachable!("renewal never ends on its own"),
+            _ = self.renew(&ctx, &lname) => unreachable!("renewal never ends on its own"),
         };
+        self.finish(&ctx, &lname, result).await.map(Some)
+    }
+
+    /// Renews the run's lease every third of its length until dropped; a
+    /// lost lease cancels the run (and then waits to be dropped).
+    async fn renew(&self, ctx: &JobCtx, lname: &str) {
+        let every = self.lease / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let r = match self.shared.db.conn().await {
+                Ok(mut c) => lease::renew(&mut c, lname, &self.holder, ctx.fence, self.lease).await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(job = %ctx.job, fence = ctx.fence, "lease lost; stopping the run");
+                    ctx.lost.store(true, Ordering::Relaxed);
+                    ctx.cancel.cancel();
+                    // Let the job notice and return.
+                    std::future::pending::<()>().await;
+                }
+                // Could not renew (database away): the fence check of
+                // the next write decides.
+                Err(e) => tracing::warn!(job = %ctx.job, "lease renewal failed: {e}"),
+            }
+        }
+    }
+
+    /// Records the run's end, then releases the lease: runs never overlap.
+    async fn finish(
+        &self,
+        ctx: &JobCtx,
+        lname: &str,
+        result: Result<Counts, JobError>,
+    ) -> Result<RunRecord, JobError> {
         let (outcome, counts) = match result {
             Ok(c) => ("ok", Value::Object(c)),
             Err(err) => (err.outcome(), json!({ "error": err.to_string() })),
         };
-        // Recorded before the lease is released: runs never overlap.
         let mut c = self.shared.db.conn().await?;
         c.exec_drop(
             "UPDATE job_runs SET ended_at = UTC_TIMESTAMP(6), outcome = ?, counts = ? WHERE id = ?",
-            (outcome, counts.to_string(), run_id),
+            (outcome, counts.to_string(), ctx.run_id),
         )
         .await?;
-        lease::release(&mut c, &lname, &self.holder, fence).await?;
+        lease::release(&mut c, lname, &self.holder, ctx.fence).await?;
         let rec: Option<RunRow> = c
             .exec_first(
                 format!("SELECT {RUN_COLS} FROM job_runs WHERE id = ?"),
-                (run_id,),
+                (ctx.run_id,),
             )
             .await?;
         rec.map(run_from_row)
-            .map(Some)
             .ok_or_else(|| JobError::Other("run record vanished".into()))
     }
+}
+
+/// The run's first transaction, under the lease: still due (unless
+/// forced)? Records the run and takes the pending triggers. Returns the
+/// run id and its parameters, `None` when not due any more.
+async fn start_run(
+    ctx: &JobCtx,
+    c: &mut Conn,
+    e: &JobEntry,
+    forced: Option<Value>,
+) -> Result<Option<(u64, Value)>, JobError> {
+    let mut tx = ctx.begin(c).await?;
+    if forced.is_none() && !is_due(&mut tx, e).await? {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    tx.exec_drop(
+        "INSERT INTO job_runs (job, holder, fence, started_at) VALUES (?, ?, ?, UTC_TIMESTAMP(6))",
+        (&ctx.job, &ctx.holder, ctx.fence),
+    )
+    .await?;
+    let run_id = tx.last_insert_id().unwrap_or(0);
+    let triggers: Vec<Option<String>> = tx
+        .exec(
+            "SELECT params FROM job_triggers WHERE job = ? AND run_id IS NULL ORDER BY id FOR UPDATE",
+            (&ctx.job,),
+        )
+        .await?;
+    if !triggers.is_empty() {
+        tx.exec_drop(
+            "UPDATE job_triggers SET run_id = ? WHERE job = ? AND run_id IS NULL",
+            (run_id, &ctx.job),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Some((run_id, run_params(&triggers, forced.as_ref()))))
+}
+
+/// A run's parameters: every trigger's object, in order, then the forced
+/// run's; a later key wins. Anything but an object is ignored.
+fn run_params(triggers: &[Option<String>], forced: Option<&Value>) -> Value {
+    let mut params = serde_json::Map::new();
+    let parsed = triggers
+        .iter()
+        .filter_map(|p| serde_json::from_str(p.as_deref()?).ok());
+    for v in parsed.chain(forced.cloned()) {
+        if let Value::Object(m) = v {
+            params.extend(m);
+        }
+    }
+    Value::Object(params)
+}
+
+/// Enabled devices after `after`, in order, at most `limit` (the
+/// Scheduler's jobs walk the devices in fenced batches with this cursor).
+pub async fn enabled_devices_after(
+    tx: &mut Transaction<'_>,
+    after: u64,
+    limit: u64,
+) -> Result<Vec<u64>, JobError> {
+    Ok(tx
+        .exec(
+            "SELECT device_id FROM devices WHERE state = 'enabled' AND device_id > ? \
+             ORDER BY device_id LIMIT ?",
+            (after, limit),
+        )
+        .await?)
 }
 
 /// Due: by schedule (last run's start, database clock) or by a trigger.
@@ -768,6 +799,26 @@ async fn run_handler(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trigger_parameters_merge_in_order_and_a_forced_run_wins() {
+        let triggers = [
+            Some(r#"{"force":true,"activates_in_s":10}"#.to_string()),
+            None,
+            Some("not json".to_string()),
+            Some("[1]".to_string()),
+            Some(r#"{"activates_in_s":20}"#.to_string()),
+        ];
+        assert_eq!(
+            run_params(&triggers, None),
+            json!({"force": true, "activates_in_s": 20})
+        );
+        assert_eq!(
+            run_params(&triggers, Some(&json!({"activates_in_s": 30}))),
+            json!({"force": true, "activates_in_s": 30})
+        );
+        assert_eq!(run_params(&[], None), json!({}));
+    }
 
     #[test]
     fn schedules_parse() {

@@ -16,7 +16,10 @@ use mysql_async::prelude::*;
 use mysql_async::Value;
 
 use super::{Counts, Job, JobCtx, JobError};
+use crate::config::SchedulerConfig;
+use crate::emm_store;
 use crate::encryptor::BoxFuture;
+use crate::queue;
 
 pub struct PurgeJob;
 
@@ -33,123 +36,94 @@ impl Job for PurgeJob {
 pub async fn purge(ctx: &JobCtx) -> Result<Counts, JobError> {
     let sc = &ctx.shared.cfg.scheduler;
     let batch = sc.batch.max(1) as u64;
-    let days = sc.retention_days;
     let mut counts = Counts::new();
+    let (expired, off_air) = expire(ctx, batch).await?;
+    counts.insert("emms_expired".into(), expired.into());
+    counts.insert("emms_taken_off_air".into(), off_air.into());
+    for (what, sql, age) in retention(sc) {
+        let n = delete_in_batches(ctx, sql, age, batch).await?;
+        counts.insert(what.into(), n.into());
+    }
+    Ok(counts)
+}
 
-    // Expired EMMs: removed from the air, then deleted.
+/// Expired EMMs: removed from the air, then deleted, `batch` per
+/// transaction. Returns (deleted, of which were live).
+async fn expire(ctx: &JobCtx, batch: u64) -> Result<(u64, u64), JobError> {
     let (mut expired, mut off_air) = (0u64, 0u64);
     loop {
         let mut c = ctx.conn().await?;
         let mut tx = ctx.begin(&mut c).await?;
-        let rows: Vec<(u64, String)> = tx
-            .exec(
-                "SELECT id, state FROM emms WHERE not_after < UTC_TIMESTAMP(6) \
-                 ORDER BY not_after LIMIT ? FOR UPDATE",
-                (batch,),
-            )
-            .await?;
-        if rows.is_empty() {
+        let (n, live) = emm_store::expire_batch(&mut tx, batch).await?;
+        if n == 0 {
             tx.rollback().await?;
             break;
         }
-        let live: Vec<u64> = rows
-            .iter()
-            .filter(|(_, s)| s == "live")
-            .map(|(id, _)| *id)
-            .collect();
-        if !live.is_empty() {
-            let values = vec!["(?, 'remove', UTC_TIMESTAMP(6))"; live.len()].join(",");
-            tx.exec_drop(
-                format!("INSERT INTO carousel_events (emm_id, op, created_at) VALUES {values}"),
-                live.iter().map(|i| Value::from(*i)).collect::<Vec<_>>(),
-            )
-            .await?;
-        }
-        let ids: Vec<Value> = rows.iter().map(|(id, _)| Value::from(*id)).collect();
-        tx.exec_drop(
-            format!(
-                "DELETE FROM emms WHERE id IN ({})",
-                vec!["?"; ids.len()].join(",")
-            ),
-            ids,
-        )
-        .await?;
         tx.commit().await?;
-        if !live.is_empty() {
+        if live > 0 {
             ctx.shared.emms_ready.notify_one();
         }
-        expired += rows.len() as u64;
-        off_air += live.len() as u64;
-        if (rows.len() as u64) < batch {
+        expired += n;
+        off_air += live;
+        if n < batch {
             break;
         }
     }
-    counts.insert("emms_expired".into(), expired.into());
-    counts.insert("emms_taken_off_air".into(), off_air.into());
+    Ok((expired, off_air))
+}
 
-    let steps: [(&str, String, Vec<Value>); 9] = [
-        (
-            "emms_withdrawn",
-            "DELETE FROM emms WHERE state = 'withdrawn' AND created_at < UTC_TIMESTAMP(6) - INTERVAL ? DAY ORDER BY created_at LIMIT ?".into(),
-            vec![days.into()],
-        ),
+/// The retention rules: (count name, statement, age). Each statement takes
+/// the age (days or hours) and a row limit; its table's owner writes it.
+fn retention(sc: &SchedulerConfig) -> [(&'static str, &'static str, u32); 9] {
+    let days = sc.retention_days;
+    [
+        ("emms_withdrawn", emm_store::PURGE_WITHDRAWN, days),
         (
             "entitlements_ended",
-            "DELETE FROM entitlements WHERE state = 'ended' AND ended_at < UTC_TIMESTAMP(6) - INTERVAL ? DAY ORDER BY ended_at LIMIT ?".into(),
-            vec![days.into()],
+            "DELETE FROM entitlements WHERE state = 'ended' AND ended_at < UTC_TIMESTAMP(6) - INTERVAL ? DAY ORDER BY ended_at LIMIT ?",
+            days,
         ),
         (
             "sms_requests",
-            "DELETE FROM sms_requests WHERE received_at < UTC_TIMESTAMP(6) - INTERVAL ? DAY ORDER BY received_at LIMIT ?".into(),
-            vec![days.into()],
+            "DELETE FROM sms_requests WHERE received_at < UTC_TIMESTAMP(6) - INTERVAL ? DAY ORDER BY received_at LIMIT ?",
+            days,
         ),
         (
             "idempotency",
-            "DELETE FROM idempotency WHERE created_at < UTC_TIMESTAMP(6) - INTERVAL ? DAY ORDER BY created_at LIMIT ?".into(),
-            vec![days.into()],
+            "DELETE FROM idempotency WHERE created_at < UTC_TIMESTAMP(6) - INTERVAL ? DAY ORDER BY created_at LIMIT ?",
+            days,
         ),
-        (
-            "work_items_done",
-            "DELETE FROM work_items WHERE state = 'done' AND done_at < UTC_TIMESTAMP(6) - INTERVAL ? DAY ORDER BY done_at LIMIT ?".into(),
-            vec![days.into()],
-        ),
-        (
-            "work_items_failed",
-            "DELETE FROM work_items WHERE state = 'failed' AND done_at < UTC_TIMESTAMP(6) - INTERVAL ? DAY ORDER BY done_at LIMIT ?".into(),
-            vec![days.into()],
-        ),
-        (
-            "carousel_events",
-            "DELETE FROM carousel_events WHERE created_at < UTC_TIMESTAMP(6) - INTERVAL ? HOUR ORDER BY created_at LIMIT ?".into(),
-            vec![sc.events_retention_hours.into()],
-        ),
+        ("work_items_done", queue::PURGE_DONE, days),
+        ("work_items_failed", queue::PURGE_FAILED, days),
+        ("carousel_events", emm_store::PURGE_EVENTS, sc.events_retention_hours),
         (
             "job_runs",
-            "DELETE FROM job_runs WHERE started_at < UTC_TIMESTAMP(6) - INTERVAL ? DAY ORDER BY started_at LIMIT ?".into(),
-            vec![days.into()],
+            "DELETE FROM job_runs WHERE started_at < UTC_TIMESTAMP(6) - INTERVAL ? DAY ORDER BY started_at LIMIT ?",
+            days,
         ),
         (
             "job_triggers",
-            "DELETE FROM job_triggers WHERE run_id IS NOT NULL AND requested_at < UTC_TIMESTAMP(6) - INTERVAL ? DAY ORDER BY id LIMIT ?".into(),
-            vec![days.into()],
+            "DELETE FROM job_triggers WHERE run_id IS NOT NULL AND requested_at < UTC_TIMESTAMP(6) - INTERVAL ? DAY ORDER BY id LIMIT ?",
+            days,
         ),
-    ];
-    for (what, sql, params) in steps {
-        let mut n = 0u64;
-        loop {
-            let mut c = ctx.conn().await?;
-            let mut tx = ctx.begin(&mut c).await?;
-            let mut p = params.clone();
-            p.push(batch.into());
-            tx.exec_drop(sql.as_str(), p).await?;
-            let k = tx.affected_rows();
-            tx.commit().await?;
-            n += k;
-            if k < batch {
-                break;
-            }
+    ]
+}
+
+/// Runs `sql` (age, limit) in fenced transactions of `batch` rows until
+/// fewer are left. Returns rows deleted.
+async fn delete_in_batches(ctx: &JobCtx, sql: &str, age: u32, batch: u64) -> Result<u64, JobError> {
+    let mut n = 0u64;
+    loop {
+        let mut c = ctx.conn().await?;
+        let mut tx = ctx.begin(&mut c).await?;
+        tx.exec_drop(sql, vec![Value::from(age), Value::from(batch)])
+            .await?;
+        let k = tx.affected_rows();
+        tx.commit().await?;
+        n += k;
+        if k < batch {
+            break;
         }
-        counts.insert(what.into(), n.into());
     }
-    Ok(counts)
+    Ok(n)
 }

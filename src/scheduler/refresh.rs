@@ -9,13 +9,10 @@
 //! output. A run is skipped while items of the previous one are still
 //! queued.
 
-use std::collections::HashSet;
-
-use mysql_async::prelude::*;
-use mysql_async::Value;
-
-use super::rotation::airtime_s;
-use super::{Counts, Job, JobCtx, JobError};
+use super::rotation::{airtime_s, device};
+use super::{enabled_devices_after, Counts, Job, JobCtx, JobError};
+use crate::emm_store;
+use crate::queue::{self, At, NewItem, Work};
 
 pub struct RefreshJob;
 
@@ -39,94 +36,128 @@ const SET_BYTES: usize = emm::emm_overhead(crypto::ADDRESS_LEN_UNIQUE)
 /// One refresh run.
 pub async fn refresh(ctx: &JobCtx) -> Result<Counts, JobError> {
     let cfg = &ctx.shared.cfg;
-    let sc = &cfg.scheduler;
-    let batch = sc.batch.max(1) as u64;
+    let batch = cfg.scheduler.batch.max(1) as u64;
     let mut counts = Counts::new();
     let mut c = ctx.conn().await?;
-    let queued: Option<u64> = c
-        .query_first(
-            "SELECT COUNT(*) FROM work_items WHERE state = 'pending' AND kind = 'refreshset'",
-        )
-        .await?;
-    if queued.unwrap_or(0) > 0 {
+    // `Work::RefreshSet`'s kind.
+    if queue::pending_of_kind(&mut c, "refreshset").await? > 0 {
         counts.insert(
             "skipped".into(),
             "the previous refresh is still queued".into(),
         );
         return Ok(counts);
     }
-    let bitrate = super::rotation::min_bitrate(cfg);
     let burst = f64::from(cfg.cycler.burst_count.max(1));
     // Milliseconds of spread per item.
-    let per_item_ms =
-        airtime_s(1, SET_BYTES, bitrate) * burst / sc.rotation_bandwidth_share * 1000.0;
-    let (mut after, mut seen, mut stale_total) = (0u64, 0u64, 0u64);
+    let per_item_ms = airtime_s(1, SET_BYTES, super::rotation::min_bitrate(cfg)) * burst
+        / cfg.scheduler.rotation_bandwidth_share
+        * 1000.0;
+    let (mut after, mut seen, mut enqueued) = (0u64, 0u64, 0u64);
     loop {
-        let mut tx = ctx.begin(&mut c).await?;
-        let ids: Vec<u64> = tx
-            .exec(
-                "SELECT device_id FROM devices WHERE state = 'enabled' AND device_id > ? \
-                 ORDER BY device_id LIMIT ?",
-                (after, batch),
-            )
-            .await?;
-        let Some(&last) = ids.last() else {
-            tx.rollback().await?;
+        let spread = Spread {
+            first: enqueued,
+            per_item_ms,
+        };
+        let Some(b) = refresh_batch(ctx, &mut c, after, batch, spread).await? else {
             break;
         };
-        let ph = vec!["?"; ids.len()].join(",");
-        let mut params: Vec<Value> = ids.iter().map(|d| Value::from(*d)).collect();
-        params.push(sc.refresh_days.into());
-        let fresh: Vec<u64> = tx
-            .exec(
-                format!(
-                    "SELECT DISTINCT address FROM emms WHERE addressing = 'unique' AND address IN ({ph}) \
-                     AND purpose = 'entitlement_set' AND state = 'live' \
-                     AND created_at > UTC_TIMESTAMP(6) - INTERVAL ? DAY"
-                ),
-                params,
-            )
-            .await?;
-        let fresh: HashSet<u64> = fresh.into_iter().collect();
-        let stale: Vec<u64> = ids.iter().copied().filter(|d| !fresh.contains(d)).collect();
-        if !stale.is_empty() {
-            let mut params: Vec<Value> = Vec::with_capacity(stale.len() * 3);
-            let mut rows = Vec::with_capacity(stale.len());
-            for (i, d) in stale.iter().enumerate() {
-                let delay_ms = ((stale_total + i as u64) as f64 * per_item_ms) as u64;
-                rows.push(
-                    "(NULL, 'refreshset', NULL, ?, 'pending', 0, \
-                     UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, UTC_TIMESTAMP(6))",
-                );
-                params.push(
-                    serde_json::json!({"kind": "refreshset", "device_id": d})
-                        .to_string()
-                        .into(),
-                );
-                params.push((delay_ms * 1000).into());
-            }
-            tx.exec_drop(
-                format!(
-                    "INSERT INTO work_items (request_id, kind, device_id, payload, state, attempts, \
-                     not_before, created_at) VALUES {}",
-                    rows.join(",")
-                ),
-                params,
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        if !stale.is_empty() {
-            ctx.shared.work_ready.notify_one();
-        }
-        seen += ids.len() as u64;
-        stale_total += stale.len() as u64;
-        after = last;
-        if (ids.len() as u64) < batch {
+        seen += b.devices;
+        enqueued += b.enqueued;
+        after = b.last;
+        if b.devices < batch {
             break;
         }
     }
     counts.insert("devices".into(), seen.into());
-    counts.insert("refreshset_enqueued".into(), stale_total.into());
+    counts.insert("refreshset_enqueued".into(), enqueued.into());
     Ok(counts)
+}
+
+/// Where a batch's items go in the run's spread.
+#[derive(Clone, Copy, Debug)]
+struct Spread {
+    /// Items of the run enqueued before this batch.
+    first: u64,
+    per_item_ms: f64,
+}
+
+impl Spread {
+    /// `not_before` of the batch's `i`-th item: microseconds from now.
+    fn delay_us(&self, i: usize) -> u64 {
+        ((self.first + i as u64) as f64 * self.per_item_ms) as u64 * 1000
+    }
+}
+
+/// What one batch did.
+struct Batch {
+    devices: u64,
+    enqueued: u64,
+    last: u64,
+}
+
+/// One fenced transaction: the enabled devices after `after`; a
+/// `refreshset` item for each whose set is missing or stale. `None` when
+/// no device is left.
+async fn refresh_batch(
+    ctx: &JobCtx,
+    c: &mut mysql_async::Conn,
+    after: u64,
+    batch: u64,
+    spread: Spread,
+) -> Result<Option<Batch>, JobError> {
+    let mut tx = ctx.begin(c).await?;
+    let ids = enabled_devices_after(&mut tx, after, batch).await?;
+    let Some(&last) = ids.last() else {
+        tx.rollback().await?;
+        return Ok(None);
+    };
+    let fresh = emm_store::fresh_sets(&mut tx, &ids, ctx.shared.cfg.scheduler.refresh_days).await?;
+    let works = ids
+        .iter()
+        .filter(|d| !fresh.contains(d))
+        .map(|d| {
+            Ok(Work::RefreshSet {
+                device_id: device(*d)?,
+            })
+        })
+        .collect::<Result<Vec<_>, JobError>>()?;
+    let items: Vec<NewItem<'_>> = works
+        .iter()
+        .enumerate()
+        .map(|(i, work)| NewItem {
+            request_id: None,
+            work,
+            not_before: At::ServerNowPlusMicros(spread.delay_us(i)),
+        })
+        .collect();
+    queue::enqueue(&mut tx, &items).await?;
+    tx.commit().await?;
+    if !items.is_empty() {
+        ctx.shared.work_ready.notify_one();
+    }
+    Ok(Some(Batch {
+        devices: ids.len() as u64,
+        enqueued: items.len() as u64,
+        last,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_spreads_its_items_across_batches() {
+        let s = Spread {
+            first: 0,
+            per_item_ms: 2.5,
+        };
+        assert_eq!(
+            (s.delay_us(0), s.delay_us(1), s.delay_us(2)),
+            (0, 2000, 5000)
+        );
+        // The next batch goes on where the last one stopped.
+        let s = Spread { first: 3, ..s };
+        assert_eq!(s.delay_us(0), 7000);
+    }
 }

@@ -31,13 +31,14 @@
 use std::collections::HashSet;
 
 use mysql_async::prelude::*;
-use mysql_async::Value;
+use mysql_async::Transaction;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
-use super::{db_now, Counts, Job, JobCtx, JobError};
-use crate::encryptor::{BoxFuture, KeyState, RootRotation, SealJob};
+use super::{db_now, enabled_devices_after, Counts, Job, JobCtx, JobError};
+use crate::emm_store::{self, Review, Stale};
+use crate::encryptor::{BoxFuture, KeyState, RootRotation, SealJob, SealResults};
 use crate::keystore::{current_meta, list_meta, KeyKind, KeyMeta};
+use crate::queue::{self, At, NewItem, Work};
 use casd_wire::emm::{Address, CommandSpec, DeviceId};
 
 /// `scheduler_state` row of the delivery cursor.
@@ -222,96 +223,23 @@ pub fn plan(cfg: &crate::config::Config, devices: u64, live_bytes: u64, lead_s: 
 
 /// One `rotation` run.
 pub async fn rotate(ctx: &JobCtx) -> Result<Counts, JobError> {
-    let enc = ctx.encryptor()?;
-    let cfg = &ctx.shared.cfg;
-    let sc = &cfg.scheduler;
     let mut counts = Counts::new();
     let mut c = ctx.conn().await?;
-    let now = db_now(&mut c).await?;
-    let lead = u64::from(sc.rotation_lead_hours) * 3600;
 
     // 1. Create.
+    let now = db_now(&mut c).await?;
     let glks = list_meta(&mut c, KeyKind::Global).await?;
-    let newest = glks
-        .iter()
-        .filter(|m| m.state != "retired")
-        .max_by_key(|m| m.version)
-        .cloned();
-    let pending = newest.as_ref().is_some_and(|m| m.activates_at > now);
-    let period = u64::from(sc.rotation_days) * 86_400;
-    let scheduled_at = newest
-        .as_ref()
-        .map(|m| u64::from(m.activates_at) + period)
-        .unwrap_or(0);
-    let due = period > 0 && u64::from(now) + lead >= scheduled_at;
-    if pending {
-        counts.insert(
-            "pending_version".into(),
-            newest.as_ref().map(|m| m.version).into(),
-        );
-    } else if ctx.param_bool("force") || due {
-        let at = if let Some(a) = ctx.param_u64("activates_at") {
-            a
-        } else if let Some(s) = ctx.param_u64("activates_in_s") {
-            u64::from(now) + s
-        } else {
-            (u64::from(now) + lead).max(scheduled_at)
-        };
-        let at =
-            u32::try_from(at).map_err(|_| JobError::Other("activates_at out of range".into()))?;
-        ctx.check()?;
-        let glk = enc.create_key_version(KeyKind::Global, at).await?;
-        tracing::info!(
-            version = glk.version,
-            activates_at = at,
-            "GLK version created"
-        );
-        counts.insert("glk_version".into(), glk.version.into());
-        let groups: Vec<u32> = c
-            .query("SELECT DISTINCT group_id FROM group_slots WHERE device_id IS NOT NULL ORDER BY group_id")
-            .await?;
-        let mut made = 0u64;
-        for g in groups {
-            ctx.check()?;
-            let kind = KeyKind::Group(g);
-            let metas = list_meta(&mut c, kind).await?;
-            // No key yet (its first is made, active, on first use), or
-            // this rotation's already made by an earlier run.
-            if metas.is_empty() || metas.iter().any(|m| m.activates_at >= at) {
-                continue;
-            }
-            enc.create_key_version(kind, at).await?;
-            made += 1;
+    match creation(&glks, now, &ctx.shared.cfg.scheduler) {
+        Creation::Pending(version) => {
+            counts.insert("pending_version".into(), version.into());
         }
-        counts.insert("gk_versions_created".into(), made.into());
-        // Lead time check and delivery plan.
-        let devices: Option<u64> = c
-            .query_first("SELECT COUNT(*) FROM devices WHERE state = 'enabled'")
-            .await?;
-        let live_bytes: Option<Option<u64>> = c
-            .query_first("SELECT CAST(SUM(LENGTH(encrypted_emm)) AS UNSIGNED) FROM emms WHERE state = 'live'")
-            .await?;
-        let p = plan(
-            cfg,
-            devices.unwrap_or(0),
-            live_bytes.flatten().unwrap_or(0),
-            f64::from(at.saturating_sub(now)),
-        );
-        counts.insert("plan".into(), serde_json::to_value(&p).unwrap_or_default());
-        let now_ms: Option<i64> = c
-            .query_first("SELECT CAST(UNIX_TIMESTAMP(UTC_TIMESTAMP(6)) * 1000 AS SIGNED)")
-            .await?;
-        let cursor = Cursor {
-            activates_at: at,
-            after: 0,
-            batches: 0,
-            t0_ms: now_ms.unwrap_or(0),
-            interval_ms: p.interval_ms,
-            done: false,
-        };
-        let mut tx = ctx.begin(&mut c).await?;
-        write_cursor(&mut tx, &cursor).await?;
-        tx.commit().await?;
+        Creation::Due { scheduled_at } => {
+            create(ctx, &mut c, now, scheduled_at, &mut counts).await?
+        }
+        Creation::NotDue { scheduled_at } if ctx.param_bool("force") => {
+            create(ctx, &mut c, now, scheduled_at, &mut counts).await?
+        }
+        Creation::NotDue { .. } => {}
     }
 
     // 2. Deliver.
@@ -320,35 +248,15 @@ pub async fn rotate(ctx: &JobCtx) -> Result<Counts, JobError> {
 
     // 3-5. Activate, re-seal, retire: global, then every group with keys
     //      or live group EMMs.
-    let mut families = vec![KeyKind::Global];
-    let mut groups: Vec<u32> = c
-        .query("SELECT DISTINCT group_id FROM group_slots WHERE device_id IS NOT NULL")
-        .await?;
-    let with_emms: Vec<u64> = c
-        .query("SELECT DISTINCT address FROM emms WHERE addressing = 'group' AND state = 'live'")
-        .await?;
-    groups.extend(with_emms.into_iter().filter_map(|g| u32::try_from(g).ok()));
-    let groups: HashSet<u32> = groups.into_iter().collect();
-    let mut groups: Vec<u32> = groups.into_iter().collect();
-    groups.sort_unstable();
-    families.extend(groups.into_iter().map(KeyKind::Group));
     let (mut activated, mut resealed, mut retired) = (0u64, 0u64, 0u64);
-    for kind in families {
+    for kind in families(&mut c).await? {
         ctx.check()?;
         let now = db_now(&mut c).await?;
         let Some(cur) = current_meta(&mut c, kind, now).await? else {
             continue;
         };
         let metas = list_meta(&mut c, kind).await?;
-        for m in &metas {
-            if m.version == cur.version && m.state == "pending" {
-                enc.set_key_state(kind, m.version, KeyState::Active).await?;
-                activated += 1;
-            } else if m.version < cur.version && (m.state == "active" || m.state == "pending") {
-                enc.set_key_state(kind, m.version, KeyState::Retiring)
-                    .await?;
-            }
-        }
+        activated += activate(ctx, kind, &metas, cur.version).await?;
         resealed += reseal(ctx, &mut c, kind, cur.version).await?;
         retired += retire(ctx, &mut c, kind, &metas, cur.version).await?;
     }
@@ -356,6 +264,164 @@ pub async fn rotate(ctx: &JobCtx) -> Result<Counts, JobError> {
     counts.insert("resealed".into(), resealed.into());
     counts.insert("retired".into(), retired.into());
     Ok(counts)
+}
+
+/// Whether a rotation's versions are to be created now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Creation {
+    /// The newest GLK version activates later: it is this rotation's.
+    Pending(u32),
+    /// Within the lead time of the next scheduled activation (unix s).
+    Due { scheduled_at: u64 },
+    /// Not yet (a forced run creates anyway).
+    NotDue { scheduled_at: u64 },
+}
+
+/// Decides from the GLK versions: the next activation is `rotation_days`
+/// after the newest one's; it is due within `rotation_lead_hours` of it.
+fn creation(glks: &[KeyMeta], now: u32, sc: &crate::config::SchedulerConfig) -> Creation {
+    let newest = glks
+        .iter()
+        .filter(|m| m.state != "retired")
+        .max_by_key(|m| m.version);
+    if let Some(m) = newest.filter(|m| m.activates_at > now) {
+        return Creation::Pending(m.version);
+    }
+    let period = u64::from(sc.rotation_days) * 86_400;
+    let lead = u64::from(sc.rotation_lead_hours) * 3600;
+    let scheduled_at = newest.map_or(0, |m| u64::from(m.activates_at) + period);
+    if period > 0 && u64::from(now) + lead >= scheduled_at {
+        Creation::Due { scheduled_at }
+    } else {
+        Creation::NotDue { scheduled_at }
+    }
+}
+
+/// When the new versions activate: the run's `activates_at` or
+/// `activates_in_s` parameter, else the lead time from now but not before
+/// the scheduled time.
+fn activation(ctx: &JobCtx, now: u32, scheduled_at: u64) -> Result<u32, JobError> {
+    let lead = u64::from(ctx.shared.cfg.scheduler.rotation_lead_hours) * 3600;
+    let at = if let Some(a) = ctx.param_u64("activates_at") {
+        a
+    } else if let Some(s) = ctx.param_u64("activates_in_s") {
+        u64::from(now) + s
+    } else {
+        (u64::from(now) + lead).max(scheduled_at)
+    };
+    u32::try_from(at).map_err(|_| JobError::Other("activates_at out of range".into()))
+}
+
+/// Step 1: the next GLK version and the next GK version of every group
+/// with members, then the delivery plan and its cursor.
+async fn create(
+    ctx: &JobCtx,
+    c: &mut mysql_async::Conn,
+    now: u32,
+    scheduled_at: u64,
+    counts: &mut Counts,
+) -> Result<(), JobError> {
+    let enc = ctx.encryptor()?;
+    let at = activation(ctx, now, scheduled_at)?;
+    ctx.check()?;
+    let glk = enc.create_key_version(KeyKind::Global, at).await?;
+    tracing::info!(
+        version = glk.version,
+        activates_at = at,
+        "GLK version created"
+    );
+    counts.insert("glk_version".into(), glk.version.into());
+    let groups: Vec<u32> = c
+        .query("SELECT DISTINCT group_id FROM group_slots WHERE device_id IS NOT NULL ORDER BY group_id")
+        .await?;
+    let mut made = 0u64;
+    for g in groups {
+        ctx.check()?;
+        let kind = KeyKind::Group(g);
+        let metas = list_meta(c, kind).await?;
+        // No key yet (its first is made, active, on first use), or
+        // this rotation's already made by an earlier run.
+        if metas.is_empty() || metas.iter().any(|m| m.activates_at >= at) {
+            continue;
+        }
+        enc.create_key_version(kind, at).await?;
+        made += 1;
+    }
+    counts.insert("gk_versions_created".into(), made.into());
+    let p = start_delivery(ctx, c, now, at).await?;
+    counts.insert("plan".into(), serde_json::to_value(&p).unwrap_or_default());
+    Ok(())
+}
+
+/// The lead time check and delivery plan, and the delivery cursor of the
+/// rotation activating at `at`.
+async fn start_delivery(
+    ctx: &JobCtx,
+    c: &mut mysql_async::Conn,
+    now: u32,
+    at: u32,
+) -> Result<Plan, JobError> {
+    let devices: Option<u64> = c
+        .query_first("SELECT COUNT(*) FROM devices WHERE state = 'enabled'")
+        .await?;
+    let live_bytes = emm_store::live_bytes(c).await?;
+    let p = plan(
+        &ctx.shared.cfg,
+        devices.unwrap_or(0),
+        live_bytes,
+        f64::from(at.saturating_sub(now)),
+    );
+    let now_ms: Option<i64> = c
+        .query_first("SELECT CAST(UNIX_TIMESTAMP(UTC_TIMESTAMP(6)) * 1000 AS SIGNED)")
+        .await?;
+    let cursor = Cursor {
+        activates_at: at,
+        after: 0,
+        batches: 0,
+        t0_ms: now_ms.unwrap_or(0),
+        interval_ms: p.interval_ms,
+        done: false,
+    };
+    let mut tx = ctx.begin(c).await?;
+    write_cursor(&mut tx, &cursor).await?;
+    tx.commit().await?;
+    Ok(p)
+}
+
+/// The key families to activate, re-seal and retire: global, then every
+/// group with members or with live group EMMs, in order.
+async fn families(c: &mut mysql_async::Conn) -> Result<Vec<KeyKind>, JobError> {
+    let mut groups: Vec<u32> = c
+        .query("SELECT DISTINCT group_id FROM group_slots WHERE device_id IS NOT NULL")
+        .await?;
+    groups.extend(emm_store::groups_with_live(c).await?);
+    groups.sort_unstable();
+    groups.dedup();
+    let mut families = vec![KeyKind::Global];
+    families.extend(groups.into_iter().map(KeyKind::Group));
+    Ok(families)
+}
+
+/// Step 3: the current version marked `active`, the ones before it
+/// `retiring`. Returns versions activated.
+async fn activate(
+    ctx: &JobCtx,
+    kind: KeyKind,
+    metas: &[KeyMeta],
+    current: u32,
+) -> Result<u64, JobError> {
+    let enc = ctx.encryptor()?;
+    let mut activated = 0;
+    for m in metas {
+        if m.version == current && m.state == "pending" {
+            enc.set_key_state(kind, m.version, KeyState::Active).await?;
+            activated += 1;
+        } else if m.version < current && (m.state == "active" || m.state == "pending") {
+            enc.set_key_state(kind, m.version, KeyState::Retiring)
+                .await?;
+        }
+    }
+    Ok(activated)
 }
 
 async fn read_cursor<Q: Queryable>(q: &mut Q, lock: bool) -> Result<Option<Cursor>, JobError> {
@@ -388,37 +454,35 @@ async fn deliver(ctx: &JobCtx, c: &mut mysql_async::Conn) -> Result<u64, JobErro
     let mut n = 0u64;
     loop {
         let mut tx = ctx.begin(c).await?;
-        let Some(mut cur) = read_cursor(&mut tx, true).await? else {
+        let Some(mut cur) = read_cursor(&mut tx, true).await?.filter(|c| !c.done) else {
             tx.rollback().await?;
             return Ok(n);
         };
-        if cur.done {
-            tx.rollback().await?;
-            return Ok(n);
-        }
-        let ids: Vec<u64> = tx
-            .exec(
-                "SELECT device_id FROM devices WHERE state = 'enabled' AND device_id > ? \
-                 ORDER BY device_id LIMIT ?",
-                (cur.after, batch),
-            )
-            .await?;
+        let ids = enabled_devices_after(&mut tx, cur.after, batch).await?;
         let Some(&last) = ids.last() else {
             cur.done = true;
             write_cursor(&mut tx, &cur).await?;
             tx.commit().await?;
             return Ok(n);
         };
-        let not_before_ms = cur.t0_ms + cur.interval_ms * cur.batches as i64;
-        tx.exec_drop(
-            "INSERT INTO work_items (request_id, kind, device_id, payload, state, attempts, not_before, created_at) \
-             SELECT NULL, 'deliverkeys', NULL, JSON_OBJECT('kind', 'deliverkeys', 'device_id', device_id), \
-                    'pending', 0, FROM_UNIXTIME(? / 1000), UTC_TIMESTAMP(6) \
-             FROM devices WHERE state = 'enabled' AND device_id > ? AND device_id <= ? ORDER BY device_id",
-            (not_before_ms, cur.after, last),
-        )
-        .await?;
-        n += tx.affected_rows();
+        let works = ids
+            .iter()
+            .map(|d| {
+                Ok(Work::DeliverKeys {
+                    device_id: device(*d)?,
+                })
+            })
+            .collect::<Result<Vec<_>, JobError>>()?;
+        let not_before = At::UnixMs(cur.t0_ms + cur.interval_ms * cur.batches as i64);
+        let items: Vec<NewItem<'_>> = works
+            .iter()
+            .map(|work| NewItem {
+                request_id: None,
+                work,
+                not_before,
+            })
+            .collect();
+        n += queue::enqueue(&mut tx, &items).await?;
         cur.after = last;
         cur.batches += 1;
         write_cursor(&mut tx, &cur).await?;
@@ -427,146 +491,122 @@ async fn deliver(ctx: &JobCtx, c: &mut mysql_async::Conn) -> Result<u64, JobErro
     }
 }
 
-#[derive(Deserialize)]
-struct Review {
-    not_after: u32,
-    address: Address,
-    commands: Vec<CommandSpec>,
+/// `emms.addressing` and `emms.address` of a key family's EMMs (`None`:
+/// PMKs seal unique EMMs only, never re-sealed).
+fn family_address(kind: KeyKind) -> Option<(&'static str, u64)> {
+    match kind {
+        KeyKind::Global => Some(("global", 0)),
+        KeyKind::Group(g) => Some(("group", u64::from(g))),
+        KeyKind::Pmk => None,
+    }
 }
 
 /// Re-seals the live EMMs of `kind`'s family sealed under a version older
-/// than `current`. Returns EMMs re-sealed.
+/// than `current`, in fenced batches. Returns EMMs re-sealed.
 async fn reseal(
     ctx: &JobCtx,
     c: &mut mysql_async::Conn,
     kind: KeyKind,
     current: u32,
 ) -> Result<u64, JobError> {
-    let (addressing, address) = match kind {
-        KeyKind::Global => ("global", 0u64),
-        KeyKind::Group(g) => ("group", u64::from(g)),
-        KeyKind::Pmk => return Ok(0),
+    let Some(family) = family_address(kind) else {
+        return Ok(0);
     };
-    let enc = ctx.encryptor()?;
     let mut n = 0u64;
+    // EMMs that cannot be re-sealed (logged once), left as they are.
     let mut skip: HashSet<u64> = HashSet::new();
     loop {
         let mut tx = ctx.begin(c).await?;
-        type Row = (u64, Option<u64>, u8, String, String);
-        let rows: Vec<Row> = tx
-            .exec(
-                "SELECT id, request_id, class, purpose, emm_data FROM emms \
-                 WHERE addressing = ? AND address = ? AND state = 'live' AND key_version < ? \
-                 AND not_after > UTC_TIMESTAMP(6) ORDER BY id LIMIT ? FOR UPDATE",
-                (
-                    addressing,
-                    address,
-                    current,
-                    (RESEAL_BATCH + skip.len()) as u64,
-                ),
-            )
-            .await?;
-        let rows: Vec<Row> = rows.into_iter().filter(|r| !skip.contains(&r.0)).collect();
-        if rows.is_empty() {
+        let stale: Vec<Stale> =
+            emm_store::stale_sealed(&mut tx, family, current, RESEAL_BATCH + skip.len())
+                .await?
+                .into_iter()
+                .filter(|r| !skip.contains(&r.id))
+                .collect();
+        if stale.is_empty() {
             tx.rollback().await?;
             return Ok(n);
         }
-        let ids: Vec<u64> = tx
-            .query(format!(
-                "SELECT NEXTVAL(emm_id_seq) FROM seq_1_to_{}",
-                rows.len()
-            ))
-            .await?;
+        let ids = emm_store::next_ids(&mut tx, stale.len()).await?;
         let issued_at = db_now(&mut tx).await?;
-        let mut jobs = Vec::new();
-        let mut kept = Vec::new();
-        for (r, id) in rows.iter().zip(ids.iter()) {
-            match serde_json::from_str::<Review>(&r.4) {
-                Ok(rv) => {
-                    jobs.push(SealJob {
-                        emm_id: *id,
-                        issued_at,
-                        not_after: rv.not_after,
-                        address: rv.address.clone(),
-                        key_version: Some(current),
-                        commands: rv.commands.clone(),
-                    });
-                    kept.push((r, *id, rv));
-                }
-                Err(e) => {
-                    tracing::error!(emm_id = r.0, "cannot re-seal: unreadable emm_data: {e}");
-                    skip.insert(r.0);
-                }
-            }
-        }
-        let sealed = if jobs.is_empty() {
-            Vec::new()
-        } else {
-            enc.seal_batch(jobs).await?
+        let (jobs, kept) = reseal_jobs(&stale, &ids, issued_at, current, &mut skip);
+        let sealed = match jobs.is_empty() {
+            true => Vec::new(),
+            false => ctx.encryptor()?.seal_batch(jobs).await?,
         };
-        let mut old_ids = Vec::new();
-        let mut new_ids = Vec::new();
-        for ((r, id, rv), s) in kept.into_iter().zip(sealed) {
-            let s = match s {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(emm_id = r.0, "cannot re-seal: {e}");
-                    skip.insert(r.0);
-                    continue;
-                }
-            };
-            let review = json!({
-                "emm_id": id,
-                "issued_at": issued_at,
-                "not_after": rv.not_after,
-                "address": rv.address,
-                "key_version": s.key_version,
-                "commands": rv.commands,
-                "resealed_from": r.0,
-            });
-            tx.exec_drop(
-                "INSERT INTO emms (id, request_id, addressing, address, key_version, class, purpose, \
-                 emm_data, encrypted_emm, created_at, not_after, state) \
-                 SELECT ?, request_id, addressing, address, ?, class, purpose, ?, ?, UTC_TIMESTAMP(6), \
-                 not_after, 'live' FROM emms WHERE id = ?",
-                (id, s.key_version, review.to_string(), s.section, r.0),
-            )
-            .await?;
-            old_ids.push(r.0);
-            new_ids.push(id);
-        }
-        if !old_ids.is_empty() {
-            let ph = vec!["?"; old_ids.len()].join(",");
-            tx.exec_drop(
-                format!("UPDATE emms SET state = 'withdrawn' WHERE id IN ({ph})"),
-                old_ids.iter().map(|i| Value::from(*i)).collect::<Vec<_>>(),
-            )
-            .await?;
-            let mut params: Vec<Value> = Vec::new();
-            let mut values = Vec::new();
-            for id in &old_ids {
-                values.push("(?, 'remove', UTC_TIMESTAMP(6))");
-                params.push((*id).into());
-            }
-            for id in &new_ids {
-                values.push("(?, 'add', UTC_TIMESTAMP(6))");
-                params.push((*id).into());
-            }
-            tx.exec_drop(
-                format!(
-                    "INSERT INTO carousel_events (emm_id, op, created_at) VALUES {}",
-                    values.join(",")
-                ),
-                params,
-            )
-            .await?;
-        }
+        let (old, new) = store_resealed(&mut tx, kept, sealed, &mut skip).await?;
+        emm_store::withdraw_resealed(&mut tx, &old, &new).await?;
         tx.commit().await?;
-        if !new_ids.is_empty() {
+        if !new.is_empty() {
             ctx.shared.emms_ready.notify_one();
         }
-        n += new_ids.len() as u64;
+        n += new.len() as u64;
     }
+}
+
+/// The sealing job of each stale EMM under `current`, with its new id and
+/// the review to store; an unreadable `emm_data` is logged and skipped.
+fn reseal_jobs(
+    stale: &[Stale],
+    ids: &[u64],
+    issued_at: u32,
+    current: u32,
+    skip: &mut HashSet<u64>,
+) -> (Vec<SealJob>, Vec<Review>) {
+    let mut jobs = Vec::new();
+    let mut kept = Vec::new();
+    for (r, id) in stale.iter().zip(ids) {
+        match serde_json::from_str::<Review>(&r.emm_data) {
+            Ok(old) => {
+                jobs.push(SealJob {
+                    emm_id: *id,
+                    issued_at,
+                    not_after: old.not_after,
+                    address: old.address.clone(),
+                    key_version: Some(current),
+                    commands: old.commands.clone(),
+                });
+                kept.push(Review {
+                    emm_id: *id,
+                    issued_at,
+                    resealed_from: Some(r.id),
+                    ..old
+                });
+            }
+            Err(e) => {
+                tracing::error!(emm_id = r.id, "cannot re-seal: unreadable emm_data: {e}");
+                skip.insert(r.id);
+            }
+        }
+    }
+    (jobs, kept)
+}
+
+/// Stores each re-sealed EMM (refused ones are logged and skipped).
+/// Returns (old ids, new ids).
+async fn store_resealed(
+    tx: &mut Transaction<'_>,
+    kept: Vec<Review>,
+    sealed: SealResults,
+    skip: &mut HashSet<u64>,
+) -> Result<(Vec<u64>, Vec<u64>), JobError> {
+    let (mut old, mut new) = (Vec::new(), Vec::new());
+    for (mut review, s) in kept.into_iter().zip(sealed) {
+        let from = review.resealed_from.unwrap_or(0);
+        let s = match s {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(emm_id = from, "cannot re-seal: {e}");
+                skip.insert(from);
+                continue;
+            }
+        };
+        review.key_version = s.key_version;
+        emm_store::insert_resealed(tx, from, &review, &s.section).await?;
+        old.push(from);
+        new.push(review.emm_id);
+    }
+    Ok((old, new))
 }
 
 /// Marks retired the versions older than `current` that no live EMM uses.
@@ -577,10 +617,8 @@ async fn retire(
     metas: &[KeyMeta],
     current: u32,
 ) -> Result<u64, JobError> {
-    let (addressing, address) = match kind {
-        KeyKind::Global => ("global", 0u64),
-        KeyKind::Group(g) => ("group", u64::from(g)),
-        KeyKind::Pmk => return Ok(0),
+    let Some(family) = family_address(kind) else {
+        return Ok(0);
     };
     let enc = ctx.encryptor()?;
     let mut n = 0;
@@ -589,14 +627,7 @@ async fn retire(
             continue;
         }
         ctx.check()?;
-        let live: Option<u64> = c
-            .exec_first(
-                "SELECT COUNT(*) FROM emms WHERE addressing = ? AND address = ? AND key_version = ? \
-                 AND state = 'live' AND not_after > UTC_TIMESTAMP(6)",
-                (addressing, address, m.version),
-            )
-            .await?;
-        if live.unwrap_or(0) == 0 {
+        if emm_store::live_sealed_with(c, family, m.version).await? == 0 {
             enc.set_key_state(kind, m.version, KeyState::Retired)
                 .await?;
             tracing::info!(%kind, version = m.version, "key version retired");
@@ -604,4 +635,95 @@ async fn retire(
         }
     }
     Ok(n)
+}
+
+/// A device id read from `devices` (valid there by construction).
+pub(super) fn device(d: u64) -> Result<DeviceId, JobError> {
+    DeviceId::new(d).map_err(|e| JobError::Other(format!("devices row: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sc(days: u32, lead_hours: u32) -> crate::config::SchedulerConfig {
+        crate::config::SchedulerConfig {
+            rotation_days: days,
+            rotation_lead_hours: lead_hours,
+            ..Default::default()
+        }
+    }
+
+    fn glk(version: u32, activates_at: u32, state: &str) -> KeyMeta {
+        KeyMeta {
+            id: 0,
+            kind: KeyKind::Global,
+            version,
+            state: state.into(),
+            activates_at,
+            retires_at: None,
+        }
+    }
+
+    #[test]
+    fn a_rotation_is_created_within_the_lead_time() {
+        let day = 86_400;
+        let keys = [glk(1, 0, "retired"), glk(2, 1000, "active")];
+        // Next at 1000 + 30 days; lead 48 h.
+        let next = 1000 + 30 * day;
+        assert_eq!(
+            creation(&keys, next - 49 * 3600, &sc(30, 48)),
+            Creation::NotDue {
+                scheduled_at: u64::from(next)
+            }
+        );
+        assert_eq!(
+            creation(&keys, next - 48 * 3600, &sc(30, 48)),
+            Creation::Due {
+                scheduled_at: u64::from(next)
+            }
+        );
+        // A version activating later is this rotation's.
+        let pending = [glk(2, 1000, "active"), glk(3, 5000, "pending")];
+        assert_eq!(creation(&pending, 2000, &sc(30, 48)), Creation::Pending(3));
+        // rotation_days = 0: never due by schedule.
+        assert!(matches!(
+            creation(&keys, u32::MAX, &sc(0, 48)),
+            Creation::NotDue { .. }
+        ));
+    }
+
+    #[test]
+    fn a_reseal_keeps_what_was_sealed_and_names_its_origin() {
+        let old = Review {
+            address: Address::Global,
+            commands: vec![CommandSpec::DeviceDisable {}],
+            emm_id: 5,
+            issued_at: 1,
+            key_version: 1,
+            not_after: 99,
+            resealed_from: None,
+        };
+        let stale = [
+            Stale {
+                id: 5,
+                emm_data: old.to_json(),
+            },
+            Stale {
+                id: 6,
+                emm_data: "[]".into(),
+            },
+        ];
+        let mut skip = HashSet::new();
+        let (jobs, kept) = reseal_jobs(&stale, &[10, 11], 50, 2, &mut skip);
+        assert_eq!(skip, HashSet::from([6]));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!((jobs[0].emm_id, jobs[0].key_version), (10, Some(2)));
+        assert_eq!(jobs[0].not_after, 99);
+        assert_eq!(
+            (kept[0].emm_id, kept[0].issued_at, kept[0].resealed_from),
+            (10, 50, Some(5))
+        );
+        assert_eq!(kept[0].commands, old.commands);
+    }
 }
