@@ -1,6 +1,6 @@
 //! A real headend for the tests: a TestDb with a key store, EMMs sealed by
-//! the LocalEncryptor and stored the way the EMMG stores them, and the
-//! Cycler role started with `casd::app::run`.
+//! the LocalEncryptor and stored through the EMM store (as the EMMG stores
+//! them), and the Cycler role started with `casd::app::run`.
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -8,6 +8,7 @@ use std::process::{Child, Command as Proc, Stdio};
 use std::time::Duration;
 
 use casd::config::Role;
+use casd::emm_store::{self, NewEmm, Purpose, Review};
 use casd::encryptor::{Encryptor, LocalEncryptor, SealJob};
 use casd::keystore::{KeyKind, KeyStore};
 use casd::testing::TestDb;
@@ -95,10 +96,11 @@ impl Headend {
             .await
             .unwrap()
             .unwrap();
+        let (job_issued_at, job_not_after) = (1_700_000_000, 2_000_000_000);
         let job = SealJob {
             emm_id: id,
-            issued_at: 1_700_000_000,
-            not_after: 2_000_000_000,
+            issued_at: job_issued_at,
+            not_after: job_not_after,
             address: address.clone(),
             key_version: None,
             commands: specs.clone(),
@@ -110,25 +112,37 @@ impl Headend {
             .unwrap()
             .remove(0)
             .unwrap();
-        let (mode, addr) = match &address {
-            Address::Unique { device_id } => ("unique", device_id.get()),
-            Address::Group { group_id, .. } => ("group", u64::from(*group_id)),
-            Address::Global => ("global", 0),
+        let purpose = match specs.first() {
+            Some(CommandSpec::DeviceEnable {}) => Purpose::DeviceEnable,
+            Some(CommandSpec::EntitlementSet { .. }) => Purpose::EntitlementSet,
+            _ => Purpose::Osm,
         };
-        c.exec_drop(
-            "INSERT INTO emms (id, addressing, address, key_version, class, purpose, emm_data, encrypted_emm, created_at, not_after, state) \
-             VALUES (?, ?, ?, ?, 1, 'test', '[]', ?, UTC_TIMESTAMP(6), '2033-01-01 00:00:00', 'live')",
-            (id, mode, addr, s.key_version, &s.section),
-        )
-        .await
-        .unwrap();
-        if event {
-            c.exec_drop(
-                "INSERT INTO carousel_events (emm_id, op, created_at) VALUES (?, 'add', UTC_TIMESTAMP(6))",
-                (id,),
-            )
+        let emm = NewEmm {
+            request_id: None,
+            class: carousel::Class::Change,
+            purpose,
+            review: Review {
+                address: address.clone(),
+                commands: specs.clone(),
+                emm_id: id,
+                issued_at: job_issued_at,
+                key_version: s.key_version,
+                not_after: job_not_after,
+                resealed_from: None,
+            },
+            section: s.section.clone(),
+            // Stored the way the EMMG stores it; without its event, stored
+            // withdrawn (never announced) and then made live behind the
+            // carousel's back, as a lost event would leave it.
+            live: event,
+        };
+        emm_store::insert(&mut c, &[emm], time::OffsetDateTime::now_utc())
             .await
             .unwrap();
+        if !event {
+            c.exec_drop("UPDATE emms SET state = 'live' WHERE id = ?", (id,))
+                .await
+                .unwrap();
         }
         Stored {
             id,
