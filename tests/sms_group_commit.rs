@@ -10,6 +10,7 @@ use std::time::Duration;
 
 mod sms_common;
 
+use casd::failpoint::Armed;
 use casd::sms::store::{self, Accepted, Submission};
 use casd::sms::{CommandKind, SmsError};
 use casd::testing::TestDb;
@@ -761,13 +762,6 @@ async fn a_script_reports_each_statements_own_affected_rows() {
     assert!(sets.iter().enumerate().all(|(i, r)| i == 1 || r.is_empty()));
 }
 
-/// Held by every test that configures the `sms::commit` fail point. The
-/// point's action names the test's own database, so it never fails
-/// another test's rounds; but there is one configuration per point in the
-/// process, so two tests configuring it at once would replace each
-/// other's: they take turns.
-static SMS_COMMIT_FAIL_POINT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// A round that fails after its writes, right before COMMIT, stores
 /// nothing: every command of the batch fails (500), no row of any table is
 /// left, and the same commands are accepted afterwards as if never sent
@@ -813,8 +807,8 @@ async fn a_round_failing_before_commit_stores_nothing() {
         n
     };
     {
-        let _turn = SMS_COMMIT_FAIL_POINT.lock().await;
-        let _fail = fail::FailGuard::new("sms::commit", &format!("return({})", t.name)).unwrap();
+        // Armed for this test's database only (see casd::failpoint).
+        let _armed = Armed::new("sms::commit", &t.name);
         let r = store::accept_batch(&t.db, &subs).await;
         assert_eq!(r.len(), 3);
         for o in &r {

@@ -754,34 +754,15 @@ async fn commit(
     ready_to_commit: &mut (dyn FnMut() + Send),
 ) -> Result<(), SmsError> {
     ready_to_commit();
-    #[cfg(feature = "testing")]
-    fail_point_commit(conn)?;
+    if crate::failpoint::armed(FAIL_COMMIT, conn.opts().db_name()) {
+        return Err(SmsError::Internal(format!(
+            "fail point {FAIL_COMMIT}: round abandoned before COMMIT"
+        )));
+    }
     conn.query_drop("COMMIT").await?;
     Ok(())
 }
 
-/// Fail point `sms::commit`, for tests: a round that has written
-/// everything fails instead of committing (500, nothing stored).
-///
-/// Fail points are process-global and the integration tests run as
-/// parallel threads of one binary, each on a throwaway database of its
-/// own. So the point's action names the database it is for
-/// (`return(<database name>)`) and fails only rounds on a connection to
-/// that database: a test configuring it cannot fail another test's
-/// rounds. Tests that configure it must still not overlap each other
-/// (one configuration at a time): they hold one shared lock (see
-/// tests/sms_group_commit.rs).
-#[cfg(feature = "testing")]
-fn fail_point_commit(conn: &Conn) -> Result<(), SmsError> {
-    let db = conn.opts().db_name().map(str::to_owned);
-    fail::fail_point!("sms::commit", |target: Option<String>| {
-        if target.is_some() && target == db {
-            Err(SmsError::Internal(
-                "fail point sms::commit: round abandoned before COMMIT".into(),
-            ))
-        } else {
-            Ok(())
-        }
-    });
-    Ok(())
-}
+/// Fail point (tests only, see [`crate::failpoint`]): a round that has
+/// written everything fails instead of committing (500, nothing stored).
+pub const FAIL_COMMIT: &str = "sms::commit";
