@@ -22,7 +22,7 @@ use casd_wire::crypto::{derive_duk, Key128};
 use casd_wire::emm::{Address, Command, DeviceId, Entitlement};
 
 // The streams and the sealing of the probe's tests, one copy.
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 use common::{cat_section, seal, GK, PMK};
 

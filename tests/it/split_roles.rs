@@ -4,7 +4,7 @@
 //! coming (they are accepted and wait in MySQL) and restarted (the work
 //! completes and reaches the air).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

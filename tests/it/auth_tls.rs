@@ -1,7 +1,7 @@
 //! The whole process: `app::run` with TLS configured, the outbound token
 //! client trusting the test CA, and the `clients`/`auth` command line.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,7 +4,7 @@
 //! file, included here, and [`headend`] is a real headend on a TestDb.
 #![allow(dead_code)]
 
-#[path = "../../tools/tests/common/mod.rs"]
+#[path = "../../../tools/tests/it/common/mod.rs"]
 mod tools_common;
 pub use tools_common::*;
 

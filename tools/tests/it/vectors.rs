@@ -3,7 +3,7 @@
 //! and global keys learned from the unique vector's commands), and with the
 //! vectors file itself as `--keys`.
 
-mod common;
+use crate::common;
 
 use std::collections::VecDeque;
 

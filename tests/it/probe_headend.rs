@@ -3,7 +3,7 @@
 //! 127.0.0.1, live (plain and RTP on another PID found through the CAT)
 //! and then from its own recordings (.ts and pcap).
 
-mod probe_common;
+use crate::probe_common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! `casd-probe audit` against a TestDb: from a file (no timing) and live
 //! against the real Cycler.
 
-mod probe_common;
+use crate::probe_common;
 
 use std::time::Duration;
 

@@ -11,7 +11,7 @@
 //! (default 3, at most 5: wrk windows, each right after a baseline window
 //! of its own) tune it. The wrk part runs when `wrk` is installed.
 
-mod sms_common;
+use crate::sms_common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! root key): commands posted over HTTP become the right sealed EMMs, with
 //! supersession, crash safety and concurrent workers.
 
-mod sms_common;
+use crate::sms_common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! `ip netns exec` so that sender and receiver both live in the namespace,
 //! where only `lo` exists. Needs root (CI runs as root) and iproute2.
 
-mod common;
+use crate::common;
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::process::Command;
@@ -67,7 +67,7 @@ fn multicast_inside_own_network_namespace() {
         .args(["netns", "exec", &ns.0])
         .arg(&exe)
         .args([
-            "netns_child_multicast",
+            "multicast_netns::netns_child_multicast",
             "--exact",
             "--ignored",
             "--nocapture",

@@ -2,7 +2,7 @@
 //! every command, every error status of sms-api.md with its body,
 //! idempotency, concurrency, slot allocation, records.
 
-mod sms_common;
+use crate::sms_common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! The tokio play-out runner under paused time: simulated hours run in
 //! seconds and the clock only moves when every task waits.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use carousel::schedule::{Class, Emm, Lane, Played, Schedule, ScheduleConfig};
 use proptest::prelude::*;
 
-mod common;
+use crate::common;
 
 /// A 20-byte EMM section carrying its id (the body is the id alone).
 fn emm(id: u64, class: Class, not_after: u64) -> Emm {

@@ -2,12 +2,12 @@
 //! a UDP packet, every section decodes with a good CRC, no CC drop. tshark
 //! is required (`apt-get install tshark`): without it this test fails.
 
-mod common;
-#[path = "../../carousel/tests/common/tshark.rs"]
-mod tshark;
+use crate::common;
+#[path = "../../../carousel/tests/it/common/tshark.rs"]
+mod tshark_run;
 
 use common::*;
-use tshark::{assert_no_cc_drops, sections, tshark, Sections};
+use tshark_run::{assert_no_cc_drops, sections, tshark, Sections};
 
 #[test]
 fn pcap_written_by_the_probe_opens_in_tshark() {

@@ -23,3 +23,26 @@ pub fn make_certs(dir: &Path) {
     std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
 }
+
+/// Runs the ignored test `path` (`module::name`) of this test binary in a
+/// process of its own and fails with its output if it fails: for the few
+/// tests that need process-wide state to themselves (tracing's callsite
+/// interest cache), now that every integration test shares one binary.
+pub fn run_alone(path: &str) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            path,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .expect("re-run the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{path} alone failed:\n{stdout}\n{stderr}"
+    );
+}

@@ -3,7 +3,7 @@
 //! dissectors (tshark) check every section CRC and the continuity counters.
 //! tshark is required (Debian package `tshark`; scripts/test.sh installs it).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

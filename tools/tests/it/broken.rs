@@ -1,6 +1,6 @@
 //! Hand-made streams, clean and broken, decoded by the probe binary.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

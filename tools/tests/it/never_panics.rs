@@ -1,7 +1,7 @@
 //! The decode pipeline never panics on arbitrary or corrupted input, and
 //! never reports as authentic anything but what was sealed.
 
-mod common;
+use crate::common;
 
 use casd_tools::decode::{Probe, ProbeConfig, Resync};
 use casd_tools::input::{Next, PcapSource, Source};

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-mod sms_common;
+use crate::sms_common;
 
 use casd::failpoint::Armed;
 use casd::sms::store::{self, Accepted, Submission};

@@ -1,0 +1,12 @@
+//! The integration tests of this crate, as one test binary (one link
+//! instead of one per file). Each module is what used to be a file of
+//! its own under tests/; run one with `cargo test --test it <module>::`.
+
+mod common;
+
+mod multicast_netns;
+mod pacing_long_run;
+mod player;
+mod schedule;
+mod ts_props;
+mod udp_tshark;

@@ -1,0 +1,32 @@
+//! The integration tests of this crate, as one test binary (one link
+//! instead of one per file). Each module is what used to be a file of
+//! its own under tests/; run one with `cargo test --test it <module>::`.
+
+mod common;
+mod probe_common;
+mod sms_common;
+
+mod activation_latency;
+mod architecture;
+mod auth_api;
+mod auth_log;
+mod auth_tls;
+mod crash_sigkill;
+mod cycler;
+mod e2e_sms_to_air;
+mod emmg_worker;
+mod encryptor;
+mod ground;
+mod keystore;
+mod openapi;
+mod probe_audit;
+mod probe_headend;
+mod scheduler_lease;
+mod scheduler_purge;
+mod scheduler_root_rotation;
+mod scheduler_rotation;
+mod scheduler_scale;
+mod sms_api;
+mod sms_bench;
+mod sms_group_commit;
+mod split_roles;

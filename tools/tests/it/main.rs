@@ -1,0 +1,10 @@
+//! The integration tests of this crate, as one test binary (one link
+//! instead of one per file). Each module is what used to be a file of
+//! its own under tests/; run one with `cargo test --test it <module>::`.
+
+mod common;
+
+mod broken;
+mod never_panics;
+mod tshark;
+mod vectors;
