@@ -26,7 +26,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 casd_mariadb_up
 
-# schemathesis (PyPI) for tests/openapi.rs, pinned, in a venv under .state/
+# schemathesis (PyPI) for tests/it/openapi.rs, pinned, in a venv under .state/
 # (Debian's pip refuses system-wide installs, PEP 668). The test fails
 # without it unless CASD_TEST_SKIP_SCHEMATHESIS=1.
 SCHEMATHESIS_VERSION=4.32.5

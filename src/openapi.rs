@@ -5,7 +5,7 @@
 //! the code by the tests below (every route registered in `src/` is in it
 //! and nothing else, every example request parses with the real parsers,
 //! every error code the error enums produce is documented) and by
-//! `tests/openapi.rs`, which runs schemathesis against a running headend.
+//! `tests/it/openapi.rs`, which runs schemathesis against a running headend.
 //!
 //! Served without a token, like `/healthz`: it describes the public contract,
 //! holds no secret, and tools read it before they have a token.

@@ -3,7 +3,7 @@
 //! process. A benchmark, not part of the normal suite:
 //!
 //! ```text
-//! cargo test --release -p casd --test activation_latency -- --ignored --nocapture
+//! cargo test --release -p casd --test it activation_latency:: -- --ignored --nocapture
 //! ```
 //! `CASD_BENCH_RATES` (default "100,1000") commands/s, `CASD_BENCH_SECS`
 //! (default 5) per rate. Commands are addentitlement to 200 devices added

@@ -3,7 +3,7 @@
 //! stores the key EMMs), and the air time its key EMMs need at 1 Mbit/s.
 //!
 //! ```text
-//! CASD_SCALE_DEVICES=100000 cargo test --release -p casd --test scheduler_scale -- --ignored --nocapture
+//! CASD_SCALE_DEVICES=100000 cargo test --release -p casd --test it scheduler_scale:: -- --ignored --nocapture
 //! ```
 
 use std::sync::Arc;

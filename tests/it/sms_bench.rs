@@ -3,7 +3,7 @@
 //! run. Not part of the normal suite:
 //!
 //! ```text
-//! cargo test --release -p casd --test sms_bench -- --ignored --nocapture
+//! cargo test --release -p casd --test it sms_bench:: -- --ignored --nocapture
 //! ```
 //! `CASD_BENCH_SECS` (default 5) and `CASD_BENCH_CONNS` (default 32, at most
 //! 290: the in-process clients use device ids below 2.9e9, the no-HTTP

@@ -1,7 +1,7 @@
 #![forbid(unsafe_code)]
 //! casd's wire contract as a library of its own, so that tools, fuzz targets
 //! and receiver vendors can use it without the daemon (no tokio, no
-//! database, no HTTP: a test in `tests/deps.rs` checks it with `cargo tree`).
+//! database, no HTTP: `tests/it/deps.rs` checks it with `cargo tree`).
 //!
 //! - [`crypto`] — [`crypto::Key128`], the SP 800-108 CMAC KDF, and the
 //!   sealed section envelope (seal, parse, open; keys at rest). The section

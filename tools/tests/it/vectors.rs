@@ -1,5 +1,5 @@
 //! The project's known-answer vectors (wire/tests/vectors/emm-v1.json, made by
-//! wire/tests/crypto_vectors.rs) decoded by the probe: with only the PMK (group
+//! wire/tests/it/crypto_vectors.rs) decoded by the probe: with only the PMK (group
 //! and global keys learned from the unique vector's commands), and with the
 //! vectors file itself as `--keys`.
 

@@ -8,7 +8,7 @@
 //! - `vectors_file_is_what_the_generator_makes`: the file equals the output
 //!   of the deterministic generator below (seeded ChaCha20). To rewrite the
 //!   file after a deliberate change: `CASD_WRITE_VECTORS=1 cargo test -p
-//!   casd-wire --test crypto_vectors`.
+//!   casd-wire --test it crypto_vectors::`.
 
 use casd_wire::crypto::{self, Key128, SectionKeys};
 use casd_wire::emm::{
@@ -290,7 +290,7 @@ fn generate() -> Value {
             "The unique vector delivers the group and global vectors' keys; 'emm' is the reviewable JSON (no key bytes).",
             "dek and iv come from a seeded test RNG; production draws them from the OS CSPRNG for every section."
         ],
-        "generator": format!("wire/tests/crypto_vectors.rs, ChaCha20Rng seed {SEED:#x}"),
+        "generator": format!("wire/tests/it/crypto_vectors.rs, ChaCha20Rng seed {SEED:#x}"),
         "vectors": [v_unique, v_group, v_global, v_rest],
     })
 }
