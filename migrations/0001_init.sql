@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS devices (
 
 -- Group slots: every group has 256 rows once created; device_id NULL = free.
 -- Allocation takes the lowest free (group_id, slot), so groups fill in order
--- and freed slots are reused (emm-wire-format.md §1).
+-- and freed slots are reused (docs/format.md §1).
 CREATE TABLE IF NOT EXISTS group_slots (
   group_id       INT UNSIGNED    NOT NULL,           -- >= 1
   slot           TINYINT UNSIGNED NOT NULL,
@@ -104,7 +104,7 @@ CREATE TABLE IF NOT EXISTS carousel_events (
   KEY ix_carousel_events_created (created_at)
 ) ENGINE=InnoDB;
 
--- Key material, sealed under the root key (emm-wire-format.md §4):
+-- Key material, sealed under the root key (docs/format.md §4):
 -- sealed = envelope with table_id 0x00, address = id (u64).
 CREATE TABLE IF NOT EXISTS `keys` (
   id             BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,

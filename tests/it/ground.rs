@@ -235,3 +235,39 @@ fn help_lists_the_commands() {
         assert!(s.contains(c), "{s}");
     }
 }
+
+#[tokio::test]
+async fn a_migration_edited_in_its_comments_only_is_accepted_and_any_other_edit_refused() {
+    let t = TestDb::new().await;
+    let mut c = t.db.conn().await.unwrap();
+    let current = recorded_checksum(&mut c).await;
+    // A database that applied 0001 before its comments were reworded.
+    let before_rewording = "bff6bfe157fca36744fa89c3462ae052aaea7e4ea3c15709ecdc358fa8fcf37e";
+    assert_ne!(current, before_rewording);
+    c.query_drop(format!(
+        "UPDATE schema_migrations SET checksum = UNHEX('{before_rewording}') WHERE version = 1"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(t.db.migrate().await.unwrap(), Vec::<u32>::new());
+    assert_eq!(
+        recorded_checksum(&mut c).await,
+        current,
+        "record moved to the current text"
+    );
+    // Any other difference still stops start-up.
+    c.query_drop("UPDATE schema_migrations SET checksum = UNHEX(SHA2('x', 256)) WHERE version = 1")
+        .await
+        .unwrap();
+    let err = t.db.migrate().await.unwrap_err().to_string();
+    assert!(err.contains("file changed after it was applied"), "{err}");
+}
+
+async fn recorded_checksum(c: &mut mysql_async::Conn) -> String {
+    let sum: Vec<u8> = c
+        .query_first("SELECT checksum FROM schema_migrations WHERE version = 1")
+        .await
+        .unwrap()
+        .unwrap();
+    hex::encode(sum)
+}

@@ -212,16 +212,7 @@ impl Receiver {
                     self.enabled_by = emm_id;
                 }
             }
-            Command::DeviceDisable => {
-                if emm_id > self.enabled_by {
-                    self.enabled = Some(false);
-                    self.enabled_by = emm_id;
-                }
-                if emm_id > self.set_by {
-                    self.set_by = emm_id;
-                    self.entitlements.clear();
-                }
-            }
+            Command::DeviceDisable => self.disable(emm_id),
             Command::Osm {
                 duration_s,
                 flags,
@@ -250,29 +241,45 @@ impl Receiver {
             } => {
                 self.global_keys.insert(key_version, (key, activates_at));
             }
-            Command::EntitlementSet { entries: set } => {
-                // Products changed by a newer single command keep that state.
-                let changed_by = &self.changed_by;
-                self.entitlements
-                    .retain(|p, _| changed_by.get(p).is_some_and(|by| *by > emm_id));
-                for e in set {
-                    if self
-                        .changed_by
-                        .get(&e.product_id)
-                        .is_none_or(|by| *by < emm_id)
-                    {
-                        self.entitlements.insert(e.product_id, (e.start, e.end));
-                    }
-                }
-                for by in self.changed_by.values_mut() {
-                    if *by < emm_id {
-                        *by = emm_id;
-                    }
-                }
-                self.set_by = self.set_by.max(emm_id);
-            }
+            Command::EntitlementSet { entries } => self.set_entitlements(emm_id, entries),
             Command::Unknown { .. } => {}
         }
+    }
+
+    /// DEVICE_DISABLE: disabled, and its entitlements gone, unless newer
+    /// commands said otherwise.
+    fn disable(&mut self, emm_id: u64) {
+        if emm_id > self.enabled_by {
+            self.enabled = Some(false);
+            self.enabled_by = emm_id;
+        }
+        if emm_id > self.set_by {
+            self.set_by = emm_id;
+            self.entitlements.clear();
+        }
+    }
+
+    /// ENTITLEMENT_SET: the whole set, except products changed by a newer
+    /// single command, which keep that state.
+    fn set_entitlements(&mut self, emm_id: u64, set: Vec<Entitlement>) {
+        let changed_by = &self.changed_by;
+        self.entitlements
+            .retain(|p, _| changed_by.get(p).is_some_and(|by| *by > emm_id));
+        for e in set {
+            if self
+                .changed_by
+                .get(&e.product_id)
+                .is_none_or(|by| *by < emm_id)
+            {
+                self.entitlements.insert(e.product_id, (e.start, e.end));
+            }
+        }
+        for by in self.changed_by.values_mut() {
+            if *by < emm_id {
+                *by = emm_id;
+            }
+        }
+        self.set_by = self.set_by.max(emm_id);
     }
 }
 
