@@ -390,3 +390,53 @@ pub async fn air_until(
         cap.errors
     );
 }
+
+/// A headend running inside the test's process with the roles asked for,
+/// on a 127.0.0.1:0 listener bound first (so the address is known before
+/// start-up), the way `casd run` assembles one.
+pub struct Running {
+    pub addr: std::net::SocketAddr,
+    /// `http://addr`.
+    pub base: String,
+    pub stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Starts `crate::app::run` with `roles`; does not wait for readiness.
+    pub async fn start(cfg: crate::config::Config, roles: Vec<crate::config::Role>) -> Running {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(crate::app::run(cfg, roles, listener, stop.clone()));
+        Running {
+            addr,
+            base: format!("http://{addr}"),
+            stop,
+            task,
+        }
+    }
+
+    /// Polls `/readyz` (the thing that says so) until it answers 200 and
+    /// returns its body; panics with the last answer after 30 s.
+    pub async fn ready(&self) -> serde_json::Value {
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut last = String::from("no answer");
+        while tokio::time::Instant::now() < deadline {
+            match http.get(format!("{}/readyz", self.base)).send().await {
+                Ok(r) if r.status() == 200 => return r.json().await.unwrap(),
+                Ok(r) => last = format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{}/readyz never answered 200; last: {last}", self.base);
+    }
+
+    /// Stops it (graceful drain) and returns how `app::run` ended.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await.expect("app::run panicked")
+    }
+}

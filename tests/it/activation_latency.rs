@@ -16,9 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use casd::config::Role;
-use casd::testing::TestDb;
+use casd::testing::{Running, TestDb};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -46,17 +45,13 @@ async fn activation_latency_p50_p99() {
     cfg.cycler.outputs[0].bitrate = 10_000_000;
     cfg.emmg.poll_interval_ms = 20;
     hw::FileKeySource::create_new(&cfg.keys.root_key_file).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
     let roles = vec![Role::Sms, Role::Emmg, Role::Encryptor, Role::Cycler];
-    let task = tokio::spawn(casd::app::run(cfg, roles, listener, stop.clone()));
+    let casd = Running::start(cfg, roles).await;
+    let base = casd.base.clone();
     // A client whose rate limit no benchmark reaches.
     let bearer = casd::auth::testing::bench_bearer(&t.db).await;
     let http = reqwest::Client::new();
-    while !matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == 200) {
-        tokio::task::yield_now().await;
-    }
+    casd.ready().await;
 
     // First packet time of every (device_id, tid_ext) seen on air, stamped
     // by a receiving thread as datagrams arrive.
@@ -240,6 +235,5 @@ async fn activation_latency_p50_p99() {
     }
     recv_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     receiver.join().unwrap();
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    casd.shutdown().await.unwrap();
 }

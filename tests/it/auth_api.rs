@@ -543,26 +543,11 @@ async fn every_app_route_refuses_bad_tokens_and_missing_scopes() {
     )
     .unwrap();
     let (roles, routes) = app_routes();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(casd::app::run(cfg, roles, listener, shutdown.clone()));
-    let http = reqwest::Client::new();
-    let base = format!("http://{addr}");
-    let mut up = false;
-    for _ in 0..400 {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-            if r.status() == 200 {
-                up = true;
-                break;
-            }
-        }
-        tokio::task::yield_now().await;
-    }
-    assert!(up, "readyz never 200");
+    let casd = casd::testing::Running::start(cfg, roles).await;
+    casd.ready().await;
     let issuer = TestIssuer::new(&t.db).await;
-    testing::check_route_matrix(&http, &base, &issuer, &routes).await;
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    let http = reqwest::Client::new();
+    testing::check_route_matrix(&http, &casd.base, &issuer, &routes).await;
+    casd.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }

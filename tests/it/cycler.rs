@@ -5,11 +5,10 @@ use std::time::Duration;
 use casd::config::Role;
 use casd::encryptor::{Encryptor, LocalEncryptor, SealJob};
 use casd::keystore::KeyStore;
-use casd::testing::{Capture, TcpProxy, TestDb};
+use casd::testing::{Capture, Running, TcpProxy, TestDb};
 use casd_wire::crypto::Key128;
 use casd_wire::emm::{Address, CommandSpec};
 use mysql_async::prelude::*;
-use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -66,24 +65,9 @@ async fn withdraw(c: &mut impl Queryable, id: u64) {
         .unwrap();
 }
 
-async fn start(
-    url: &str,
-    capture: &Capture,
-) -> (
-    CancellationToken,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-    casd::config::Config,
-) {
+async fn start(url: &str, capture: &Capture) -> (Running, casd::config::Config) {
     let cfg = casd::testing::config(url, capture.addr());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(casd::app::run(
-        cfg.clone(),
-        vec![Role::Cycler],
-        listener,
-        stop.clone(),
-    ));
-    (stop, task, cfg)
+    (Running::start(cfg.clone(), vec![Role::Cycler]).await, cfg)
 }
 
 #[tokio::test]
@@ -98,7 +82,7 @@ async fn plays_stored_emms_then_follows_adds_and_withdrawals() {
     store(&mut c, x, &sec_x, "2001-01-01 00:00:00").await;
 
     let mut cap = Capture::bind(0x0101).await;
-    let (stop, task, cfg) = start(&t.url, &cap).await;
+    let (casd, cfg) = start(&t.url, &cap).await;
     assert!(
         cap.until(LIMIT, |s| s == &sec_a[..]).await.is_some(),
         "stored EMM never played"
@@ -127,8 +111,7 @@ async fn plays_stored_emms_then_follows_adds_and_withdrawals() {
     assert_eq!(seen, 200);
     assert!(cap.errors.is_empty(), "stream errors: {:?}", cap.errors);
 
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    casd.shutdown().await.unwrap();
     // The play-out log names what was played, per output.
     let log = std::fs::read_to_string(&cfg.cycler.log_file).unwrap();
     let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
@@ -145,7 +128,7 @@ async fn a_late_committing_transaction_is_not_missed() {
     let enc = encryptor(&t.db).await;
     let mut c = t.db.conn().await.unwrap();
     let mut cap = Capture::bind(0x0101).await;
-    let (stop, task, _) = start(&t.url, &cap).await;
+    let (casd, _) = start(&t.url, &cap).await;
 
     // Transaction 1 takes the lower event id but commits last.
     let (a, sec_a) = seal(&mut c, &enc, "late commit").await;
@@ -160,8 +143,7 @@ async fn a_late_committing_transaction_is_not_missed() {
         cap.until(LIMIT, |s| s == &sec_a[..]).await.is_some(),
         "the hole's EMM was never played"
     );
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    casd.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -174,7 +156,7 @@ async fn on_air_continues_while_the_database_is_away() {
 
     let proxy = TcpProxy::start(casd::testing::server_addr()).await;
     let mut cap = Capture::bind(0x0101).await;
-    let (stop, task, _) = start(&proxy.url_via(&t.url), &cap).await;
+    let (casd, _) = start(&proxy.url_via(&t.url), &cap).await;
     assert!(cap.until(LIMIT, |s| s == &sec_a[..]).await.is_some());
 
     proxy.cut();
@@ -196,8 +178,7 @@ async fn on_air_continues_while_the_database_is_away() {
         "not resumed after the outage"
     );
     assert!(cap.errors.is_empty(), "stream errors: {:?}", cap.errors);
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    casd.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -213,13 +194,12 @@ async fn a_transaction_open_across_the_start_is_not_missed() {
     store(&mut c, b, &sec_b, "2033-01-01 00:00:00").await;
     // The cycler loads now: B's event is above A's, A is invisible.
     let mut cap = Capture::bind(0x0101).await;
-    let (stop, task, _) = start(&t.url, &cap).await;
+    let (casd, _) = start(&t.url, &cap).await;
     assert!(cap.until(LIMIT, |s| s == &sec_b[..]).await.is_some());
     tx1.commit().await.unwrap();
     assert!(
         cap.until(LIMIT, |s| s == &sec_a[..]).await.is_some(),
         "an EMM committed after the load, below the watermark, was never played"
     );
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    casd.shutdown().await.unwrap();
 }

@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use casd::config::Role;
 use casd::keystore::{KeyKind, KeyStore};
-use casd::testing::{Capture, TestDb};
+use casd::testing::{Capture, Running, TestDb};
 use casd_wire::crypto::{derive_duk, Key128};
 use casd_wire::receiver::Receiver;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -50,14 +49,11 @@ async fn every_command_reaches_the_receivers_it_addresses() {
     let mut cap = Capture::bind(0x0101).await;
     let cfg = casd::testing::config(&t.url, cap.addr());
     let root = hw::FileKeySource::create_new(&cfg.keys.root_key_file).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
     let roles = vec![Role::Sms, Role::Emmg, Role::Encryptor, Role::Cycler];
-    let task = tokio::spawn(casd::app::run(cfg.clone(), roles, listener, stop.clone()));
+    let casd = Running::start(cfg.clone(), roles).await;
     let mut sms = Sms {
         http: reqwest::Client::new(),
-        base: format!("http://{addr}"),
+        base: casd.base.clone(),
         n: 0,
         bearer: format!(
             "Bearer {}",
@@ -70,17 +66,7 @@ async fn every_command_reaches_the_receivers_it_addresses() {
         ),
     };
     // Ready when every role is.
-    let mut ready = false;
-    for _ in 0..500 {
-        if let Ok(r) = sms.http.get(format!("{}/readyz", sms.base)).send().await {
-            if r.status() == 200 {
-                ready = true;
-                break;
-            }
-        }
-        tokio::task::yield_now().await;
-    }
-    assert!(ready, "headend never ready");
+    casd.ready().await;
 
     // The test factory's PMK: what devices are personalised with.
     use hw::KeySource;
@@ -220,6 +206,5 @@ async fn every_command_reaches_the_receivers_it_addresses() {
     assert!(rx[&1002].entitlements.is_empty());
     assert_eq!(rx[&1001].enabled, Some(true));
 
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    casd.shutdown().await.unwrap();
 }

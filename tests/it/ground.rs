@@ -4,9 +4,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use casd::config::{Config, Role};
-use casd::testing::TestDb;
+use casd::testing::{Running, TestDb};
 use mysql_async::prelude::*;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn migrations_are_recorded_and_idempotent() {
@@ -84,37 +83,15 @@ fn test_config(url: &str) -> Config {
 async fn healthz_and_readyz_answer_over_real_http() {
     let t = TestDb::new().await;
     let cfg = test_config(&t.url);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(casd::app::run(
-        cfg,
-        vec![Role::Cycler],
-        listener,
-        shutdown.clone(),
-    ));
-    let client = reqwest::Client::new();
-    // Readiness is reached once the role reports started; poll the endpoint
-    // itself (the thing under test) rather than sleeping.
-    let mut ready = None;
-    for _ in 0..200 {
-        match client.get(format!("http://{addr}/readyz")).send().await {
-            Ok(r) if r.status() == 200 => {
-                ready = Some(r.json::<serde_json::Value>().await.unwrap());
-                break;
-            }
-            _ => tokio::task::yield_now().await,
-        }
-    }
-    assert_eq!(ready.expect("readyz never answered 200")["status"], "ready");
-    let h = client
-        .get(format!("http://{addr}/healthz"))
-        .send()
+    let casd = Running::start(cfg, vec![Role::Cycler]).await;
+    // Readiness is reached once the role reports started; `ready` polls the
+    // endpoint itself (the thing under test).
+    assert_eq!(casd.ready().await["status"], "ready");
+    let h = reqwest::get(format!("{}/healthz", casd.base))
         .await
         .unwrap();
     assert_eq!(h.status(), 200);
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    casd.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -125,19 +102,11 @@ async fn readyz_is_503_when_migrations_are_missing() {
     drop(c);
     let mut cfg = test_config(&t.url);
     cfg.database.migrate_on_start = false;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(casd::app::run(
-        cfg,
-        vec![Role::Cycler],
-        listener,
-        shutdown.clone(),
-    ));
+    let casd = Running::start(cfg, vec![Role::Cycler]).await;
     let client = reqwest::Client::new();
     let mut body = None;
     for _ in 0..200 {
-        if let Ok(r) = client.get(format!("http://{addr}/readyz")).send().await {
+        if let Ok(r) = client.get(format!("{}/readyz", casd.base)).send().await {
             assert_eq!(r.status(), 503);
             body = Some(r.json::<serde_json::Value>().await.unwrap());
             break;
@@ -151,8 +120,7 @@ async fn readyz_is_503_when_migrations_are_missing() {
             .contains("migrations not applied"),
         "{body}"
     );
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    casd.shutdown().await.unwrap();
 }
 
 fn casd_bin() -> Command {

@@ -14,28 +14,24 @@ use std::time::Duration;
 
 use casd::auth::{keys, Scope};
 use casd::config::Role;
-use casd::testing::TestDb;
+use casd::testing::{Running, TestDb};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
-struct Running {
+/// The headend under test, its files and its database.
+struct Headend {
+    casd: Running,
     base: String,
-    stop: CancellationToken,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     dir: PathBuf,
     _t: TestDb,
 }
 
-impl Running {
-    async fn stop(mut self) {
-        self.stop.cancel();
-        if let Some(task) = self.task.take() {
-            let r = tokio::time::timeout(Duration::from_secs(40), task).await;
-            assert!(
-                matches!(r, Ok(Ok(Ok(())))),
-                "the headend did not stop cleanly: {r:?}"
-            );
-        }
+impl Headend {
+    async fn stop(self) {
+        let r = tokio::time::timeout(Duration::from_secs(40), self.casd.shutdown()).await;
+        assert!(
+            matches!(r, Ok(Ok(()))),
+            "the headend did not stop cleanly: {r:?}"
+        );
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -43,7 +39,7 @@ impl Running {
 /// A headend with the sms, emmg, encryptor and scheduler roles and the
 /// token endpoint, on 127.0.0.1, over a throwaway database; and a client
 /// `openapi` with every scope (its secret returned).
-async fn start() -> (Running, String) {
+async fn start() -> (Headend, String) {
     let t = TestDb::new().await;
     let dir = std::env::temp_dir().join(format!(
         "casd-openapi-{}-{:08x}",
@@ -61,32 +57,16 @@ async fn start() -> (Running, String) {
     // A rate no fuzzing run reaches: 429 is documented, but a run that
     // hits it tests the limiter instead of the routes.
     let secret = casd::auth::testing::create_client(&t.db, "openapi", &Scope::ALL, 100_000).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
     let roles = vec![Role::Sms, Role::Emmg, Role::Encryptor, Role::Scheduler];
-    let task = tokio::spawn(casd::app::run(cfg, roles, listener, stop.clone()));
-    let base = format!("http://{addr}");
-    let http = reqwest::Client::new();
-    let mut ready = false;
-    for _ in 0..200 {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-            if r.status() == 200 {
-                ready = true;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "the headend never became ready");
-    let running = Running {
-        base,
-        stop,
-        task: Some(task),
+    let casd = Running::start(cfg, roles).await;
+    casd.ready().await;
+    let headend = Headend {
+        base: casd.base.clone(),
+        casd,
         dir,
         _t: t,
     };
-    (running, secret.expose().to_owned())
+    (headend, secret.expose().to_owned())
 }
 
 /// A token from the real token endpoint (client id and secret in the form).

@@ -117,7 +117,7 @@ async fn live_audit_against_the_cycler() {
     let stored = h.store_three().await;
     let port = free_port();
     let dest = format!("127.0.0.1:{port}");
-    let (stop, task) = h.start_cycler(dest.parse().unwrap(), |_| {}).await;
+    let casd = h.start_cycler(dest.parse().unwrap(), |_| {}).await;
     let url = h.t.url.clone();
     let run = |extra: &'static [&'static str]| {
         let url = url.clone();
@@ -165,8 +165,7 @@ async fn live_audit_against_the_cycler() {
         .await
         .unwrap()
         .unwrap();
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    casd.shutdown().await.unwrap();
     assert_eq!(r.code(), 1, "{}", r.stdout());
     let rep = &r.of_type("audit")[0];
     let problems: Vec<(String, u64)> = rep["problems"]

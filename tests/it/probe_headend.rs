@@ -85,7 +85,7 @@ async fn decodes_the_headend_live_and_from_its_recordings() {
     ]);
     let (c2, o2) = spawn_probe(&["--udp", &a2, "--count", count, "--json", "--pmk", &pmk]);
     // Both probes listen: start the headend, a second output with RTP on PID 0x0200.
-    let (stop, task) = h
+    let casd = h
         .start_cycler(a1.parse().unwrap(), |cfg| {
             let mut o = cfg.cycler.outputs[0].clone();
             o.name = "rtp".into();
@@ -97,8 +97,7 @@ async fn decodes_the_headend_live_and_from_its_recordings() {
         .await;
     let r1 = finish_probe(c1, o1, LIMIT).await;
     let r2 = finish_probe(c2, o2, LIMIT).await;
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    casd.shutdown().await.unwrap();
 
     assert_eq!(r1.code(), 0, "{}", r1.stderr());
     assert_decoded(&r1, &stored, "live");

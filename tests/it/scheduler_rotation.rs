@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use casd::config::Role;
 use casd::keystore::{KeyKind, KeyStore};
-use casd::testing::{Capture, TestDb};
+use casd::testing::{Capture, Running, TestDb};
 use casd_wire::crypto::{derive_duk, Key128};
 use casd_wire::receiver::{Outcome, Receiver};
 use mysql_async::prelude::*;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 /// Guard against a hung test (not a synchronisation).
 const LIMIT: Duration = Duration::from_secs(60);
@@ -33,8 +32,7 @@ struct Rig {
     http: reqwest::Client,
     base: String,
     n: u32,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    casd: Running,
     pmk: Key128,
     rx: HashMap<u64, Receiver>,
     /// (table_id, key_version) of every group/global section a receiver opened.
@@ -48,9 +46,6 @@ impl Rig {
         let mut cfg = casd::testing::config(&t.url, cap.addr());
         cfg.scheduler.tick_ms = 50;
         let root = hw::FileKeySource::create_new(&cfg.keys.root_key_file).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
         let roles = vec![
             Role::Sms,
             Role::Emmg,
@@ -58,19 +53,10 @@ impl Rig {
             Role::Cycler,
             Role::Scheduler,
         ];
-        let task = tokio::spawn(casd::app::run(cfg, roles, listener, stop.clone()));
+        let casd = Running::start(cfg, roles).await;
+        casd.ready().await;
         let http = reqwest::Client::new();
-        let base = format!("http://{addr}");
-        let deadline = tokio::time::Instant::now() + LIMIT;
-        loop {
-            if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-                if r.status() == 200 {
-                    break;
-                }
-            }
-            assert!(tokio::time::Instant::now() < deadline, "never ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let base = casd.base.clone();
         use hw::KeySource;
         let ks = KeyStore::open(t.db.clone(), Key128::from(root.root_key().unwrap()))
             .await
@@ -90,8 +76,7 @@ impl Rig {
             http,
             base,
             n: 0,
-            stop,
-            task,
+            casd,
             pmk,
             rx: HashMap::new(),
             opened: BTreeSet::new(),
@@ -217,8 +202,7 @@ impl Rig {
     }
 
     async fn stop(self) {
-        self.stop.cancel();
-        self.task.await.unwrap().unwrap();
+        self.casd.shutdown().await.unwrap();
     }
 }
 

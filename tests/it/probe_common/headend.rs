@@ -11,12 +11,11 @@ use casd::config::Role;
 use casd::emm_store::{self, NewEmm, Purpose, Review};
 use casd::encryptor::{Encryptor, LocalEncryptor, SealJob};
 use casd::keystore::{KeyKind, KeyStore};
-use casd::testing::TestDb;
+use casd::testing::{Running, TestDb};
 use casd_wire::crypto::Key128;
 use casd_wire::emm::{Address, CommandSpec, DeviceId};
 use mysql_async::prelude::*;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 pub struct Stored {
     pub id: u64,
@@ -210,21 +209,10 @@ impl Headend {
         &self,
         dest: SocketAddr,
         tweak: impl FnOnce(&mut casd::config::Config),
-    ) -> (
-        CancellationToken,
-        tokio::task::JoinHandle<anyhow::Result<()>>,
-    ) {
+    ) -> Running {
         let mut cfg = casd::testing::config(&self.t.url, dest);
         tweak(&mut cfg);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(casd::app::run(
-            cfg,
-            vec![Role::Cycler],
-            listener,
-            stop.clone(),
-        ));
-        (stop, task)
+        Running::start(cfg, vec![Role::Cycler]).await
     }
 }
 
