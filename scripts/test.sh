@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: installs what the tests need (MariaDB, tshark,
-# iproute2, python3-venv; schemathesis into .state/venv) when missing and we
-# are root, brings up the private MariaDB,
+# iproute2, python3-venv, prometheus (promtool), prometheus-alertmanager
+# (amtool); schemathesis into .state/venv) when missing and we are root,
+# brings up the private MariaDB,
 # checks formatting and lints, then runs every test of the workspace.
 set -euo pipefail
 CASD_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -12,6 +13,9 @@ cd "$CASD_ROOT"
 need=()
 command -v tshark >/dev/null 2>&1 || need+=(tshark)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# tests/it/alerting.rs: promtool, prometheus, amtool, the alertmanager.
+{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need+=(prometheus)
+{ command -v prometheus-alertmanager && command -v amtool; } >/dev/null 2>&1 || need+=(prometheus-alertmanager)
 # python3 with venv/ensurepip, for schemathesis below.
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)

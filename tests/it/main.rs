@@ -7,6 +7,7 @@ mod probe_common;
 mod sms_common;
 
 mod activation_latency;
+mod alerting;
 mod architecture;
 mod auth_api;
 mod auth_log;
