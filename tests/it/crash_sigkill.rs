@@ -3,6 +3,7 @@
 //! answered 200 is in the database, its EMMs are made exactly once and reach
 //! the air; none is doubled.
 
+use crate::common;
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -11,14 +12,6 @@ use std::time::Duration;
 use casd::testing::{Capture, TestDb};
 use mysql_async::prelude::*;
 use serde_json::json;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn start(config: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_casd"))
@@ -57,7 +50,7 @@ async fn sigkill_while_posting_loses_and_doubles_nothing() {
     let mut cap = Capture::bind(0x0101).await;
     let dir = std::env::temp_dir().join(format!("casd-crash-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let cfg_path = dir.join("casd.toml");
     std::fs::write(
         &cfg_path,

@@ -22,14 +22,6 @@ use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Proc {
     role: &'static str,
     config: PathBuf,
@@ -98,7 +90,7 @@ async fn five_processes_over_tls_sms_to_air_and_encryptor_outage() {
     let mut cap = Capture::bind(0x0101).await;
     let ports: HashMap<&str, u16> = ["sms", "emmg", "encryptor", "cycler", "scheduler"]
         .into_iter()
-        .map(|r| (r, free_port()))
+        .map(|r| (r, common::free_port()))
         .collect();
 
     // One-time set-up, as an operator would: keys, token signing key, clients.

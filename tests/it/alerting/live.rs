@@ -4,6 +4,7 @@
 //! real Alertmanager posting to a webhook served here. Every wait is a
 //! poll with a deadline.
 
+use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -19,14 +20,6 @@ const LIMIT: Duration = Duration::from_secs(25);
 const POLL: Duration = Duration::from_millis(200);
 /// Commands posted, then counted by Prometheus.
 const N: u64 = 5;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A program started for the test, killed when dropped; its output goes
 /// to a file that failures show.
@@ -276,7 +269,7 @@ async fn start_stack() -> Stack {
     let dir = tempfile::tempdir().unwrap();
     let proxy = TcpProxy::start(casd::testing::server_addr()).await;
     let db_url = proxy.url_via(&t.url);
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", common::free_port());
     hw::FileKeySource::create_new(dir.path().join("root.key")).unwrap();
     // The token's key is published before casd starts: casd loads its key
     // set at start.
@@ -290,7 +283,7 @@ async fn start_stack() -> Stack {
     .await;
     let cycler = start_casd(cycler_cfg, vec![Role::Cycler]).await;
     let (hook, webhook) = serve_webhook().await;
-    let (am_port, prom_port) = (free_port(), free_port());
+    let (am_port, prom_port) = (common::free_port(), common::free_port());
     let alertmanager = start_alertmanager(dir.path(), am_port, &hook);
     let prometheus = start_prometheus(dir.path(), prom_port, &metrics, am_port);
     Stack {

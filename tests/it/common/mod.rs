@@ -3,6 +3,16 @@
 
 use std::path::Path;
 
+/// A TCP port on 127.0.0.1 free a moment ago, for a program that binds
+/// it itself (a child process, Prometheus, a listener set in a config).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A test CA and a server certificate for 127.0.0.1/localhost signed by
 /// it, written as ca.pem, cert.pem, key.pem in `dir` (what
 /// docs/security.md's openssl recipe makes).
