@@ -10,10 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use casd::config::Role;
-use casd::testing::{Capture, TcpProxy, TestDb};
+use std::net::SocketAddr;
+
+use casd::config::{Config, Role};
+use casd::testing::{Capture, Running, TcpProxy, TestDb};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(25);
 /// How often a poll looks again (a poll interval, not a synchronisation).
@@ -73,12 +74,17 @@ fn rules_for_test() -> String {
         .join("\n")
 }
 
+/// Every role, the database through the proxy, metrics on `metrics`, and
+/// two outputs: "main" (to the capture) and "quiet", which sends no CAT and
+/// so stays silent as long as the carousel holds no EMM — an output that
+/// sends nothing, as a stopped one does.
 fn casd_config(
     db_url: &str,
-    dest: std::net::SocketAddr,
+    main: SocketAddr,
+    quiet: SocketAddr,
     metrics: &str,
     dir: &Path,
-) -> casd::config::Config {
+) -> Config {
     let text = format!(
         "[database]\nurl = \"{db_url}\"\nconnect_timeout_s = 2\n\
          [metrics]\nlisten = \"{metrics}\"\n\
@@ -86,32 +92,12 @@ fn casd_config(
          [keys]\nroot_key_file = \"{d}/root.key\"\n\
          [emmg]\npoll_interval_ms = 50\n\
          [cycler]\npoll_interval_ms = 20\nburst_interval_ms = 20\nlog_file = \"{d}/carousel.jsonl\"\n\
-         [[cycler.outputs]]\nname = \"main\"\ndestination = \"{dest}\"\nbitrate = 2000000\n",
+         [[cycler.outputs]]\nname = \"main\"\ndestination = \"{main}\"\nbitrate = 2000000\n\
+         [[cycler.outputs]]\nname = \"quiet\"\ndestination = \"{quiet}\"\nbitrate = 2000000\ncat = false\n",
         d = dir.display()
     );
-    casd::config::Config::from_toml_str(&text, Path::new("alerting.toml"), std::iter::empty())
+    Config::from_toml_str(&text, Path::new("alerting.toml"), std::iter::empty())
         .expect("test config")
-}
-
-/// One casd instance in this process, stopped by its token.
-struct Casd {
-    base: String,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-async fn start_casd(cfg: casd::config::Config, roles: Vec<Role>) -> Casd {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(casd::app::run(cfg, roles, listener, stop.clone()));
-    let http = reqwest::Client::new();
-    let ready = poll("casd ready", || async {
-        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    });
-    ready.await;
-    Casd { base, stop, task }
 }
 
 /// Polls `probe` every POLL until it gives a value, for at most LIMIT.
@@ -147,14 +133,15 @@ async fn serve_webhook() -> (String, Arc<Mutex<Vec<Value>>>) {
     (url, got)
 }
 
-/// Whether the webhook received `alertname` with `status` (firing|resolved).
-fn notified(got: &Mutex<Vec<Value>>, alertname: &str, status: &str) -> bool {
+/// Whether the webhook received `alertname` with `status` (firing or
+/// resolved), for output `output` when given.
+fn notified(got: &Mutex<Vec<Value>>, alertname: &str, status: &str, output: Option<&str>) -> bool {
     got.lock().unwrap().iter().any(|n| {
-        n["alerts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|a| a["labels"]["alertname"] == alertname && a["status"] == status)
+        n["alerts"].as_array().into_iter().flatten().any(|a| {
+            a["labels"]["alertname"] == alertname
+                && a["status"] == status
+                && output.is_none_or(|o| a["labels"]["output"] == o)
+        })
     })
 }
 
@@ -226,8 +213,7 @@ async fn post_commands(http: &reqwest::Client, base: &str, bearer: &str) {
 struct Stack {
     _dir: tempfile::TempDir,
     proxy: TcpProxy,
-    headend: Casd,
-    cycler: Casd,
+    casd: Running,
     prometheus: Program,
     alertmanager: Program,
     prom: String,
@@ -235,6 +221,7 @@ struct Stack {
     bearer: String,
     _t: TestDb,
     _cap: Capture,
+    _quiet: std::net::UdpSocket,
 }
 
 /// A failing test shows what Prometheus, Alertmanager and the webhook saw.
@@ -243,8 +230,7 @@ impl Drop for Stack {
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
         }
-        self.headend.stop.cancel();
-        self.cycler.stop.cancel();
+        self.casd.stop.cancel();
     }
 }
 
@@ -259,29 +245,26 @@ impl Stack {
     }
 }
 
-/// casd in two instances sharing this process: the headend (SMS, EMMG,
-/// Encryptor, Scheduler) serves /metrics; the Cycler runs apart so that
-/// the test can stop it while the process — and its metrics, which are
-/// process-wide — stays up, as an output that stops sending would.
 async fn start_stack() -> Stack {
     let t = TestDb::new().await;
     let cap = Capture::bind(0x0101).await;
+    let quiet = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let proxy = TcpProxy::start(casd::testing::server_addr()).await;
-    let db_url = proxy.url_via(&t.url);
     let metrics = format!("127.0.0.1:{}", common::free_port());
     hw::FileKeySource::create_new(dir.path().join("root.key")).unwrap();
     // The token's key is published before casd starts: casd loads its key
     // set at start.
     let bearer = casd::testing::bench_bearer(&t.db).await;
-    let head_cfg = casd_config(&db_url, cap.addr(), &metrics, dir.path());
-    let cycler_cfg = casd_config(&db_url, cap.addr(), "", dir.path());
-    let headend = start_casd(
-        head_cfg,
-        vec![Role::Sms, Role::Emmg, Role::Encryptor, Role::Scheduler],
-    )
-    .await;
-    let cycler = start_casd(cycler_cfg, vec![Role::Cycler]).await;
+    let cfg = casd_config(
+        &proxy.url_via(&t.url),
+        cap.addr(),
+        quiet.local_addr().unwrap(),
+        &metrics,
+        dir.path(),
+    );
+    let casd = Running::start(cfg, Role::ALL.to_vec()).await;
+    casd.ready().await;
     let (hook, webhook) = serve_webhook().await;
     let (am_port, prom_port) = (common::free_port(), common::free_port());
     let alertmanager = start_alertmanager(dir.path(), am_port, &hook);
@@ -289,8 +272,7 @@ async fn start_stack() -> Stack {
     Stack {
         _dir: dir,
         proxy,
-        headend,
-        cycler,
+        casd,
         prometheus,
         alertmanager,
         prom: format!("http://127.0.0.1:{prom_port}"),
@@ -298,6 +280,7 @@ async fn start_stack() -> Stack {
         bearer,
         _t: t,
         _cap: cap,
+        _quiet: quiet,
     }
 }
 
@@ -309,47 +292,42 @@ async fn prometheus_and_alertmanager_watch_a_live_casd() {
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    let prom = s.prom.clone();
+    let (prom, hook) = (s.prom.as_str(), &s.webhook);
 
     let up = poll("the casd target up", || {
-        query(&http, &prom, "up{job=\"casd\"}")
+        query(&http, prom, "up{job=\"casd\"}")
     })
     .await;
-    assert_eq!(up, 1.0, "{}", s.logs());
+    assert_eq!(up, 1.0);
 
-    post_commands(&http, &s.headend.base, &s.bearer).await;
+    // No command yet: the carousel is empty and "quiet" (no CAT) has sent
+    // nothing since it started, while "main" plays its CAT.
+    poll("CasdOffAir at the webhook", || async {
+        notified(hook, "CasdOffAir", "firing", Some("quiet")).then_some(())
+    })
+    .await;
+    assert!(
+        !notified(hook, "CasdOffAir", "firing", Some("main")),
+        "main is on air"
+    );
+
+    post_commands(&http, &s.casd.base, &s.bearer).await;
     let counted = "sum(casd_sms_requests_total{job=\"casd\",path=\"/adddevice\",status=\"200\"})";
     poll("Prometheus to count the commands", || async {
-        (query(&http, &prom, counted).await? == N as f64).then_some(())
+        (query(&http, prom, counted).await? == N as f64).then_some(())
     })
     .await;
-    let total = query(&http, &prom, "sum(casd_sms_requests_total{job=\"casd\"})").await;
+    let total = query(&http, prom, "sum(casd_sms_requests_total{job=\"casd\"})").await;
     assert_eq!(total, Some(N as f64), "every request counted once");
 
     s.proxy.cut();
-    let hook = &s.webhook;
     poll("CasdDatabaseDown at the webhook", || async {
-        notified(hook, "CasdDatabaseDown", "firing").then_some(())
+        notified(hook, "CasdDatabaseDown", "firing", None).then_some(())
     })
     .await;
     s.proxy.restore().await;
     poll("CasdDatabaseDown resolved at the webhook", || async {
-        notified(hook, "CasdDatabaseDown", "resolved").then_some(())
-    })
-    .await;
-
-    assert!(
-        !notified(hook, "CasdOffAir", "firing"),
-        "on air so far: {}",
-        s.logs()
-    );
-    s.cycler.stop.cancel();
-    poll("the Cycler to stop", || async {
-        s.cycler.task.is_finished().then_some(())
-    })
-    .await;
-    poll("CasdOffAir at the webhook", || async {
-        notified(hook, "CasdOffAir", "firing").then_some(())
+        notified(hook, "CasdDatabaseDown", "resolved", None).then_some(())
     })
     .await;
 }
