@@ -39,6 +39,9 @@ pub struct Shared {
     /// role runs in this process, remote otherwise; `None` when no role here
     /// needs one.
     pub encryptor: Option<std::sync::Arc<dyn Encryptor>>,
+    /// This process's metrics registry (a no-op one when `[metrics]
+    /// listen` is off); roles resolve their handles from it at start.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// How long roles get to finish in-flight work after shutdown is asked.
@@ -105,17 +108,41 @@ fn remote_encryptor(cfg: &Config) -> anyhow::Result<crate::encryptor::RemoteEncr
     Ok(crate::encryptor::RemoteEncryptor::new(url, tokens))
 }
 
-async fn open_local_encryptor(cfg: &Config, db: &Db) -> anyhow::Result<LocalEncryptor> {
+async fn open_local_encryptor(
+    cfg: &Config,
+    db: &Db,
+    metrics: &crate::metrics::Metrics,
+) -> anyhow::Result<LocalEncryptor> {
     let ks = open_keystore(cfg, db).await?;
     Ok(LocalEncryptor::new(ks, cfg.cas.max_section_bytes)
-        .with_next_root_file(cfg.keys.next_root_key_file.clone()))
+        .with_next_root_file(cfg.keys.next_root_key_file.clone())
+        .with_metrics(metrics))
 }
 
-/// Runs `roles` until `shutdown` is cancelled.
+/// Runs `roles` until `shutdown` is cancelled, with the metrics endpoint
+/// on `[metrics] listen` (bound here; nothing when it is "").
 pub async fn run(
     cfg: Config,
     roles: Vec<Role>,
     listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = match cfg.metrics.listen_addr() {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} (metrics.listen; \"\" turns metrics off)")
+        })?),
+        None => None,
+    };
+    run_with_metrics(cfg, roles, listener, metrics, shutdown).await
+}
+
+/// [`run`] with the metrics listener taken from outside (`None`: metrics
+/// off), so tests bind port 0 and learn the address first.
+pub async fn run_with_metrics(
+    cfg: Config,
+    roles: Vec<Role>,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let db = open_db(&cfg).await?;
@@ -132,7 +159,8 @@ pub async fn run(
         _ => None,
     };
     let auth = start_auth(&cfg, &db).await;
-    let encryptor = encryptor_for(&cfg, &db, &roles).await?;
+    let metrics = start_metrics(metrics_listener, &db, &shutdown)?;
+    let encryptor = encryptor_for(&cfg, &db, &roles, &metrics).await?;
     let shared = Shared {
         cfg: std::sync::Arc::new(cfg),
         db: db.clone(),
@@ -142,6 +170,7 @@ pub async fn run(
         emms_ready: Default::default(),
         auth: auth.clone(),
         encryptor,
+        metrics,
     };
     let (router, tasks) = start_roles(&roles, &shared).await?;
     log_start(&listener, &roles, &shared, tls.is_some())?;
@@ -165,6 +194,27 @@ pub async fn run(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// The process's metrics and their endpoint on `listener` (metrics off
+/// without one), with the database probe.
+fn start_metrics(
+    listener: Option<TcpListener>,
+    db: &Db,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<std::sync::Arc<crate::metrics::Metrics>> {
+    let Some(listener) = listener else {
+        return Ok(crate::metrics::Metrics::off());
+    };
+    let metrics = crate::metrics::Metrics::new();
+    crate::metrics::watch_database(&metrics, db.clone(), shutdown.clone());
+    tracing::info!(addr = %listener.local_addr()?, "metrics at GET /metrics");
+    tokio::spawn(crate::metrics::serve(
+        listener,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    Ok(metrics)
 }
 
 /// The process's authentication context, with the verification keys
@@ -193,10 +243,11 @@ async fn encryptor_for(
     cfg: &Config,
     db: &Db,
     roles: &[Role],
+    metrics: &crate::metrics::Metrics,
 ) -> anyhow::Result<Option<std::sync::Arc<dyn Encryptor>>> {
     if roles.contains(&Role::Encryptor) {
         return Ok(Some(std::sync::Arc::new(
-            open_local_encryptor(cfg, db).await?,
+            open_local_encryptor(cfg, db, metrics).await?,
         )));
     }
     if roles.contains(&Role::Emmg) || roles.contains(&Role::Scheduler) {
@@ -353,6 +404,7 @@ async fn start_role(
                 .encryptor
                 .clone()
                 .ok_or_else(|| anyhow::anyhow!("encryptor role without a key store"))?;
+            crate::encryptor::watch_keys(shared);
             shared.readiness.started(role);
             Ok((Some(crate::encryptor::routes(enc)), None))
         }
@@ -367,6 +419,7 @@ async fn start_role(
         }
         Role::Scheduler => {
             let s = crate::scheduler::Scheduler::new(shared.clone());
+            crate::scheduler::rotation::watch_next_rotation(shared);
             shared.readiness.started(role);
             Ok((
                 Some(crate::scheduler::routes(s.clone())),

@@ -141,6 +141,39 @@ pub struct Config {
     /// How this process reaches roles running in other processes.
     #[serde(default)]
     pub peers: PeersConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus endpoint (docs/metrics.md), served on a
+/// listener of its own so that scraping needs no token and the API stays
+/// closed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// host:port of `GET /metrics`; the empty string turns it off.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+fn default_metrics_listen() -> String {
+    crate::metrics::DEFAULT_LISTEN.into()
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// Where to serve the metrics, `None` when turned off. Validated at
+    /// load, so a configuration that loaded never fails here.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
+    }
 }
 
 /// Roles in other processes, reached over HTTP(S) with OAuth client
@@ -368,6 +401,37 @@ pub struct CyclerConfig {
     pub log_keep: u32,
     #[serde(default = "default_outputs")]
     pub outputs: Vec<OutputConfig>,
+    /// Longest acceptable full pass of the cycle, in seconds, per class
+    /// (exported as `casd_cycler_cycle_target_seconds` for the
+    /// `CasdCarouselCycleTooLong` alert; a pass plays every class once).
+    #[serde(default = "default_cycle_target_urgent_s")]
+    pub cycle_target_urgent_s: f64,
+    #[serde(default = "default_cycle_target_change_s")]
+    pub cycle_target_change_s: f64,
+    #[serde(default = "default_cycle_target_background_s")]
+    pub cycle_target_background_s: f64,
+}
+
+impl CyclerConfig {
+    /// The cycle targets in `carousel::Class` order (urgent, change,
+    /// background).
+    pub fn cycle_targets_s(&self) -> [f64; 3] {
+        [
+            self.cycle_target_urgent_s,
+            self.cycle_target_change_s,
+            self.cycle_target_background_s,
+        ]
+    }
+}
+
+fn default_cycle_target_urgent_s() -> f64 {
+    30.0
+}
+fn default_cycle_target_change_s() -> f64 {
+    120.0
+}
+fn default_cycle_target_background_s() -> f64 {
+    900.0
 }
 
 fn default_cycler_poll_ms() -> u64 {
@@ -402,6 +466,9 @@ impl Default for CyclerConfig {
             log_rotate_bytes: default_log_rotate_bytes(),
             log_keep: default_log_keep(),
             outputs: default_outputs(),
+            cycle_target_urgent_s: default_cycle_target_urgent_s(),
+            cycle_target_change_s: default_cycle_target_change_s(),
+            cycle_target_background_s: default_cycle_target_background_s(),
         }
     }
 }
@@ -772,7 +839,20 @@ impl Config {
         self.validate_cycler()?;
         self.validate_scheduler()?;
         self.validate_auth()?;
+        self.validate_metrics()?;
         self.validate_log()
+    }
+
+    /// `[metrics]`: an address, or "" for off.
+    fn validate_metrics(&self) -> Result<(), ConfigError> {
+        let l = &self.metrics.listen;
+        if !l.is_empty() && l.parse::<SocketAddr>().is_err() {
+            return Err(key_err(
+                "metrics.listen",
+                "must be host:port with an IP address (e.g. \"127.0.0.1:9464\"), or \"\" to turn the endpoint off",
+            ));
+        }
+        Ok(())
     }
 
     /// `[database]`.
@@ -841,6 +921,17 @@ impl Config {
 
     /// `[cycler]`: outputs, each with a unique name and valid transport settings.
     fn validate_cycler(&self) -> Result<(), ConfigError> {
+        for (class, t) in ["urgent", "change", "background"]
+            .iter()
+            .zip(self.cycler.cycle_targets_s())
+        {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(key_err(
+                    format!("cycler.cycle_target_{class}_s"),
+                    "must be a number of seconds above 0",
+                ));
+            }
+        }
         if self.cycler.outputs.is_empty() && self.roles.contains(&Role::Cycler) {
             return Err(key_err(
                 "cycler.outputs",
@@ -1156,5 +1247,18 @@ mod tests {
         let text = include_str!("../casd.example.toml");
         let c = parse(text, &[]).unwrap();
         assert_eq!(c.roles.len(), 5);
+    }
+
+    #[test]
+    fn metrics_listen_default_off_and_bad() {
+        let c = parse(MIN, &[]).unwrap();
+        assert_eq!(
+            c.metrics.listen_addr(),
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        let off = parse(&format!("{MIN}[metrics]\nlisten = \"\"\n"), &[]).unwrap();
+        assert_eq!(off.metrics.listen_addr(), None);
+        let err = parse(&format!("{MIN}[metrics]\nlisten = \"localhost\"\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("metrics.listen"), "{err}");
     }
 }

@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -139,6 +139,7 @@ pub async fn run(shared: Shared) -> anyhow::Result<()> {
         );
     }
     drop(rec_tx);
+    watch_outputs(&shared, &players, &log);
     let log_writer = {
         let log = log.clone();
         tokio::spawn(async move {
@@ -159,6 +160,7 @@ pub async fn run(shared: Shared) -> anyhow::Result<()> {
     };
 
     let stats = Arc::new(CyclerStats::default());
+    watch_events_behind(&shared, stats.clone());
     let mut follower = Follower::new(shared.clone(), carousel.clone(), stats.clone());
     // Load (retrying while the database is away), then follow.
     tokio::select! {
@@ -184,6 +186,155 @@ pub async fn run(shared: Shared) -> anyhow::Result<()> {
         tracing::warn!(dropped = log.dropped(), "carousel log lines not written");
     }
     Ok(())
+}
+
+/// The per-output `casd_cycler_*` metrics, read from the players'
+/// counters at scrape time (nothing added to the play-out loop), and the
+/// play-out log lines dropped.
+fn watch_outputs(shared: &Shared, players: &[PlayerHandle], log: &JsonLog) {
+    let m = &shared.metrics;
+    let targets = shared.cfg.cycler.cycle_targets_s();
+    let mut readers = Vec::new();
+    for p in players {
+        let o = |extra: Option<&'static str>| -> Vec<(&'static str, String)> {
+            let mut l = vec![("output", p.name().to_string())];
+            l.extend(extra.map(|c| ("class", c.to_string())));
+            l
+        };
+        let c = |name, help| m.counter(name, help, &o(None));
+        let g = |name, help| m.gauge(name, help, &o(None));
+        let per_class = |name, help| CLASSES.map(|class| m.gauge(name, help, &o(Some(class))));
+        let out = OutputMetrics {
+            bytes: c(
+                "casd_cycler_bytes_sent_total",
+                "TS bytes sent by the output.",
+            ),
+            packets: c(
+                "casd_cycler_packets_sent_total",
+                "TS packets sent by the output.",
+            ),
+            datagrams: c(
+                "casd_cycler_datagrams_sent_total",
+                "UDP datagrams sent by the output.",
+            ),
+            send_errors: c(
+                "casd_cycler_send_errors_total",
+                "Datagrams the output failed to send.",
+            ),
+            fast_lane: g(
+                "casd_cycler_fast_lane_depth",
+                "EMMs in the output's fast lane.",
+            ),
+            last_age: g(
+                "casd_cycler_last_datagram_age_seconds",
+                "Seconds since the output's last datagram (at scrape time).",
+            ),
+            live: per_class(
+                "casd_cycler_live_emms",
+                "Live EMMs in the output's carousel, by class.",
+            ),
+            cycle: per_class(
+                "casd_cycler_cycle_seconds",
+                "Duration of the last full pass of the cycle (every class plays once per pass).",
+            ),
+        };
+        let target = per_class(
+            "casd_cycler_cycle_target_seconds",
+            "Configured longest acceptable pass (cycler.cycle_target_<class>_s).",
+        );
+        for (g, t) in target.iter().zip(targets) {
+            g.set(t);
+        }
+        readers.push((p.stats_reader(), out));
+    }
+    let log_dropped = m.counter(
+        "casd_cycler_playout_log_dropped_total",
+        "Play-out log lines not written (queue full or write error).",
+        &[],
+    );
+    let log = log.clone();
+    m.on_scrape(move || {
+        let mut dropped = log.dropped();
+        for (r, out) in &readers {
+            let s = r.stats();
+            out.set(&s);
+            dropped += s.records_dropped;
+        }
+        log_dropped.absolute(dropped);
+    });
+}
+
+const CLASSES: [&str; 3] = ["urgent", "change", "background"];
+
+struct OutputMetrics {
+    bytes: metrics::Counter,
+    packets: metrics::Counter,
+    datagrams: metrics::Counter,
+    send_errors: metrics::Counter,
+    fast_lane: metrics::Gauge,
+    last_age: metrics::Gauge,
+    live: [metrics::Gauge; 3],
+    cycle: [metrics::Gauge; 3],
+}
+
+impl OutputMetrics {
+    fn set(&self, s: &carousel::PlayerStats) {
+        self.bytes.absolute(s.ts_bytes);
+        self.packets
+            .absolute(s.ts_bytes / carousel::ts::PACKET_LEN as u64);
+        self.datagrams.absolute(s.datagrams);
+        self.send_errors.absolute(s.send_errors);
+        self.fast_lane.set(s.fast_lane as f64);
+        for (g, v) in self.live.iter().zip(s.live_by_class) {
+            g.set(v as f64);
+        }
+        // Every class is played once per pass: its cycle is the pass.
+        for g in &self.cycle {
+            g.set(s.last_cycle_ms as f64 / 1000.0);
+        }
+        if s.last_datagram_unix_ms > 0 {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            self.last_age
+                .set(now_ms.saturating_sub(s.last_datagram_unix_ms) as f64 / 1000.0);
+        }
+    }
+}
+
+/// `casd_cycler_events_behind`: `carousel_events` rows past the follower's
+/// watermark, from one cheap query (the primary key's maximum) per second.
+fn watch_events_behind(shared: &Shared, stats: Arc<CyclerStats>) {
+    if !shared.metrics.is_on() {
+        return;
+    }
+    let behind = shared.metrics.gauge(
+        "casd_cycler_events_behind",
+        "carousel_events rows written but not yet applied by this Cycler.",
+        &[],
+    );
+    let (db, stop) = (shared.db.clone(), shared.shutdown.clone());
+    tokio::spawn(async move {
+        loop {
+            let max: anyhow::Result<Option<u64>> = async {
+                let mut c = db.conn().await?;
+                Ok(
+                    c.query_first("SELECT COALESCE(MAX(id), 0) FROM carousel_events")
+                        .await?,
+                )
+            }
+            .await;
+            // Unknown while the database is away: keep the last value.
+            if let Ok(Some(max)) = max {
+                let seen = stats.watermark.load(Ordering::Relaxed);
+                behind.set(max.saturating_sub(seen) as f64);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
 }
 
 struct Follower {

@@ -136,6 +136,7 @@ impl EmmgError {
 pub async fn run(shared: Shared) -> anyhow::Result<()> {
     let enc = shared.encryptor.clone().ok_or(EmmgError::NoEncryptor)?;
     let outage = Arc::new(AtomicBool::new(false));
+    watch_backlog(&shared);
     let mut set = tokio::task::JoinSet::new();
     for n in 0..shared.cfg.emmg.workers.max(1) {
         set.spawn(worker(shared.clone(), enc.clone(), outage.clone(), n));
@@ -209,20 +210,96 @@ pub async fn process_batch(
     .max(1);
     let mut conn = shared.db.conn().await?;
     conn.reset_connection(false);
+    let metrics = BatchMetrics::new(&shared.metrics);
+    let started = std::time::Instant::now();
     let mut attempt = 0;
     loop {
         attempt += 1;
         match try_batch(shared, enc, batch, &mut conn).await {
             Err(e) if attempt < 4 && e.is_retryable_now() => continue,
-            Ok((n, changed)) => {
+            Ok((counts, changed)) => {
                 if changed {
                     shared.emms_ready.notify_one();
                 }
-                return Ok(n);
+                metrics.settled(counts, started.elapsed());
+                return Ok(counts[0] + counts[1]);
             }
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Items of a committed batch: done, failed, retried.
+type ItemCounts = [usize; 3];
+
+/// `casd_emmg_items_total{outcome}` and `casd_emmg_batch_duration_seconds`.
+struct BatchMetrics {
+    items: [metrics::Counter; 3],
+    duration: metrics::Histogram,
+}
+
+impl BatchMetrics {
+    fn new(m: &crate::metrics::Metrics) -> BatchMetrics {
+        BatchMetrics {
+            items: ["done", "failed", "retried"].map(|o| {
+                m.counter(
+                    "casd_emmg_items_total",
+                    "Work items settled by the EMMG, by outcome.",
+                    &[("outcome", o.into())],
+                )
+            }),
+            duration: m.histogram(
+                "casd_emmg_batch_duration_seconds",
+                "Time of one EMMG batch, take to commit (batches that took items).",
+                &[],
+            ),
+        }
+    }
+
+    fn settled(&self, counts: ItemCounts, elapsed: Duration) {
+        if counts.iter().sum::<usize>() == 0 {
+            return;
+        }
+        for (c, n) in self.items.iter().zip(counts) {
+            c.increment(n as u64);
+        }
+        self.duration.record(elapsed.as_secs_f64());
+    }
+}
+
+/// `casd_emmg_work_items_pending` and `casd_emmg_oldest_pending_age_seconds`
+/// from one query per second by one task (not per item or per worker).
+fn watch_backlog(shared: &Shared) {
+    let m = &shared.metrics;
+    if !m.is_on() {
+        return;
+    }
+    let pending = m.gauge(
+        "casd_emmg_work_items_pending",
+        "Work items waiting for the EMMG.",
+        &[],
+    );
+    let oldest = m.gauge(
+        "casd_emmg_oldest_pending_age_seconds",
+        "Age of the oldest pending work item (0 when none).",
+        &[],
+    );
+    let (db, stop) = (shared.db.clone(), shared.shutdown.clone());
+    tokio::spawn(async move {
+        loop {
+            let backlog =
+                async { Ok::<_, EmmgError>(queue::backlog(&mut db.conn().await?).await?) };
+            // Unknown while the database is away: keep the last values.
+            if let Ok((n, age)) = backlog.await {
+                pending.set(n as f64);
+                oldest.set(age);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
 }
 
 /// One batch, one READ COMMITTED transaction (see the module doc): take
@@ -233,7 +310,7 @@ async fn try_batch(
     enc: &dyn Encryptor,
     batch: usize,
     conn: &mut Conn,
-) -> Result<(usize, bool), EmmgError> {
+) -> Result<(ItemCounts, bool), EmmgError> {
     let now = OffsetDateTime::now_utc();
     let now_unix = unix(now);
     let mut txo = TxOpts::default();
@@ -243,7 +320,7 @@ async fn try_batch(
     let taken = take(&mut tx, batch, now).await?;
     if taken.items.is_empty() {
         tx.rollback().await?;
-        return Ok((0, false));
+        return Ok(([0; 3], false));
     }
     let outcomes = plan(shared, enc, &mut tx, &taken, now_unix).await?;
     let (ids, live) = ids_and_live(&mut tx, planned(&outcomes), &withdrawing(&outcomes)).await?;
@@ -260,7 +337,12 @@ async fn try_batch(
         )));
     }
     tx.commit().await?;
-    Ok((settled.done.len() + settled.failed.len(), changed))
+    let counts = [
+        settled.done.len(),
+        settled.failed.len(),
+        settled.retry.len(),
+    ];
+    Ok((counts, changed))
 }
 
 fn unix(t: OffsetDateTime) -> u32 {

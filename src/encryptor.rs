@@ -190,6 +190,47 @@ impl From<KeyStoreError> for EncryptorError {
     }
 }
 
+/// `casd_encryptor_key_version{kind}` (pmk, glk) and
+/// `casd_encryptor_group_keys`, from the key metadata every 10 s (no
+/// sealed column read). For the process running the Encryptor role.
+pub fn watch_keys(shared: &crate::app::Shared) {
+    let m = &shared.metrics;
+    if !m.is_on() {
+        return;
+    }
+    let version = |k: &str| {
+        m.gauge(
+            "casd_encryptor_key_version",
+            "Version of the key family sealed with now.",
+            &[("kind", k.into())],
+        )
+    };
+    let (pmk, glk) = (version("pmk"), version("glk"));
+    let groups = m.gauge(
+        "casd_encryptor_group_keys",
+        "Groups with a group key in use.",
+        &[],
+    );
+    let db = shared.db.clone();
+    crate::metrics::every(KEY_METRICS_EVERY, shared.shutdown.clone(), move || {
+        let (db, pmk, glk, groups) = (db.clone(), pmk.clone(), glk.clone(), groups.clone());
+        async move {
+            let Ok(mut c) = db.conn().await else { return };
+            let now = crate::metrics::unix_now() as u32;
+            for (g, kind) in [(&pmk, KeyKind::Pmk), (&glk, KeyKind::Global)] {
+                if let Ok(Some(meta)) = crate::keystore::current_meta(&mut c, kind, now).await {
+                    g.set(f64::from(meta.version));
+                }
+            }
+            if let Ok(n) = crate::keystore::group_key_count(&mut c, now).await {
+                groups.set(n as f64);
+            }
+        }
+    });
+}
+
+const KEY_METRICS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The in-process Encryptor.
 #[derive(Clone, Debug)]
 pub struct LocalEncryptor {
@@ -201,6 +242,44 @@ pub struct LocalEncryptor {
     /// `keys.next_root_key_file`: the root key a rotation moves to.
     next_root_file: Option<std::path::PathBuf>,
     max_section_bytes: usize,
+    seals: SealMetrics,
+}
+
+/// `casd_encryptor_seals_total{addressing}` and
+/// `casd_encryptor_seal_errors_total` (no-ops until
+/// [`LocalEncryptor::with_metrics`]).
+#[derive(Clone, Debug)]
+struct SealMetrics {
+    /// unique, group, global.
+    by_addressing: [metrics::Counter; 3],
+    errors: metrics::Counter,
+}
+
+impl SealMetrics {
+    fn new(m: &crate::metrics::Metrics) -> SealMetrics {
+        let seals = |a: &str| {
+            m.counter(
+                "casd_encryptor_seals_total",
+                "EMMs sealed by the Encryptor, by addressing.",
+                &[("addressing", a.into())],
+            )
+        };
+        SealMetrics {
+            by_addressing: ["unique", "group", "global"].map(seals),
+            errors: m.counter(
+                "casd_encryptor_seal_errors_total",
+                "Seal jobs the Encryptor could not seal (unknown key, too large, invalid, store error).",
+                &[],
+            ),
+        }
+    }
+
+    fn count(&self, address: usize, ok: bool) {
+        match ok {
+            true => self.by_addressing[address].increment(1),
+            false => self.errors.increment(1),
+        }
+    }
 }
 
 impl LocalEncryptor {
@@ -210,7 +289,14 @@ impl LocalEncryptor {
             root_gate: Default::default(),
             next_root_file: None,
             max_section_bytes,
+            seals: SealMetrics::new(&crate::metrics::Metrics::off()),
         }
+    }
+
+    /// Counting seals in `m`.
+    pub fn with_metrics(mut self, m: &crate::metrics::Metrics) -> Self {
+        self.seals = SealMetrics::new(m);
+        self
     }
 
     /// With the root key file a root rotation moves to.
@@ -351,7 +437,14 @@ impl Encryptor for LocalEncryptor {
             // "The version to use now" is looked up once per family per batch.
             let mut current = HashMap::new();
             for job in jobs {
-                out.push(self.seal_one(job, &mut current).await?);
+                let address = match job.address {
+                    Address::Unique { .. } => 0,
+                    Address::Group { .. } => 1,
+                    Address::Global => 2,
+                };
+                let sealed = self.seal_one(job, &mut current).await;
+                self.seals.count(address, matches!(sealed, Ok(Ok(_))));
+                out.push(sealed?);
             }
             Ok(out)
         })

@@ -162,6 +162,19 @@ pub fn current_version_subquery(kind: KeyKind, now: u32) -> (String, Vec<mysql_a
     )
 }
 
+/// Groups with a group key in use at `now` (unix s): metadata only, for
+/// `casd_encryptor_group_keys`.
+pub async fn group_key_count(conn: &mut mysql_async::Conn, now: u32) -> Result<u64, DbError> {
+    let n: Option<u64> = conn
+        .exec_first(
+            "SELECT COUNT(DISTINCT group_id) FROM `keys` WHERE kind = 'group' \
+             AND state <> 'retired' AND activates_at <= FROM_UNIXTIME(?)",
+            (now,),
+        )
+        .await?;
+    Ok(n.unwrap_or(0))
+}
+
 /// Every key row's metadata, by kind, group and version (`casd keys
 /// status`).
 pub async fn list_all_meta(conn: &mut mysql_async::Conn) -> Result<Vec<KeyMeta>, DbError> {

@@ -205,6 +205,7 @@ pub fn config(db_url: &str, destination: std::net::SocketAddr) -> crate::config:
          [api]\nplain_http = true\nrequest_log = \"{dir}/requests.jsonl\"\n\
          [keys]\nroot_key_file = \"{dir}/root.key\"\n\
          [emmg]\npoll_interval_ms = 50\n\
+         [metrics]\nlisten = \"\"\n\
          [cycler]\npoll_interval_ms = 20\nburst_interval_ms = 20\nlog_file = \"{dir}/carousel.jsonl\"\n\
          [[cycler.outputs]]\nname = \"test\"\ndestination = \"{destination}\"\nbitrate = 2000000\n",
         dir = dir.display()
@@ -354,6 +355,7 @@ pub fn shared(
             },
         ),
         encryptor,
+        metrics: crate::metrics::Metrics::off(),
     }
 }
 

@@ -41,7 +41,7 @@ pub use pacing::Pacer;
 #[cfg(feature = "player")]
 pub use player::{
     AsyncOutput, AsyncUdpOutput, BlockingOutput, Carousel, PlayRecord, PlayerConfig, PlayerHandle,
-    PlayerStats, RealTime, SpawnError,
+    PlayerStats, RealTime, SpawnError, StatsReader,
 };
 pub use schedule::{Class, Emm, InsertError, Lane, Played, Schedule, ScheduleConfig};
 pub use section::{LongHeader, Section, SectionError, TableId};

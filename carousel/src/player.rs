@@ -50,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::mux::{Mux, MuxConfig, MuxConfigError};
 use crate::output::{MemoryOutput, Output, UdpOutput};
-use crate::schedule::{Emm, Lane, Schedule, ScheduleConfig};
+use crate::schedule::{Class, Emm, Lane, Schedule, ScheduleConfig};
 use crate::section::{Section, SectionError};
 
 /// A blocking output played from a dedicated thread.
@@ -181,6 +181,13 @@ struct Counters {
     rejected: AtomicU64,
     live: AtomicU64,
     cycle: AtomicU64,
+    /// Live EMMs per [`Class`] (index = class).
+    live_by_class: [AtomicU64; 3],
+    fast_lane: AtomicU64,
+    /// Timeline ms of the last datagram (0: none yet).
+    last_datagram_ms: AtomicU64,
+    /// Timeline ms of the last full pass (0: none completed yet).
+    last_cycle_ms: AtomicU64,
 }
 
 /// A snapshot of a player's counters.
@@ -197,6 +204,16 @@ pub struct PlayerStats {
     pub rejected: u64,
     pub live: u64,
     pub cycle: u64,
+    /// Live EMMs per class (index = `Class as usize`).
+    pub live_by_class: [u64; 3],
+    /// EMMs in the fast lane.
+    pub fast_lane: u64,
+    /// Unix ms (on the player's timeline) of the last datagram; 0 before
+    /// the first.
+    pub last_datagram_unix_ms: u64,
+    /// Duration of the last full pass of the cycle, in ms; 0 before the
+    /// first pass completed.
+    pub last_cycle_ms: u64,
 }
 
 impl Counters {
@@ -211,6 +228,10 @@ impl Counters {
             rejected: r(&self.rejected),
             live: r(&self.live),
             cycle: r(&self.cycle),
+            live_by_class: self.live_by_class.each_ref().map(r),
+            fast_lane: r(&self.fast_lane),
+            last_datagram_unix_ms: r(&self.last_datagram_ms),
+            last_cycle_ms: r(&self.last_cycle_ms),
         }
     }
 }
@@ -294,6 +315,11 @@ impl PlayerHandle {
     pub fn stats(&self) -> PlayerStats {
         self.counters.snapshot()
     }
+    /// A reader of this player's counters that outlives the handle (for a
+    /// metrics scrape: loads of atomics, nothing on the play-out path).
+    pub fn stats_reader(&self) -> StatsReader {
+        StatsReader(self.counters.clone())
+    }
     /// True when the player runs on its own thread (real clock), false for
     /// a tokio task (tokio time).
     pub fn is_thread(&self) -> bool {
@@ -307,6 +333,16 @@ impl PlayerHandle {
             Join::Thread(rx) => rx.await.ok(),
         };
         done.unwrap_or_else(|| self.counters.snapshot())
+    }
+}
+
+/// Reads a player's live counters (see [`PlayerHandle::stats_reader`]).
+#[derive(Clone, Debug)]
+pub struct StatsReader(Arc<Counters>);
+
+impl StatsReader {
+    pub fn stats(&self) -> PlayerStats {
+        self.0.snapshot()
     }
 }
 
@@ -365,6 +401,7 @@ impl Carousel {
             schedule: Schedule::new(config.schedule),
             mux,
             anchor_ms: anchor,
+            pass: (0, 0),
             rec: Recorder {
                 name: name.clone(),
                 records,
@@ -476,6 +513,9 @@ struct Core {
     schedule: Schedule,
     mux: Mux,
     anchor_ms: u64,
+    /// The pass in progress and the timeline ms it started at (0: its
+    /// start was not seen), for the last full pass's duration.
+    pass: (u64, u64),
     rec: Recorder,
 }
 
@@ -537,6 +577,16 @@ impl Core {
             Some(p.section)
         })?;
         self.rec.emit(now_ms);
+        let c = &self.rec.counters;
+        c.last_datagram_ms.store(now_ms, Ordering::Relaxed);
+        let cycle = self.schedule.cycle();
+        if cycle != self.pass.0 {
+            if self.pass.1 != 0 && cycle == self.pass.0 + 1 {
+                c.last_cycle_ms
+                    .store(now_ms.saturating_sub(self.pass.1), Ordering::Relaxed);
+            }
+            self.pass = (cycle, now_ms);
+        }
         Some(datagram)
     }
 
@@ -556,6 +606,12 @@ impl Core {
         let c = &self.rec.counters;
         c.cycle.store(self.schedule.cycle(), Ordering::Relaxed);
         c.live.store(self.schedule.len() as u64, Ordering::Relaxed);
+        for class in Class::ALL {
+            c.live_by_class[class as usize]
+                .store(self.schedule.class_len(class) as u64, Ordering::Relaxed);
+        }
+        c.fast_lane
+            .store(self.schedule.fast_lane_len() as u64, Ordering::Relaxed);
         let source_ready = self.schedule.next_due().map(|t| {
             if t == 0 {
                 Duration::ZERO

@@ -300,6 +300,14 @@ impl Schedule {
     pub fn contains(&self, id: u64) -> bool {
         self.index.contains_key(&id) || self.burst.contains_key(&id)
     }
+    /// Live EMMs of `class` in the cycle and in the fast lane.
+    pub fn class_len(&self, class: Class) -> usize {
+        self.rings[class.index()].len + self.burst_due[class.index()].len()
+    }
+    /// EMMs still in the fast lane (not yet joined the cycle).
+    pub fn fast_lane_len(&self) -> usize {
+        self.burst.len()
+    }
     /// Number of the pass in progress.
     pub fn cycle(&self) -> u64 {
         self.cycle

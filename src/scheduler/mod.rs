@@ -363,6 +363,66 @@ pub struct Scheduler {
     pub tick: Duration,
     jobs: Arc<Vec<JobEntry>>,
     wake: Arc<Notify>,
+    metrics: Arc<std::collections::BTreeMap<String, JobMetrics>>,
+}
+
+/// The `casd_scheduler_job_*` handles of one job.
+struct JobMetrics {
+    last_success: metrics::Gauge,
+    last_duration: metrics::Gauge,
+    failures: metrics::Counter,
+    lease_held: metrics::Gauge,
+}
+
+impl JobMetrics {
+    fn new(m: &crate::metrics::Metrics, e: &JobEntry) -> JobMetrics {
+        let l = [("job", e.job.name().to_string())];
+        let period = match e.schedule {
+            Schedule::Every(d) => d.as_secs_f64(),
+            Schedule::DailyAt { .. } => 86_400.0,
+            Schedule::Manual => 0.0,
+        };
+        m.gauge(
+            "casd_scheduler_job_period_seconds",
+            "Configured period of the job (daily = 86400, manual = 0).",
+            &l,
+        )
+        .set(period);
+        JobMetrics {
+            last_success: m.gauge(
+                "casd_scheduler_job_last_success_timestamp_seconds",
+                "Unix time at which this instance last finished a run of the job successfully.",
+                &l,
+            ),
+            last_duration: m.gauge(
+                "casd_scheduler_job_last_duration_seconds",
+                "Duration of the job's last run by this instance.",
+                &l,
+            ),
+            failures: m.counter(
+                "casd_scheduler_job_failures_total",
+                "Runs of the job by this instance that did not succeed.",
+                &l,
+            ),
+            lease_held: m.gauge(
+                "casd_scheduler_lease_held",
+                "1 while this instance holds the job's lease (runs it), else 0.",
+                &l,
+            ),
+        }
+    }
+
+    fn finished(&self, ok: bool, took: Duration) {
+        self.last_duration.set(took.as_secs_f64());
+        if ok {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.last_success.set(now);
+        } else {
+            self.failures.increment(1);
+        }
+    }
 }
 
 /// `host:pid:random`: unique per process even when pids repeat.
@@ -420,6 +480,16 @@ impl Scheduler {
             },
             lease: Duration::from_secs(sc.lease_seconds),
             tick: Duration::from_millis(sc.tick_ms.max(1)),
+            metrics: Arc::new(
+                jobs.iter()
+                    .map(|e| {
+                        (
+                            e.job.name().to_string(),
+                            JobMetrics::new(&shared.metrics, e),
+                        )
+                    })
+                    .collect(),
+            ),
             jobs: Arc::new(jobs),
             wake: Default::default(),
             shared,
@@ -522,6 +592,11 @@ impl Scheduler {
         let Some(fence) = lease::acquire(&mut c, &lname, &self.holder, self.lease).await? else {
             return Ok(None);
         };
+        let metrics = self.metrics.get(&name);
+        let started = std::time::Instant::now();
+        if let Some(m) = metrics {
+            m.lease_held.set(1.0);
+        }
         let ctx = JobCtx {
             shared: self.shared.clone(),
             enc: self.enc.clone(),
@@ -537,6 +612,9 @@ impl Scheduler {
             Ok(Some(started)) => started,
             other => {
                 let _ = lease::release(&mut c, &lname, &self.holder, fence).await;
+                if let Some(m) = metrics {
+                    m.lease_held.set(0.0);
+                }
                 return other.map(|_| None);
             }
         };
@@ -552,7 +630,13 @@ impl Scheduler {
             r = e.job.run(&ctx) => r,
             _ = self.renew(&ctx, &lname) => unreachable!("renewal never ends on its own"),
         };
-        self.finish(&ctx, &lname, result).await.map(Some)
+        let ok = result.is_ok();
+        let finished = self.finish(&ctx, &lname, result).await;
+        if let Some(m) = metrics {
+            m.lease_held.set(0.0);
+            m.finished(ok && finished.is_ok(), started.elapsed());
+        }
+        finished.map(Some)
     }
 
     /// Renews the run's lease every third of its length until dropped; a

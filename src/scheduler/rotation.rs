@@ -297,6 +297,48 @@ fn creation(glks: &[KeyMeta], now: u32, sc: &crate::config::SchedulerConfig) -> 
     }
 }
 
+/// `casd_encryptor_next_rotation_seconds{kind}` (gk, glk: one rotation
+/// makes both) from the GLK metadata every 10 s: seconds until the next
+/// scheduled activation, negative when overdue. Nothing when rotation is
+/// off (`rotation_days = 0`). For the process running the Scheduler role.
+pub fn watch_next_rotation(shared: &crate::app::Shared) {
+    let m = &shared.metrics;
+    let period = u64::from(shared.cfg.scheduler.rotation_days) * 86_400;
+    if !m.is_on() || period == 0 {
+        return;
+    }
+    let gauge = |k: &str| {
+        m.gauge(
+            "casd_encryptor_next_rotation_seconds",
+            "Seconds until the next scheduled key rotation (negative = overdue).",
+            &[("kind", k.into())],
+        )
+    };
+    let gauges = [gauge("gk"), gauge("glk")];
+    let db = shared.db.clone();
+    let every = std::time::Duration::from_secs(10);
+    crate::metrics::every(every, shared.shutdown.clone(), move || {
+        let (db, gauges) = (db.clone(), gauges.clone());
+        async move {
+            let Ok(mut c) = db.conn().await else { return };
+            let Ok(glks) = list_meta(&mut c, KeyKind::Global).await else {
+                return;
+            };
+            let newest = glks
+                .iter()
+                .filter(|m| m.state != "retired")
+                .map(|m| m.activates_at)
+                .max();
+            if let Some(at) = newest {
+                let left = (u64::from(at) + period) as f64 - crate::metrics::unix_now();
+                for g in &gauges {
+                    g.set(left);
+                }
+            }
+        }
+    });
+}
+
 /// When the new versions activate: the run's `activates_at` or
 /// `activates_in_s` parameter, else the lead time from now but not before
 /// the scheduled time.

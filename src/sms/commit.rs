@@ -64,6 +64,16 @@ impl Committer {
     /// runtime and its own database connections. The thread ends when
     /// every handle is dropped and the queue is empty.
     pub fn start(db: Db, batch: usize, committers: usize) -> Committer {
+        Self::start_observed(db, batch, committers, metrics::Histogram::noop())
+    }
+
+    /// [`Committer::start`], recording each round's size in `round_size`.
+    pub fn start_observed(
+        db: Db,
+        batch: usize,
+        committers: usize,
+        round_size: metrics::Histogram,
+    ) -> Committer {
         let batch = batch.max(1);
         let (tx, rx) = mpsc::channel::<Job>(batch * 16);
         let rx = Arc::new(Mutex::new(rx));
@@ -94,6 +104,7 @@ impl Committer {
                             batch,
                             hint.clone(),
                             stage.clone(),
+                            round_size.clone(),
                         ));
                     }
                     while set.join_next().await.is_some() {}
@@ -103,6 +114,16 @@ impl Committer {
             tracing::error!("cannot start the SMS committer thread: {e}");
         }
         Committer { tx }
+    }
+
+    /// Reads how many commands wait in the queue, without keeping the
+    /// committer alive (for a metrics scrape).
+    pub fn waiting(&self) -> impl Fn() -> usize + Send + Sync + 'static {
+        let tx = self.tx.downgrade();
+        move || {
+            tx.upgrade()
+                .map_or(0, |tx| tx.max_capacity() - tx.capacity())
+        }
     }
 
     /// Stores `sub` (with whatever else is waiting) and returns its
@@ -126,6 +147,7 @@ async fn run(
     batch: usize,
     hint: Arc<store::SlotHint>,
     stage: Arc<Mutex<()>>,
+    round_size: metrics::Histogram,
 ) {
     let mut jobs: Vec<Job> = Vec::with_capacity(batch);
     // The task's own connection, kept between batches; dropped after a
@@ -151,6 +173,7 @@ async fn run(
                 return; // every handle dropped and nothing queued
             }
         }
+        round_size.record(jobs.len() as f64);
         let (subs, dones): (Vec<Submission>, Vec<_>) =
             jobs.drain(..).map(|j| (j.sub, j.done)).unzip();
         let work = async {

@@ -53,6 +53,7 @@ pub struct SmsState {
     pub shared: Shared,
     pub log: RequestLog,
     pub committer: commit::Committer,
+    pub metrics: crate::metrics::SmsMetrics,
 }
 
 /// The SMS role's routes, with a request log writing to `api.request_log`.
@@ -67,15 +68,20 @@ pub fn routes(shared: Shared) -> Router {
 
 /// The routes with a given request log (tests keep a handle to flush it).
 pub fn routes_with_log(shared: Shared, log: RequestLog) -> Router {
-    let committer = commit::Committer::start(
+    let metrics =
+        crate::metrics::SmsMetrics::new(&shared.metrics, &CommandKind::ALL.map(|k| k.path()));
+    let committer = commit::Committer::start_observed(
         shared.db.clone(),
         shared.cfg.api.commit_batch,
         shared.cfg.api.committers,
+        metrics.round_size.clone(),
     );
+    metrics.watch_waiting(committer.waiting());
     let state = SmsState {
         shared,
         log,
         committer,
+        metrics,
     };
     let mut r = Router::new();
     for kind in CommandKind::ALL {
@@ -253,6 +259,7 @@ impl Ctx {
         e: impl Into<ApiError>,
     ) -> Response {
         let e: ApiError = e.into();
+        self.st.metrics.refused(e.code);
         let body = e.body().to_string();
         self.finish_unaccepted(sender, tid, message, e.status, body, e.retry_after, false)
             .await
@@ -266,6 +273,7 @@ async fn command(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let metrics = st.metrics.clone();
     let ctx = Ctx {
         st,
         method: "POST",
@@ -273,14 +281,19 @@ async fn command(
         started: Instant::now(),
         received_at: OffsetDateTime::now_utc(),
     };
-    let caller = match caller {
-        Ok(c) => c,
-        Err(e) => return ctx.refuse(None, None, "", e).await,
+    let response = match caller {
+        Err(e) => ctx.refuse(None, None, "", e).await,
+        Ok(caller) => match ctx.admit(kind, &caller, &headers, body).await {
+            Ok(sub) => ctx.submit(sub).await,
+            Err(refused) => refused,
+        },
     };
-    match ctx.admit(kind, &caller, &headers, body).await {
-        Ok(sub) => ctx.submit(sub).await,
-        Err(refused) => refused,
-    }
+    metrics.answered(
+        kind.path(),
+        response.status().as_u16(),
+        ctx.started.elapsed(),
+    );
+    response
 }
 
 impl Ctx {

@@ -19,6 +19,7 @@ mod emmg_worker;
 mod encryptor;
 mod ground;
 mod keystore;
+mod metrics;
 mod openapi;
 mod probe_audit;
 mod probe_headend;
