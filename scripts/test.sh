@@ -13,7 +13,8 @@ cd "$CASD_ROOT"
 need=()
 command -v tshark >/dev/null 2>&1 || need+=(tshark)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
-# tests/it/alerting.rs: promtool, prometheus, amtool, the alertmanager.
+# tests/it/alerting.rs: promtool, prometheus, amtool, the alertmanager;
+# tests/it/metrics.rs: promtool (`promtool check metrics`).
 { command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need+=(prometheus)
 { command -v prometheus-alertmanager && command -v amtool; } >/dev/null 2>&1 || need+=(prometheus-alertmanager)
 # python3 with venv/ensurepip, for schemathesis below.

@@ -160,6 +160,20 @@ pub async fn run_with_metrics(
     };
     let auth = start_auth(&cfg, &db).await;
     let metrics = start_metrics(metrics_listener, &db, &shutdown)?;
+    if let Some(at) = cfg
+        .api
+        .tls_cert
+        .as_deref()
+        .and_then(crate::tls::not_after_unix)
+    {
+        metrics
+            .gauge(
+                "casd_tls_certificate_expiry_timestamp_seconds",
+                "notAfter of the API's TLS certificate (Unix seconds).",
+                &[],
+            )
+            .set(at as f64);
+    }
     let encryptor = encryptor_for(&cfg, &db, &roles, &metrics).await?;
     let shared = Shared {
         cfg: std::sync::Arc::new(cfg),

@@ -190,8 +190,9 @@ pub async fn run(shared: Shared) -> anyhow::Result<()> {
 
 /// The per-output `casd_cycler_*` metrics, read from the players'
 /// counters at scrape time (nothing added to the play-out loop), and the
-/// play-out log lines dropped.
-fn watch_outputs(shared: &Shared, players: &[PlayerHandle], log: &JsonLog) {
+/// play-out log lines dropped. Public for the metrics bench
+/// (tests/it/metrics_bench.rs), which measures it on a player.
+pub fn watch_outputs(shared: &Shared, players: &[PlayerHandle], log: &JsonLog) {
     let m = &shared.metrics;
     let targets = shared.cfg.cycler.cycle_targets_s();
     let mut readers = Vec::new();
@@ -237,6 +238,7 @@ fn watch_outputs(shared: &Shared, players: &[PlayerHandle], log: &JsonLog) {
                 "casd_cycler_cycle_seconds",
                 "Duration of the last full pass of the cycle (every class plays once per pass).",
             ),
+            started_ms: unix_ms(),
         };
         let target = per_class(
             "casd_cycler_cycle_target_seconds",
@@ -275,6 +277,15 @@ struct OutputMetrics {
     last_age: metrics::Gauge,
     live: [metrics::Gauge; 3],
     cycle: [metrics::Gauge; 3],
+    /// When the output started (Unix ms): an output that never sent is
+    /// as old as the output.
+    started_ms: u64,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl OutputMetrics {
@@ -292,13 +303,12 @@ impl OutputMetrics {
         for g in &self.cycle {
             g.set(s.last_cycle_ms as f64 / 1000.0);
         }
-        if s.last_datagram_unix_ms > 0 {
-            let now_ms = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            self.last_age
-                .set(now_ms.saturating_sub(s.last_datagram_unix_ms) as f64 / 1000.0);
-        }
+        let last = match s.last_datagram_unix_ms {
+            0 => self.started_ms,
+            at => at,
+        };
+        self.last_age
+            .set(unix_ms().saturating_sub(last) as f64 / 1000.0);
     }
 }
 

@@ -56,6 +56,17 @@ pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, 
     server_config(certs, key)
 }
 
+/// The leaf certificate's notAfter (Unix seconds) in the PEM chain at
+/// `cert`, for `casd_tls_certificate_expiry_timestamp_seconds`; `None`
+/// when it cannot be read (`load_server_config` has said why already).
+pub fn not_after_unix(cert: &Path) -> Option<u64> {
+    use x509_cert::der::Decode;
+    let leaf = CertificateDer::pem_file_iter(cert).ok()?.next()?.ok()?;
+    let parsed = x509_cert::Certificate::from_der(&leaf).ok()?;
+    let not_after = parsed.tbs_certificate.validity.not_after;
+    Some(not_after.to_unix_duration().as_secs())
+}
+
 /// A server config from DER certificates (leaf first) and key.
 pub fn server_config(
     certs: Vec<CertificateDer<'static>>,
@@ -123,4 +134,21 @@ pub async fn serve_tls(
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod expiry_tests {
+    #[test]
+    fn not_after_is_the_leaf_certificates() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2031, 5, 6);
+        let cert = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cert.pem");
+        std::fs::write(&path, cert.pem()).unwrap();
+        // 2031-05-06T00:00:00Z
+        assert_eq!(super::not_after_unix(&path), Some(1_935_792_000));
+        assert_eq!(super::not_after_unix(&dir.path().join("none.pem")), None);
+    }
 }

@@ -20,6 +20,7 @@ mod encryptor;
 mod ground;
 mod keystore;
 mod metrics;
+mod metrics_bench;
 mod openapi;
 mod probe_audit;
 mod probe_headend;
