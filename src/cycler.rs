@@ -323,9 +323,10 @@ fn watch_events_behind(shared: &Shared, stats: Arc<CyclerStats>) {
         "carousel_events rows written but not yet applied by this Cycler.",
         &[],
     );
-    let (db, stop) = (shared.db.clone(), shared.shutdown.clone());
-    tokio::spawn(async move {
-        loop {
+    let db = shared.db.clone();
+    crate::metrics::every(PROBE_EVERY, shared.shutdown.clone(), move || {
+        let (db, stats, behind) = (db.clone(), stats.clone(), behind.clone());
+        async move {
             let max: anyhow::Result<Option<u64>> = async {
                 let mut c = db.conn().await?;
                 Ok(
@@ -339,13 +340,11 @@ fn watch_events_behind(shared: &Shared, stats: Arc<CyclerStats>) {
                 let seen = stats.watermark.load(Ordering::Relaxed);
                 behind.set(max.saturating_sub(seen) as f64);
             }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
         }
     });
 }
+
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 struct Follower {
     shared: Shared,

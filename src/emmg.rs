@@ -284,19 +284,17 @@ fn watch_backlog(shared: &Shared) {
         "Age of the oldest pending work item (0 when none).",
         &[],
     );
-    let (db, stop) = (shared.db.clone(), shared.shutdown.clone());
-    tokio::spawn(async move {
-        loop {
+    let db = shared.db.clone();
+    let every = Duration::from_secs(1);
+    crate::metrics::every(every, shared.shutdown.clone(), move || {
+        let (db, pending, oldest) = (db.clone(), pending.clone(), oldest.clone());
+        async move {
             let backlog =
                 async { Ok::<_, EmmgError>(queue::backlog(&mut db.conn().await?).await?) };
             // Unknown while the database is away: keep the last values.
             if let Ok((n, age)) = backlog.await {
                 pending.set(n as f64);
                 oldest.set(age);
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     });

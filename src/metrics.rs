@@ -228,17 +228,11 @@ pub fn watch_database(m: &Metrics, db: Db, shutdown: CancellationToken) {
         "1 when the database answered the last ping (every second), else 0.",
         &[],
     );
-    tokio::spawn(async move {
-        loop {
-            let ok = matches!(
-                tokio::time::timeout(PROBE_INTERVAL, db.ping()).await,
-                Ok(Ok(()))
-            );
-            up.set(if ok { 1.0 } else { 0.0 });
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-            }
+    every(PROBE_INTERVAL, shutdown, move || {
+        let (db, up) = (db.clone(), up.clone());
+        async move {
+            let ping = tokio::time::timeout(PROBE_INTERVAL, db.ping()).await;
+            up.set(if matches!(ping, Ok(Ok(()))) { 1.0 } else { 0.0 });
         }
     });
 }

@@ -401,20 +401,50 @@ pub struct Running {
     /// `http://addr`.
     pub base: String,
     pub stop: tokio_util::sync::CancellationToken,
+    /// Where `GET /metrics` is served, when started with
+    /// [`Running::start_with_metrics`].
+    pub metrics: Option<std::net::SocketAddr>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Running {
     /// Starts `crate::app::run` with `roles`; does not wait for readiness.
     pub async fn start(cfg: crate::config::Config, roles: Vec<crate::config::Role>) -> Running {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Running::spawn(cfg, roles, false).await
+    }
+
+    /// [`Running::start`] with the metrics endpoint on a 127.0.0.1:0
+    /// listener of its own (whatever `[metrics] listen` says).
+    pub async fn start_with_metrics(
+        cfg: crate::config::Config,
+        roles: Vec<crate::config::Role>,
+    ) -> Running {
+        Running::spawn(cfg, roles, true).await
+    }
+
+    async fn spawn(
+        cfg: crate::config::Config,
+        roles: Vec<crate::config::Role>,
+        metrics: bool,
+    ) -> Running {
+        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+        let listener = bind().await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(crate::app::run(cfg, roles, listener, stop.clone()));
+        let (task, metrics) = if metrics {
+            let m = bind().await.unwrap();
+            let at = m.local_addr().unwrap();
+            let run = crate::app::run_with_metrics(cfg, roles, listener, Some(m), stop.clone());
+            (tokio::spawn(run), Some(at))
+        } else {
+            let run = crate::app::run(cfg, roles, listener, stop.clone());
+            (tokio::spawn(run), None)
+        };
         Running {
             addr,
             base: format!("http://{addr}"),
             stop,
+            metrics,
             task,
         }
     }

@@ -10,11 +10,8 @@ use std::time::{Duration, Instant};
 
 use casd::auth::Scope;
 use casd::config::{Config, Role};
-use casd::testing::{Capture, TcpProxy, TestDb};
+use casd::testing::{Capture, Running, TcpProxy, TestDb};
 use serde_json::json;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 /// Guard against a hung test (not a synchronisation).
 const LIMIT: Duration = Duration::from_secs(30);
@@ -62,52 +59,23 @@ const NAMES: &[&str] = &[
     "process_start_time_seconds",
 ];
 
+/// A headend with its metrics address.
 struct Headend {
     metrics: SocketAddr,
-    api: String,
+    run: Running,
     http: reqwest::Client,
-    stop: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Headend {
     /// Every role on `cfg`, metrics on 127.0.0.1:0; returns once ready.
     async fn start(cfg: Config) -> Headend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let api = format!("http://{}", listener.local_addr().unwrap());
-        let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let metrics = metrics_listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let roles = Role::ALL.to_vec();
-        let task = tokio::spawn(casd::app::run_with_metrics(
-            cfg,
-            roles,
-            listener,
-            Some(metrics_listener),
-            stop.clone(),
-        ));
-        let h = Headend {
-            metrics,
-            api,
+        let run = Running::start_with_metrics(cfg, Role::ALL.to_vec()).await;
+        run.ready().await;
+        Headend {
+            metrics: run.metrics.expect("metrics address"),
+            run,
             http: reqwest::Client::new(),
-            stop,
-            task,
-        };
-        h.wait_ready().await;
-        h
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + LIMIT;
-        while Instant::now() < deadline {
-            if let Ok(r) = self.http.get(format!("{}/readyz", self.api)).send().await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("headend never ready");
     }
 
     async fn scrape(&self) -> String {
@@ -129,7 +97,7 @@ impl Headend {
 
     async fn post(&self, bearer: &str, path: &str, body: serde_json::Value) -> u16 {
         self.http
-            .post(format!("{}{path}", self.api))
+            .post(format!("{}{path}", self.run.base))
             .header("authorization", bearer)
             .json(&body)
             .send()
@@ -140,8 +108,7 @@ impl Headend {
     }
 
     async fn stop(self) {
-        self.stop.cancel();
-        self.task.await.unwrap().unwrap();
+        self.run.shutdown().await.unwrap();
     }
 }
 
@@ -406,29 +373,14 @@ async fn metrics_listen_binds_the_configured_address_and_empty_is_off() {
         .unwrap();
     for (listen, served) in [(port.to_string(), true), (String::new(), false)] {
         cfg.metrics.listen = listen;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let api = format!("http://{}", listener.local_addr().unwrap());
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(casd::app::run(
-            cfg.clone(),
-            vec![Role::Sms],
-            listener,
-            stop.clone(),
-        ));
-        let h = Headend {
-            metrics: port,
-            api,
-            http: reqwest::Client::new(),
-            stop,
-            task,
-        };
+        let run = Running::start(cfg.clone(), vec![Role::Sms]).await;
         // `run` binds the metrics listener before any role starts.
-        h.wait_ready().await;
+        run.ready().await;
         let result = scrape(port).await;
         match served {
             true => assert!(result.expect("served").contains("casd_build_info")),
             false => assert!(result.is_err(), "metrics served with listen = \"\""),
         }
-        h.stop().await;
+        run.shutdown().await.unwrap();
     }
 }
