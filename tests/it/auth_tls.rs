@@ -47,7 +47,7 @@ fn config(url: &str, dir: &TempDir, tls: bool) -> String {
         "plain_http = true\n".to_string()
     };
     format!(
-        "[database]\nurl = \"{url}\"\n[api]\n{api}request_log = \"{d}/req.jsonl\"\n\
+        "[database]\nurl = \"{url}\"\n[metrics]\nlisten = \"\"\n[api]\n{api}request_log = \"{d}/req.jsonl\"\n\
          [cycler]\nlog_file = \"{d}/car.jsonl\"\n[auth]\nsigning_key_file = \"{d}/keys/token.pem\"\n"
     )
 }

@@ -73,7 +73,7 @@ async fn two_processes_migrating_at_once_apply_each_file_once() {
 
 fn test_config(url: &str) -> Config {
     let text = format!(
-        "[database]\nurl = \"{url}\"\n[api]\nplain_http = true\nrequest_log = \"{dir}/req.jsonl\"\n[cycler]\nlog_file = \"{dir}/car.jsonl\"\n",
+        "[database]\nurl = \"{url}\"\n[metrics]\nlisten = \"\"\n[api]\nplain_http = true\nrequest_log = \"{dir}/req.jsonl\"\n[cycler]\nlog_file = \"{dir}/car.jsonl\"\n",
         dir = std::env::temp_dir().display()
     );
     Config::from_toml_str(&text, std::path::Path::new("test.toml"), std::iter::empty()).unwrap()
@@ -172,7 +172,7 @@ fn misspelt_key_gives_one_clear_line() {
 #[test]
 fn unreachable_database_gives_one_clear_line() {
     // Port 1 on loopback: nothing listens there.
-    let f = write_config("[database]\nurl = \"mysql://u:secretpw@127.0.0.1:1/x\"\nconnect_timeout_s = 2\n[api]\nplain_http = true\nlisten = \"127.0.0.1:0\"\n");
+    let f = write_config("[database]\nurl = \"mysql://u:secretpw@127.0.0.1:1/x\"\nconnect_timeout_s = 2\n[metrics]\nlisten = \"\"\n[api]\nplain_http = true\nlisten = \"127.0.0.1:0\"\n");
     let out = casd_bin()
         .arg("--config")
         .arg(&f.0)

@@ -80,6 +80,35 @@ async fn wait_ready(http: &reqwest::Client, port: u16, p: &mut Proc) {
     panic!("{} never ready", p.role);
 }
 
+/// Every process serves `GET /metrics` (plain HTTP, no token) with the
+/// process metrics, its TLS certificate's expiry and its own role's
+/// metrics, and not another role's.
+async fn every_process_serves_its_metrics(ports: &HashMap<&str, u16>) {
+    let own = [
+        ("sms", "casd_sms_requests_total"),
+        ("emmg", "casd_emmg_items_total"),
+        ("encryptor", "casd_encryptor_seals_total"),
+        ("cycler", "casd_cycler_datagrams_sent_total"),
+        ("scheduler", "casd_scheduler_lease_held"),
+    ];
+    for (role, metric) in own {
+        let url = format!("http://127.0.0.1:{}/metrics", ports[role]);
+        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        for m in [
+            metric,
+            "casd_build_info",
+            "casd_database_up",
+            "casd_tls_certificate_expiry_timestamp_seconds",
+            "process_open_fds",
+        ] {
+            assert!(text.contains(&format!("\n{m}")), "{role}: no {m} at {url}");
+        }
+        for (other, m) in own.iter().filter(|(r, _)| *r != role) {
+            assert!(!text.contains(m), "{role} serves {other}'s {m}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_processes_over_tls_sms_to_air_and_encryptor_outage() {
     let t = TestDb::new().await;
@@ -89,6 +118,11 @@ async fn five_processes_over_tls_sms_to_air_and_encryptor_outage() {
     let d = dir.display().to_string();
     let mut cap = Capture::bind(0x0101).await;
     let ports: HashMap<&str, u16> = ["sms", "emmg", "encryptor", "cycler", "scheduler"]
+        .into_iter()
+        .map(|r| (r, common::free_port()))
+        .collect();
+    // Each process serves its metrics on a port of its own.
+    let metrics_ports: HashMap<&str, u16> = ["sms", "emmg", "encryptor", "cycler", "scheduler"]
         .into_iter()
         .map(|r| (r, common::free_port()))
         .collect();
@@ -143,11 +177,12 @@ async fn five_processes_over_tls_sms_to_air_and_encryptor_outage() {
         };
         let text = format!(
             "[database]\nurl = \"{url}\"\n[api]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{d}/cert.pem\"\ntls_key = \"{d}/key.pem\"\nrequest_log = \"{d}/{role}-req.jsonl\"\n\
-             [keys]\nroot_key_file = \"{d}/root.key\"\n[emmg]\npoll_interval_ms = 20\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[keys]\nroot_key_file = \"{d}/root.key\"\n[emmg]\npoll_interval_ms = 20\n\
              [cycler]\nlog_file = \"{d}/car.jsonl\"\nburst_interval_ms = 20\npoll_interval_ms = 10\n[[cycler.outputs]]\nname = \"t\"\ndestination = \"{dest}\"\nbitrate = 4000000\n\
              [auth]\ntoken_endpoint = {token_endpoint}\nsigning_key_file = \"{d}/token.pem\"\n{extra}",
             url = t.url,
             port = ports[role],
+            metrics_port = metrics_ports[role],
             dest = cap.addr(),
         );
         let config = dir.join(format!("{role}.toml"));
@@ -172,6 +207,7 @@ async fn five_processes_over_tls_sms_to_air_and_encryptor_outage() {
     for role in ["encryptor", "sms", "emmg", "cycler", "scheduler"] {
         wait_ready(&https, ports[role], procs.get_mut(role).unwrap()).await;
     }
+    every_process_serves_its_metrics(&metrics_ports).await;
 
     let base = format!("https://127.0.0.1:{}", ports["sms"]);
     let mut n = 0;
