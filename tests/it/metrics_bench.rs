@@ -91,7 +91,7 @@ async fn packet_window(metrics: bool) -> f64 {
     let config = PlayerConfig {
         name: "bench".into(),
         mux: MuxConfig {
-            bitrate: 5_000_000_000,
+            bitrate: 100_000_000_000,
             cbr: true,
             ..MuxConfig::default()
         },
