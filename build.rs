@@ -1,5 +1,7 @@
 //! Build script: the git commit casd was built from, for
-//! `casd_build_info{git_sha}` ("unknown" outside a git checkout).
+//! `casd_build_info{git_sha}` ("unknown" outside a git checkout). Not
+//! `CASD_*`: cargo also sets it when running tests, and casd reads every
+//! `CASD_*` variable as a configuration key.
 use std::process::Command;
 
 fn git(args: &[&str]) -> Option<String> {
@@ -10,7 +12,7 @@ fn git(args: &[&str]) -> Option<String> {
 
 fn main() {
     let sha = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    println!("cargo:rustc-env=CASD_GIT_SHA={sha}");
+    println!("cargo:rustc-env=BUILD_GIT_SHA={sha}");
     // Rebuilt when HEAD moves (a commit or a checkout); in a worktree the
     // git directory is elsewhere, so ask git where it is.
     if let Some(dir) = git(&["rev-parse", "--git-dir"]) {

@@ -102,7 +102,7 @@ impl Metrics {
         };
         let build = [
             ("version", env!("CARGO_PKG_VERSION").to_string()),
-            ("git_sha", env!("CASD_GIT_SHA").to_string()),
+            ("git_sha", env!("BUILD_GIT_SHA").to_string()),
         ];
         m.gauge(
             "casd_build_info",
