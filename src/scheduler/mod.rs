@@ -376,7 +376,8 @@ struct JobMetrics {
 
 impl JobMetrics {
     fn new(m: &crate::metrics::Metrics, e: &JobEntry) -> JobMetrics {
-        let l = [("job", e.job.name().to_string())];
+        // Not `job`: Prometheus' own target label, which would clash.
+        let l = [("scheduler_job", e.job.name().to_string())];
         let period = match e.schedule {
             Schedule::Every(d) => d.as_secs_f64(),
             Schedule::DailyAt { .. } => 86_400.0,

@@ -197,7 +197,7 @@ fn allowed(key: &str, v: &str) -> bool {
         ]
         .contains(&v),
         "status" => v.len() == 3 && v.parse::<u16>().is_ok(),
-        "code" | "job" => word(v),
+        "code" | "scheduler_job" => word(v),
         "outcome" => ["done", "failed", "retried"].contains(&v),
         "addressing" => ["unique", "group", "global"].contains(&v),
         "kind" => ["pmk", "glk", "gk"].contains(&v),

@@ -309,7 +309,6 @@ fn client() -> reqwest::Client {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the metrics endpoint (issue 17, metrics half)"]
 async fn prometheus_counts_commands_and_the_database_alert_fires_and_resolves() {
     let s = start_stack().await;
     let http = client();
@@ -345,7 +344,6 @@ async fn prometheus_counts_commands_and_the_database_alert_fires_and_resolves() 
 /// No command is posted: the carousel stays empty, so output "quiet" (no
 /// CAT) never sends, while "main" plays its CAT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs casd_cycler_last_datagram_age_seconds to count from the output's start while it has sent nothing (issue 17, metrics half)"]
 async fn a_silent_output_makes_casd_off_air_fire() {
     let s = start_stack().await;
     let hook = &s.webhook;
