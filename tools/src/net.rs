@@ -261,6 +261,8 @@ mod tests {
     /// over (headers only): pcap files written by casd-probe stay the same.
     #[test]
     fn frames_byte_identical_to_before() {
+        // Frames built in memory and compared byte by byte; nothing is sent
+        // (the addresses only have to be of several kinds).
         let cases: [(&str, &str, Vec<u8>, u16, &str); 3] = [
             (
                 "127.0.0.1:5501",

@@ -56,3 +56,48 @@ pub fn run_alone(path: &str) {
         "{path} alone failed:\n{stdout}\n{stderr}"
     );
 }
+
+/// Every metric casd exports (the metrics contract of issue 17; the
+/// standard process_* ones included). A histogram's `_bucket`, `_sum` and
+/// `_count` series count as its name.
+pub const METRICS: &[&str] = &[
+    "casd_sms_requests_total",
+    "casd_sms_request_duration_seconds",
+    "casd_sms_commit_round_size",
+    "casd_sms_commands_waiting",
+    "casd_sms_refusals_total",
+    "casd_emmg_work_items_pending",
+    "casd_emmg_oldest_pending_age_seconds",
+    "casd_emmg_items_total",
+    "casd_emmg_batch_duration_seconds",
+    "casd_encryptor_seals_total",
+    "casd_encryptor_seal_errors_total",
+    "casd_encryptor_key_version",
+    "casd_encryptor_group_keys",
+    "casd_encryptor_next_rotation_seconds",
+    "casd_cycler_bytes_sent_total",
+    "casd_cycler_packets_sent_total",
+    "casd_cycler_datagrams_sent_total",
+    "casd_cycler_send_errors_total",
+    "casd_cycler_live_emms",
+    "casd_cycler_cycle_seconds",
+    "casd_cycler_cycle_target_seconds",
+    "casd_cycler_fast_lane_depth",
+    "casd_cycler_last_datagram_age_seconds",
+    "casd_cycler_events_behind",
+    "casd_cycler_playout_log_dropped_total",
+    "casd_scheduler_job_last_success_timestamp_seconds",
+    "casd_scheduler_job_last_duration_seconds",
+    "casd_scheduler_job_failures_total",
+    "casd_scheduler_job_period_seconds",
+    "casd_scheduler_lease_held",
+    "casd_database_up",
+    "casd_database_pool_connections_in_use",
+    "casd_build_info",
+    "casd_tls_certificate_expiry_timestamp_seconds",
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
+];
