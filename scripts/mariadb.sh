@@ -8,9 +8,14 @@
 #   /var/lib/mysql), installing Debian's mariadb-server first if it is
 #   missing and we are root. A second run reuses the running instance, or
 #   restarts it on the same data.
+# - Every instance is encrypted at rest (file_key_management, key file
+#   outside the data directory) and serves TLS with a CA made here: see
+#   casd_mariadb_options, the one place the server's options are written.
+#   A data directory from older, unencrypted scripts is moved aside, loudly.
 #
 # Exports: CASD_DATABASE_URL (database `casd`) and CASD_TEST_DATABASE_URL
-# (server only; tests create one database each).
+# (server only; tests create one database each), and writes the CA casd
+# verifies the server with to $CASD_STATE_DIR/mariadb-secrets/ca.pem.
 
 casd_die() { echo "casd: $*" >&2; exit 1; }
 
@@ -42,6 +47,188 @@ casd_db_sql() {
   mariadb --no-defaults --socket="$CASD_DB_DIR/mysqld.sock" -u"$(id -un)" -N -B -e "$1"
 }
 
+# ---------------------------------------------------------------------------
+# One MariaDB instance's options: the ONLY place they are written. The local
+# server below, a replica (scripts' --replicated pair) and the private
+# servers tests start (the `casd::testing` helpers) all use them, so every
+# instance is encrypted at rest and serves TLS the same way.
+#
+# Layout, for an instance directory DIR:
+#   DIR/data/                         data directory (binary and relay logs too)
+#   DIR/my.cnf                        written by casd_mariadb_config
+#   DIR/mysqld.sock, mysqld.pid, error.log
+#   DIR/../mariadb-secrets/           shared by the instances that are siblings
+#                                     of DIR (a primary and its replicas, a
+#                                     restored copy), never inside a data dir:
+#     keyfile                         file_key_management keys, mode 0600
+#     ca.pem, ca-key.pem              the local CA (TLS), key mode 0600
+#     server-cert.pem, server-key.pem 127.0.0.1/localhost, signed by ca.pem
+#
+# casd_mariadb_options DIR PORT SERVER_ID prints the [mysqld] option file
+# (creating the secrets first when missing). Use it as
+#   casd_mariadb_options "$dir" "$port" "$id" >"$dir/my.cnf"
+#   mariadbd --defaults-file="$dir/my.cnf"
+# (mariadb-install-db and mariadb-backup take the same --defaults-file: both
+# need the key plugin to read and write encrypted pages).
+# ---------------------------------------------------------------------------
+
+casd_mariadb_secrets_dir() { echo "$(cd "$(dirname "$1")" && pwd)/mariadb-secrets"; }
+
+# The at-rest keys: file_key_management's format, "id;hex key" per line
+# (AES-256). Created once; never inside a data directory.
+casd_mariadb_keyfile() {
+  local s="$1"
+  [ -s "$s/keyfile" ] && return 0
+  echo "casd: creating the MariaDB at-rest key file $s/keyfile (mode 0600)" >&2
+  (umask 077; echo "1;$(openssl rand -hex 32)" >"$s/keyfile.tmp" && mv "$s/keyfile.tmp" "$s/keyfile") \
+    || casd_die "cannot write $s/keyfile"
+}
+
+# A local CA and one server certificate for 127.0.0.1 and localhost, shared
+# by the local instances (casd verifies the server against ca.pem; replicas
+# verify their primary with MASTER_SSL_CA, see casd_mariadb_master_ssl).
+casd_mariadb_certs() {
+  local s="$1"
+  [ -s "$s/server-cert.pem" ] && [ -s "$s/server-key.pem" ] && [ -s "$s/ca.pem" ] && return 0
+  command -v openssl >/dev/null 2>&1 || casd_die "openssl is needed for the MariaDB TLS certificates (apt-get install openssl)"
+  echo "casd: creating the local MariaDB CA and server certificate in $s" >&2
+  (
+    umask 077
+    set -e
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+      -subj "/CN=casd local MariaDB CA" -keyout "$s/ca-key.pem" -out "$s/ca.pem"
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+      -subj "/CN=localhost" -keyout "$s/server-key.pem" -out "$s/server.csr"
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\n' >"$s/server.ext"
+    openssl x509 -req -in "$s/server.csr" -CA "$s/ca.pem" -CAkey "$s/ca-key.pem" \
+      -CAcreateserial -days 3650 -extfile "$s/server.ext" -out "$s/server-cert.pem"
+    rm -f "$s/server.csr" "$s/server.ext" "$s/ca.srl"
+    chmod 644 "$s/ca.pem" "$s/server-cert.pem"
+  ) >/dev/null 2>&1 || casd_die "openssl failed to create the MariaDB certificates in $s"
+}
+
+casd_mariadb_options() {
+  local dir="$1" port="$2" server_id="$3"
+  [ -n "$dir" ] && [ -n "$port" ] && [ -n "$server_id" ] \
+    || casd_die "usage: casd_mariadb_options DIR PORT SERVER_ID"
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+  local s; s=$(casd_mariadb_secrets_dir "$dir")
+  (umask 077; mkdir -p "$s"); chmod 700 "$s"
+  casd_mariadb_keyfile "$s"
+  casd_mariadb_certs "$s"
+  cat <<OPTS
+[mysqld]
+datadir=$dir/data
+socket=$dir/mysqld.sock
+port=$port
+bind-address=127.0.0.1
+pid-file=$dir/mysqld.pid
+log-error=$dir/error.log
+server-id=$server_id
+skip-name-resolve
+max-connections=1000
+innodb-buffer-pool-size=256M
+innodb-flush-log-at-trx-commit=1
+innodb-lock-wait-timeout=10
+character-set-server=utf8mb4
+collation-server=utf8mb4_general_ci
+# Binary log (replication, point-in-time recovery), GTIDs.
+log-bin=$dir/data/binlog
+relay-log=$dir/data/relay
+binlog-format=ROW
+log-slave-updates=ON
+gtid-strict-mode=ON
+# Encryption at rest: every table (FORCE: a table cannot be created
+# unencrypted), the redo log, temporary tables and files, binary and relay
+# logs, Aria tables. The key file lives outside the data directory.
+plugin-load-add=file_key_management
+file-key-management-filename=$s/keyfile
+file-key-management-encryption-algorithm=AES_CTR
+innodb-encrypt-tables=FORCE
+innodb-encrypt-log=ON
+innodb-encrypt-temporary-tables=ON
+innodb-encryption-threads=2
+encrypt-tmp-files=ON
+encrypt-tmp-disk-tables=ON
+encrypt-binlog=ON
+aria-encrypt-tables=ON
+# TLS for clients (casd: database.tls = "required") and replicas.
+ssl-ca=$s/ca.pem
+ssl-cert=$s/server-cert.pem
+ssl-key=$s/server-key.pem
+tls-version=TLSv1.2,TLSv1.3
+OPTS
+  [ "$(id -u)" = 0 ] && echo "user=root"
+  return 0
+}
+
+# Writes DIR/my.cnf from casd_mariadb_options.
+casd_mariadb_config() {
+  local dir="$1"
+  mkdir -p "$dir"
+  casd_mariadb_options "$@" >"$dir/my.cnf.tmp" || exit 1
+  mv "$dir/my.cnf.tmp" "$dir/my.cnf"
+}
+
+# The CHANGE MASTER TO options for a replica of an instance made by
+# casd_mariadb_options: replication over TLS, the primary verified against
+# the local CA (its certificate names 127.0.0.1). The replication user
+# should be created with REQUIRE SSL.
+casd_mariadb_master_ssl() {
+  local s; s=$(casd_mariadb_secrets_dir "$1")
+  echo "MASTER_SSL=1, MASTER_SSL_CA='$s/ca.pem', MASTER_SSL_VERIFY_SERVER_CERT=1"
+}
+
+# A fresh data directory for the instance in DIR (DIR/my.cnf written): the
+# system tables are created with the same options, so they are encrypted
+# from the first page.
+casd_mariadb_install() {
+  local dir="$1"
+  echo "casd: initialising a private MariaDB in $dir (encrypted at rest)" >&2
+  rm -rf "$dir/data"
+  mariadb-install-db --defaults-file="$dir/my.cnf" \
+    --auth-root-authentication-method=socket --skip-test-db >"$dir/install.log" 2>&1 \
+    || { cat "$dir/install.log" >&2; casd_die "mariadb-install-db failed"; }
+  echo "file_key_management" >"$dir/encrypted-at-rest"
+}
+
+# Starts mariadbd on DIR/my.cnf and waits until it answers on its socket.
+casd_mariadb_start() {
+  local dir="$1" mariadbd; mariadbd=$(casd_find_mariadbd)
+  rm -f "$dir/mysqld.sock" "$dir/mysqld.pid"
+  # setsid: the server outlives this script (a second run reuses it).
+  setsid "$mariadbd" --defaults-file="$dir/my.cnf" </dev/null >/dev/null 2>&1 &
+  local i
+  for i in $(seq 1 300); do
+    mariadb-admin --no-defaults --socket="$dir/mysqld.sock" -u"$(id -un)" ping >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  tail -20 "$dir/error.log" >&2
+  casd_die "MariaDB did not start (log: $dir/error.log)"
+}
+
+# Data from before encryption at rest (an older casd's scripts): a running
+# server without it is stopped, and its plain data directory is moved aside
+# (never reused: its files, redo log and binary logs would stay readable).
+casd_mariadb_retire_plain() {
+  local dir="$1"
+  if casd_db_ping && [ "$(casd_db_sql 'SELECT @@innodb_encrypt_tables' 2>/dev/null)" != FORCE ]; then
+    echo "casd: WARNING: the running MariaDB in $dir is not encrypted at rest; stopping it" >&2
+    mariadb-admin --no-defaults --socket="$dir/mysqld.sock" -u"$(id -un)" shutdown \
+      || casd_die "cannot stop the unencrypted MariaDB in $dir"
+  fi
+  if [ -d "$dir/data/mysql" ] && [ ! -f "$dir/encrypted-at-rest" ]; then
+    local old; old="$dir/data.unencrypted.$(date -u +%Y%m%dT%H%M%SZ)"
+    mv "$dir/data" "$old"
+    echo "casd: WARNING: ******************************************************" >&2
+    echo "casd: WARNING: $dir/data was NOT encrypted at rest (older scripts)." >&2
+    echo "casd: WARNING: moved it to $old and creating a new, encrypted one." >&2
+    echo "casd: WARNING: its casd data is NOT migrated; delete it when done: rm -rf $old" >&2
+    echo "casd: WARNING: ******************************************************" >&2
+  fi
+}
+
 casd_mariadb_up() {
   : "${CASD_STATE_DIR:=$CASD_ROOT/.state}"
   export CASD_STATE_DIR
@@ -55,17 +242,6 @@ casd_mariadb_up() {
   CASD_DB_DIR="$CASD_STATE_DIR/mariadb"
   mkdir -p "$CASD_DB_DIR"
   chmod 700 "$CASD_STATE_DIR" "$CASD_DB_DIR"
-  local mariadbd; mariadbd=$(casd_find_mariadbd)
-  local userarg=()
-  [ "$(id -u)" = 0 ] && userarg=(--user=root)
-
-  if [ ! -d "$CASD_DB_DIR/data/mysql" ]; then
-    echo "casd: initialising a private MariaDB in $CASD_DB_DIR" >&2
-    rm -rf "$CASD_DB_DIR/data"
-    mariadb-install-db --no-defaults --datadir="$CASD_DB_DIR/data" "${userarg[@]}" \
-      --auth-root-authentication-method=socket --skip-test-db >"$CASD_DB_DIR/install.log" 2>&1 \
-      || { cat "$CASD_DB_DIR/install.log" >&2; casd_die "mariadb-install-db failed"; }
-  fi
   if [ ! -f "$CASD_DB_DIR/port" ]; then
     # A free port in a private range, fixed for this state directory.
     local p
@@ -74,24 +250,12 @@ casd_mariadb_up() {
     done
   fi
   CASD_DB_PORT=$(cat "$CASD_DB_DIR/port")
-
+  casd_mariadb_retire_plain "$CASD_DB_DIR"
+  casd_mariadb_config "$CASD_DB_DIR" "$CASD_DB_PORT" 1
+  [ -d "$CASD_DB_DIR/data/mysql" ] || casd_mariadb_install "$CASD_DB_DIR"
   if ! casd_db_ping; then
-    rm -f "$CASD_DB_DIR/mysqld.sock" "$CASD_DB_DIR/mysqld.pid"
     echo "casd: starting MariaDB on 127.0.0.1:$CASD_DB_PORT" >&2
-    # setsid: the server outlives this script (a second run reuses it).
-    setsid "$mariadbd" --no-defaults --datadir="$CASD_DB_DIR/data" "${userarg[@]}" \
-      --socket="$CASD_DB_DIR/mysqld.sock" --port="$CASD_DB_PORT" --bind-address=127.0.0.1 \
-      --pid-file="$CASD_DB_DIR/mysqld.pid" --log-error="$CASD_DB_DIR/error.log" \
-      --skip-name-resolve --max-connections=1000 --innodb-buffer-pool-size=256M \
-      --innodb-flush-log-at-trx-commit=1 --innodb-lock-wait-timeout=10 \
-      --character-set-server=utf8mb4 --collation-server=utf8mb4_general_ci \
-      </dev/null >/dev/null 2>&1 &
-    local i
-    for i in $(seq 1 300); do
-      casd_db_ping && break
-      sleep 0.1
-    done
-    casd_db_ping || { tail -20 "$CASD_DB_DIR/error.log" >&2; casd_die "MariaDB did not start (log: $CASD_DB_DIR/error.log)"; }
+    casd_mariadb_start "$CASD_DB_DIR"
   fi
 
   if [ ! -s "$CASD_DB_DIR/casd.password" ]; then
