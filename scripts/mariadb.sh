@@ -14,8 +14,9 @@
 #   A data directory from older, unencrypted scripts is moved aside, loudly.
 #
 # Exports: CASD_DATABASE_URL (database `casd`) and CASD_TEST_DATABASE_URL
-# (server only; tests create one database each), and writes the CA casd
-# verifies the server with to $CASD_STATE_DIR/mariadb-secrets/ca.pem.
+# (server only; tests create one database each) and, for the local server,
+# CASD_TEST_DATABASE_CA: its CA ($CASD_STATE_DIR/mariadb-secrets/ca.pem),
+# which casd verifies the server with (database.tls_ca).
 
 casd_die() { echo "casd: $*" >&2; exit 1; }
 
@@ -271,5 +272,7 @@ casd_mariadb_up() {
 
   export CASD_DATABASE_URL="mysql://casd:$pw@127.0.0.1:$CASD_DB_PORT/casd"
   export CASD_TEST_DATABASE_URL="mysql://casd:$pw@127.0.0.1:$CASD_DB_PORT"
+  CASD_TEST_DATABASE_CA="$(casd_mariadb_secrets_dir "$CASD_DB_DIR")/ca.pem"
+  export CASD_TEST_DATABASE_CA
   (umask 077; echo "$CASD_TEST_DATABASE_URL" >"$CASD_STATE_DIR/test-database-url")
 }

@@ -15,14 +15,21 @@ CASD=target/release/casd
 # A local configuration on first run: the example with local paths. The
 # database URL comes from the environment, never written into the file.
 CONF="${CASD_CONFIG:-$CASD_STATE_DIR/casd.toml}"
+# The local MariaDB's CA (scripts/mariadb.sh) is the one casd verifies.
+ca_sed=()
+[ -n "${CASD_DB_DIR:-}" ] && ca_sed=(-e "s|^# tls_ca = .*|tls_ca = \"$CASD_TEST_DATABASE_CA\"|")
 if [ ! -f "$CONF" ]; then
   sed -e "s|^url = .*|url = \"mysql://set-by-environment@127.0.0.1/casd\"|" \
       -e "s|^request_log = .*|request_log = \"$CASD_STATE_DIR/log/requests.jsonl\"|" \
       -e "s|^log_file = .*|log_file = \"$CASD_STATE_DIR/log/carousel.jsonl\"|" \
       -e "s|^root_key_file = .*|root_key_file = \"$CASD_STATE_DIR/keys/root.key\"|" \
       -e "s|^signing_key_file = .*|signing_key_file = \"$CASD_STATE_DIR/keys/token-signing.pem\"|" \
-      casd.example.toml >"$CONF"
+      "${ca_sed[@]}" casd.example.toml >"$CONF"
   echo "casd: wrote $CONF" >&2
+elif [ -n "${CASD_DB_DIR:-}" ] && ! grep -Eq '^tls(_ca)? *=' "$CONF"; then
+  # A configuration from before TLS to the database: the local server's CA.
+  echo "casd: NOTE: $CONF has no database.tls_ca; using the local MariaDB's CA $CASD_TEST_DATABASE_CA" >&2
+  export CASD_DATABASE__TLS_CA="$CASD_TEST_DATABASE_CA"
 fi
 export CASD_CONFIG="$CONF"
 mkdir -p "$CASD_STATE_DIR/log" "$CASD_STATE_DIR/keys"

@@ -49,8 +49,9 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Opens the database pool and applies migrations if configured.
 pub async fn open_db(cfg: &Config) -> anyhow::Result<Db> {
-    let db = Db::new(
+    let db = Db::with_tls(
         cfg.database.url.expose(),
+        &crate::db::DbTls::from_config(&cfg.database),
         cfg.database.pool_max,
         Duration::from_secs(cfg.database.connect_timeout_s),
     )?;

@@ -34,6 +34,13 @@ pub enum ConfigError {
     Env { var: String, message: String },
 }
 
+/// `key` names a PEM file holding at least one certificate.
+fn check_pem_certs(key: &str, path: &Path) -> Result<(), ConfigError> {
+    crate::tls::read_certs(path)
+        .map(|_| ())
+        .map_err(|e| key_err(key, format!("{}: {e}", path.display())))
+}
+
 fn key_err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Key {
         key: key.into(),
@@ -209,6 +216,29 @@ pub struct DatabaseConfig {
     /// Apply pending migrations at start-up.
     #[serde(default = "yes")]
     pub migrate_on_start: bool,
+    /// TLS to the server: `required` (the default) or `disabled`.
+    #[serde(default)]
+    pub tls: DbTlsMode,
+    /// The CA (PEM) the server's certificate must chain to; without it,
+    /// the public web PKI roots. Only with `tls = "required"`.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// `database.tls`. There is no "preferred": a client that falls back to
+/// plain text when the server offers no TLS is downgraded by anyone on the
+/// path who strips the server's SSL capability, so it protects nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbTlsMode {
+    /// TLS on every connection, the server's certificate verified (chain
+    /// to `tls_ca` or the web roots, and the URL's host name or IP); a
+    /// server that cannot do TLS is refused.
+    #[default]
+    Required,
+    /// Plain TCP (or the server's socket): only for a server reached on a
+    /// path nobody else can read, e.g. a private test server.
+    Disabled,
 }
 
 fn default_pool_max() -> usize {
@@ -871,7 +901,14 @@ impl Config {
         if self.database.pool_max == 0 {
             return Err(key_err("database.pool_max", "must be at least 1"));
         }
-        Ok(())
+        match (&self.database.tls, &self.database.tls_ca) {
+            (DbTlsMode::Disabled, Some(_)) => Err(key_err(
+                "database.tls_ca",
+                "is set while database.tls = \"disabled\"",
+            )),
+            (DbTlsMode::Required, Some(ca)) => check_pem_certs("database.tls_ca", ca),
+            _ => Ok(()),
+        }
     }
 
     /// `[api]`: limits, batching, TLS or explicit plain HTTP.

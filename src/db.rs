@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts};
+use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslOpts};
 use sha2::{Digest, Sha256};
 
 /// Errors at the database boundary. The URL (with its password) never
@@ -127,6 +127,60 @@ pub const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// TLS to the server, from `database.tls` and `database.tls_ca`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DbTls {
+    /// Plain TCP; the driver may move to the server's unix socket when the
+    /// server is local.
+    Disabled,
+    /// TLS on every connection, the server's certificate checked against
+    /// `ca` (PEM; `None`: the web PKI roots) and the URL's host; a server
+    /// without TLS is refused.
+    Required { ca: Option<std::path::PathBuf> },
+}
+
+impl DbTls {
+    pub fn from_config(c: &crate::config::DatabaseConfig) -> DbTls {
+        match c.tls {
+            crate::config::DbTlsMode::Disabled => DbTls::Disabled,
+            crate::config::DbTlsMode::Required => DbTls::Required {
+                ca: c.tls_ca.clone(),
+            },
+        }
+    }
+
+    fn apply(&self, builder: OptsBuilder) -> OptsBuilder {
+        match self {
+            DbTls::Disabled => builder,
+            DbTls::Required { ca } => {
+                let ssl = match ca {
+                    Some(ca) => SslOpts::default()
+                        .with_root_certs(vec![ca.clone().into()])
+                        .with_disable_built_in_roots(true),
+                    None => SslOpts::default(),
+                };
+                // No move to the unix socket after connecting: every
+                // connection is the verified TLS one.
+                builder.ssl_opts(ssl).prefer_socket(false)
+            }
+        }
+    }
+}
+
+/// A connection error as `Unreachable`; a server without TLS while TLS is
+/// required says so in words.
+fn unreachable(e: mysql_async::Error) -> DbError {
+    match e {
+        mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer) => {
+            DbError::Unreachable(
+                "the server does not offer TLS, and database.tls = \"required\" refuses a plain connection"
+                    .into(),
+            )
+        }
+        e => DbError::Unreachable(e.to_string()),
+    }
+}
+
 /// A handle on the database: one pool, cloned into every role.
 #[derive(Clone)]
 pub struct Db {
@@ -147,6 +201,16 @@ impl Db {
     /// Builds the pool. No connection is made until first use; call
     /// [`Db::ping`] to check reachability.
     pub fn new(url: &str, pool_max: usize, connect_timeout: Duration) -> Result<Db, DbError> {
+        Db::with_tls(url, &DbTls::Disabled, pool_max, connect_timeout)
+    }
+
+    /// [`Db::new`] with TLS (`database.tls`, `database.tls_ca`).
+    pub fn with_tls(
+        url: &str,
+        tls: &DbTls,
+        pool_max: usize,
+        connect_timeout: Duration,
+    ) -> Result<Db, DbError> {
         let opts = Opts::from_url(url)
             .map_err(|_| DbError::Unreachable("database URL is not a valid mysql:// URL".into()))?;
         let constraints = PoolConstraints::new(0, pool_max.max(1))
@@ -173,7 +237,7 @@ impl Db {
             .init(vec!["SET time_zone = '+00:00'"])
             .tcp_nodelay(true)
             .stmt_cache_size(256);
-        let opts = Opts::from(builder);
+        let opts = Opts::from(tls.apply(builder));
         Ok(Db {
             pool: Pool::new(opts.clone()),
             opts,
@@ -201,7 +265,7 @@ impl Db {
     pub async fn conn(&self) -> Result<Conn, DbError> {
         match tokio::time::timeout(self.connect_timeout, self.pool.get_conn()).await {
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(DbError::Unreachable(e.to_string())),
+            Ok(Err(e)) => Err(unreachable(e)),
             Err(_) => Err(DbError::Unreachable(format!(
                 "no connection within {} s",
                 self.connect_timeout.as_secs()
@@ -215,7 +279,7 @@ impl Db {
     pub async fn connect_own(&self) -> Result<Conn, DbError> {
         match tokio::time::timeout(self.connect_timeout, Conn::new(self.opts.clone())).await {
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(DbError::Unreachable(e.to_string())),
+            Ok(Err(e)) => Err(unreachable(e)),
             Err(_) => Err(DbError::Unreachable(format!(
                 "no connection within {} s",
                 self.connect_timeout.as_secs()

@@ -31,6 +31,39 @@ pub fn server_url() -> String {
     }
 }
 
+/// The CA the test MariaDB's certificate chains to: `CASD_TEST_DATABASE_CA`
+/// with `CASD_TEST_DATABASE_URL` (scripts/mariadb.sh exports both), or
+/// `.state/mariadb-secrets/ca.pem` beside `.state/test-database-url`.
+pub fn server_ca() -> Option<std::path::PathBuf> {
+    if std::env::var_os("CASD_TEST_DATABASE_URL").is_some() {
+        return std::env::var_os("CASD_TEST_DATABASE_CA").map(Into::into);
+    }
+    let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".state/mariadb-secrets/ca.pem");
+    ca.exists().then_some(ca)
+}
+
+/// The `[database]` section of a test configuration for `url`: TLS
+/// required and verified against [`server_ca`], as casd runs in
+/// production; without a known CA, plain (said once, loudly).
+pub fn database_toml(url: &str) -> String {
+    static LOUD: std::sync::Once = std::sync::Once::new();
+    match server_ca() {
+        Some(ca) => format!(
+            "[database]\nurl = \"{url}\"\ntls = \"required\"\ntls_ca = \"{}\"\n",
+            ca.display()
+        ),
+        None => {
+            LOUD.call_once(|| {
+                eprintln!(
+                    "casd testing: WARNING: no CA for the test MariaDB (CASD_TEST_DATABASE_CA): \
+                     tests connect casd to it WITHOUT TLS (database.tls = \"disabled\")"
+                )
+            });
+            format!("[database]\nurl = \"{url}\"\ntls = \"disabled\"\n")
+        }
+    }
+}
+
 /// A fresh database with every migration applied, dropped when this value
 /// is dropped.
 pub struct TestDb {
@@ -201,13 +234,14 @@ pub fn config(db_url: &str, destination: std::net::SocketAddr) -> crate::config:
     ));
     let _ = std::fs::create_dir_all(&dir);
     let text = format!(
-        "[database]\nurl = \"{db_url}\"\nconnect_timeout_s = 2\n\
+        "{database}connect_timeout_s = 2\n\
          [api]\nplain_http = true\nrequest_log = \"{dir}/requests.jsonl\"\n\
          [keys]\nroot_key_file = \"{dir}/root.key\"\n\
          [emmg]\npoll_interval_ms = 50\n\
          [metrics]\nlisten = \"\"\n\
          [cycler]\npoll_interval_ms = 20\nburst_interval_ms = 20\nlog_file = \"{dir}/carousel.jsonl\"\n\
          [[cycler.outputs]]\nname = \"test\"\ndestination = \"{destination}\"\nbitrate = 2000000\n",
+        database = database_toml(db_url),
         dir = dir.display()
     );
     crate::config::Config::from_toml_str(

@@ -32,18 +32,10 @@ pub enum TlsError {
 
 /// Reads a PEM certificate chain and private key (PKCS#8, PKCS#1 or SEC1).
 pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Cert {
-            path: cert.display().to_string(),
-            message: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Cert {
-            path: cert.display().to_string(),
-            message: "no certificate in the file".into(),
-        });
-    }
+    let certs = read_certs(cert).map_err(|message| TlsError::Cert {
+        path: cert.display().to_string(),
+        message,
+    })?;
     // The key's content never goes into a message, only its path.
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
         path: key.display().to_string(),
@@ -54,6 +46,18 @@ pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, 
         },
     })?;
     server_config(certs, key)
+}
+
+/// The certificates of a PEM file (at least one), or why not. Also reads
+/// `database.tls_ca`.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no certificate in the file".into());
+    }
+    Ok(certs)
 }
 
 /// The leaf certificate's notAfter (Unix seconds) in the PEM chain at

@@ -533,10 +533,10 @@ async fn every_app_route_refuses_bad_tokens_and_missing_scopes() {
     let d = dir.display();
     let cfg = casd::config::Config::from_toml_str(
         &format!(
-            "[database]\nurl = \"{}\"\n[metrics]\nlisten = \"\"\n[api]\nplain_http = true\nrequest_log = \"{d}/req.jsonl\"\n\
+            "{}[metrics]\nlisten = \"\"\n[api]\nplain_http = true\nrequest_log = \"{d}/req.jsonl\"\n\
              [keys]\nroot_key_file = \"{d}/root.key\"\n[cycler]\nlog_file = \"{d}/car.jsonl\"\n\
              [auth]\nsigning_key_file = \"{d}/token-signing.pem\"\n",
-            t.url
+            casd::testing::database_toml(&t.url)
         ),
         std::path::Path::new("t.toml"),
         std::iter::empty(),

@@ -46,8 +46,9 @@ fn config(url: &str, dir: &TempDir, tls: bool) -> String {
     } else {
         "plain_http = true\n".to_string()
     };
+    let database = casd::testing::database_toml(url);
     format!(
-        "[database]\nurl = \"{url}\"\n[metrics]\nlisten = \"\"\n[api]\n{api}request_log = \"{d}/req.jsonl\"\n\
+        "{database}[metrics]\nlisten = \"\"\n[api]\n{api}request_log = \"{d}/req.jsonl\"\n\
          [cycler]\nlog_file = \"{d}/car.jsonl\"\n[auth]\nsigning_key_file = \"{d}/keys/token.pem\"\n"
     )
 }

@@ -55,10 +55,10 @@ async fn sigkill_while_posting_loses_and_doubles_nothing() {
     std::fs::write(
         &cfg_path,
         format!(
-            "[database]\nurl = \"{url}\"\n[metrics]\nlisten = \"\"\n[api]\nlisten = \"127.0.0.1:{port}\"\nplain_http = true\nrequest_log = \"{d}/req.jsonl\"\n\
+            "{database}[metrics]\nlisten = \"\"\n[api]\nlisten = \"127.0.0.1:{port}\"\nplain_http = true\nrequest_log = \"{d}/req.jsonl\"\n\
              [keys]\nroot_key_file = \"{d}/root.key\"\n[cycler]\nlog_file = \"{d}/car.jsonl\"\nburst_interval_ms = 20\n\
              [[cycler.outputs]]\nname = \"t\"\ndestination = \"{dest}\"\nbitrate = 4000000\n",
-            url = t.url,
+            database = casd::testing::database_toml(&t.url),
             d = dir.display(),
             dest = cap.addr()
         ),

@@ -72,8 +72,9 @@ async fn two_processes_migrating_at_once_apply_each_file_once() {
 }
 
 fn test_config(url: &str) -> Config {
+    let database = casd::testing::database_toml(url);
     let text = format!(
-        "[database]\nurl = \"{url}\"\n[metrics]\nlisten = \"\"\n[api]\nplain_http = true\nrequest_log = \"{dir}/req.jsonl\"\n[cycler]\nlog_file = \"{dir}/car.jsonl\"\n",
+        "{database}[metrics]\nlisten = \"\"\n[api]\nplain_http = true\nrequest_log = \"{dir}/req.jsonl\"\n[cycler]\nlog_file = \"{dir}/car.jsonl\"\n",
         dir = std::env::temp_dir().display()
     );
     Config::from_toml_str(&text, std::path::Path::new("test.toml"), std::iter::empty()).unwrap()

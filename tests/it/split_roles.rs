@@ -176,11 +176,11 @@ async fn five_processes_over_tls_sms_to_air_and_encryptor_outage() {
             _ => String::new(),
         };
         let text = format!(
-            "[database]\nurl = \"{url}\"\n[api]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{d}/cert.pem\"\ntls_key = \"{d}/key.pem\"\nrequest_log = \"{d}/{role}-req.jsonl\"\n\
+            "{database}[api]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{d}/cert.pem\"\ntls_key = \"{d}/key.pem\"\nrequest_log = \"{d}/{role}-req.jsonl\"\n\
              [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[keys]\nroot_key_file = \"{d}/root.key\"\n[emmg]\npoll_interval_ms = 20\n\
              [cycler]\nlog_file = \"{d}/car.jsonl\"\nburst_interval_ms = 20\npoll_interval_ms = 10\n[[cycler.outputs]]\nname = \"t\"\ndestination = \"{dest}\"\nbitrate = 4000000\n\
              [auth]\ntoken_endpoint = {token_endpoint}\nsigning_key_file = \"{d}/token.pem\"\n{extra}",
-            url = t.url,
+            database = casd::testing::database_toml(&t.url),
             port = ports[role],
             metrics_port = metrics_ports[role],
             dest = cap.addr(),

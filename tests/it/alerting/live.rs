@@ -102,8 +102,9 @@ fn casd_config(
     metrics: &str,
     dir: &Path,
 ) -> Config {
+    let database = casd::testing::database_toml(db_url);
     let text = format!(
-        "[database]\nurl = \"{db_url}\"\nconnect_timeout_s = 2\n\
+        "{database}connect_timeout_s = 2\n\
          [metrics]\nlisten = \"{metrics}\"\n\
          [api]\nplain_http = true\nrequest_log = \"{d}/requests.jsonl\"\n\
          [keys]\nroot_key_file = \"{d}/root.key\"\n\

@@ -15,7 +15,8 @@ use serde_json::Value;
 
 pub fn config(url: &str, log: &std::path::Path) -> Config {
     let text = format!(
-        "[database]\nurl = \"{url}\"\nconnect_timeout_s = 2\n[api]\nplain_http = true\nrequest_log = \"{}\"\n",
+        "{}connect_timeout_s = 2\n[api]\nplain_http = true\nrequest_log = \"{}\"\n",
+        casd::testing::database_toml(url),
         log.display()
     );
     Config::from_toml_str(&text, std::path::Path::new("test.toml"), std::iter::empty()).unwrap()
