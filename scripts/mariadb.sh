@@ -65,12 +65,13 @@ casd_db_sql() {
 #     ca.pem, ca-key.pem              the local CA (TLS), key mode 0600
 #     server-cert.pem, server-key.pem 127.0.0.1/localhost, signed by ca.pem
 #
-# casd_mariadb_options DIR PORT SERVER_ID prints the [mysqld] option file
-# (creating the secrets first when missing). Use it as
-#   casd_mariadb_options "$dir" "$port" "$id" >"$dir/my.cnf"
-#   mariadbd --defaults-file="$dir/my.cnf"
-# (mariadb-install-db and mariadb-backup take the same --defaults-file: both
-# need the key plugin to read and write encrypted pages).
+# casd_mariadb_options DIR PORT SERVER_ID prints the server's options, one
+# `--name=value` a line (creating the secrets first when missing): pass
+# them as words (`$(casd_mariadb_options ...)`; paths without blanks), or
+# as an option file: casd_mariadb_config DIR PORT SERVER_ID writes DIR/my.cnf
+# for `mariadbd --defaults-file=DIR/my.cnf` (mariadb-install-db and
+# mariadb-backup take the same file: both need the key plugin to read and
+# write encrypted pages). Options given after them win (e.g. a replica's).
 # ---------------------------------------------------------------------------
 
 casd_mariadb_secrets_dir() { echo "$(cd "$(dirname "$1")" && pwd)/mariadb-secrets"; }
@@ -118,57 +119,36 @@ casd_mariadb_options() {
   (umask 077; mkdir -p "$s"); chmod 700 "$s"
   casd_mariadb_keyfile "$s"
   casd_mariadb_certs "$s"
-  cat <<OPTS
-[mysqld]
-datadir=$dir/data
-socket=$dir/mysqld.sock
-port=$port
-bind-address=127.0.0.1
-pid-file=$dir/mysqld.pid
-log-error=$dir/error.log
-server-id=$server_id
-skip-name-resolve
-max-connections=1000
-innodb-buffer-pool-size=256M
-innodb-flush-log-at-trx-commit=1
-innodb-lock-wait-timeout=10
-character-set-server=utf8mb4
-collation-server=utf8mb4_general_ci
-# Binary log (replication, point-in-time recovery), GTIDs.
-log-bin=$dir/data/binlog
-relay-log=$dir/data/relay
-binlog-format=ROW
-log-slave-updates=ON
-gtid-strict-mode=ON
-# Encryption at rest: every table (FORCE: a table cannot be created
-# unencrypted), the redo log, temporary tables and files, binary and relay
-# logs, Aria tables. The key file lives outside the data directory.
-plugin-load-add=file_key_management
-file-key-management-filename=$s/keyfile
-file-key-management-encryption-algorithm=AES_CTR
-innodb-encrypt-tables=FORCE
-innodb-encrypt-log=ON
-innodb-encrypt-temporary-tables=ON
-innodb-encryption-threads=2
-encrypt-tmp-files=ON
-encrypt-tmp-disk-tables=ON
-encrypt-binlog=ON
-aria-encrypt-tables=ON
-# TLS for clients (casd: database.tls = "required") and replicas.
-ssl-ca=$s/ca.pem
-ssl-cert=$s/server-cert.pem
-ssl-key=$s/server-key.pem
-tls-version=TLSv1.2,TLSv1.3
-OPTS
-  [ "$(id -u)" = 0 ] && echo "user=root"
-  return 0
+  [ "$(id -u)" = 0 ] && echo "--user=root"
+  # Binary log (replication, point-in-time recovery) with GTIDs; relay log.
+  # Encryption at rest: every table (FORCE: none can be created
+  # unencrypted), the redo log, temporary tables and files, binary and
+  # relay logs, Aria tables; the keys in a file outside the data directory.
+  # TLS for clients (casd: database.tls = "required") and replicas.
+  printf -- '--%s\n' \
+    "datadir=$dir/data" "socket=$dir/mysqld.sock" "port=$port" bind-address=127.0.0.1 \
+    "pid-file=$dir/mysqld.pid" "log-error=$dir/error.log" "server-id=$server_id" \
+    skip-name-resolve max-connections=1000 innodb-buffer-pool-size=256M \
+    innodb-flush-log-at-trx-commit=1 innodb-lock-wait-timeout=10 \
+    character-set-server=utf8mb4 collation-server=utf8mb4_general_ci \
+    "log-bin=$dir/data/binlog" "relay-log=$dir/data/relay" binlog-format=ROW \
+    log-slave-updates=ON gtid-strict-mode=ON \
+    plugin-load-add=file_key_management "file-key-management-filename=$s/keyfile" \
+    file-key-management-encryption-algorithm=AES_CTR \
+    innodb-encrypt-tables=FORCE innodb-encrypt-log=ON innodb-encrypt-temporary-tables=ON \
+    innodb-encryption-threads=2 encrypt-tmp-files=ON encrypt-tmp-disk-tables=ON \
+    encrypt-binlog=ON aria-encrypt-tables=ON \
+    "ssl-ca=$s/ca.pem" "ssl-cert=$s/server-cert.pem" "ssl-key=$s/server-key.pem" \
+    tls-version=TLSv1.2,TLSv1.3
 }
 
-# Writes DIR/my.cnf from casd_mariadb_options.
+# Writes DIR/my.cnf ([mysqld], from casd_mariadb_options): mariadbd,
+# mariadb-install-db and mariadb-backup take it as --defaults-file.
 casd_mariadb_config() {
-  local dir="$1"
+  local dir="$1" opts
   mkdir -p "$dir"
-  casd_mariadb_options "$@" >"$dir/my.cnf.tmp" || exit 1
+  opts=$(casd_mariadb_options "$@") || exit 1
+  { echo "[mysqld]"; printf '%s\n' "$opts" | sed 's/^--//'; } >"$dir/my.cnf.tmp"
   mv "$dir/my.cnf.tmp" "$dir/my.cnf"
 }
 
