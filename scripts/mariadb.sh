@@ -40,13 +40,15 @@ casd_install_mariadb() {
   casd_find_mariadbd >/dev/null || casd_die "mariadb-server installed but mariadbd not found"
 }
 
-casd_db_ping() {
-  mariadb-admin --no-defaults --socket="$CASD_DB_DIR/mysqld.sock" -u"$(id -un)" ping >/dev/null 2>&1
+# An instance's server, as the OS user running this (socket authentication).
+casd_mariadb_ping() {
+  mariadb-admin --no-defaults --socket="$1/mysqld.sock" -u"$(id -un)" ping >/dev/null 2>&1
 }
-
-casd_db_sql() {
-  mariadb --no-defaults --socket="$CASD_DB_DIR/mysqld.sock" -u"$(id -un)" -N -B -e "$1"
+casd_mariadb_sql() {
+  mariadb --no-defaults --socket="$1/mysqld.sock" -u"$(id -un)" -N -B -e "$2"
 }
+casd_db_ping() { casd_mariadb_ping "$CASD_DB_DIR"; }
+casd_db_sql() { casd_mariadb_sql "$CASD_DB_DIR" "$1"; }
 
 # ---------------------------------------------------------------------------
 # One MariaDB instance's options: the ONLY place they are written. The local
@@ -174,15 +176,17 @@ casd_mariadb_install() {
   echo "file_key_management" >"$dir/encrypted-at-rest"
 }
 
-# Starts mariadbd on DIR/my.cnf and waits until it answers on its socket.
+# Starts mariadbd on DIR/my.cnf (then any further options given) and
+# waits until it answers on its socket.
 casd_mariadb_start() {
   local dir="$1" mariadbd; mariadbd=$(casd_find_mariadbd)
+  shift
   rm -f "$dir/mysqld.sock" "$dir/mysqld.pid"
   # setsid: the server outlives this script (a second run reuses it).
-  setsid "$mariadbd" --defaults-file="$dir/my.cnf" </dev/null >/dev/null 2>&1 &
+  setsid "$mariadbd" --defaults-file="$dir/my.cnf" "$@" </dev/null >/dev/null 2>&1 &
   local i
   for i in $(seq 1 300); do
-    mariadb-admin --no-defaults --socket="$dir/mysqld.sock" -u"$(id -un)" ping >/dev/null 2>&1 && return 0
+    casd_mariadb_ping "$dir" && return 0
     sleep 0.1
   done
   tail -20 "$dir/error.log" >&2
@@ -194,7 +198,7 @@ casd_mariadb_start() {
 # (never reused: its files, redo log and binary logs would stay readable).
 casd_mariadb_retire_plain() {
   local dir="$1"
-  if casd_db_ping && [ "$(casd_db_sql 'SELECT @@innodb_encrypt_tables' 2>/dev/null)" != FORCE ]; then
+  if casd_mariadb_ping "$dir" && [ "$(casd_mariadb_sql "$dir" 'SELECT @@innodb_encrypt_tables' 2>/dev/null)" != FORCE ]; then
     echo "casd: WARNING: the running MariaDB in $dir is not encrypted at rest; stopping it" >&2
     mariadb-admin --no-defaults --socket="$dir/mysqld.sock" -u"$(id -un)" shutdown \
       || casd_die "cannot stop the unencrypted MariaDB in $dir"
@@ -208,6 +212,33 @@ casd_mariadb_retire_plain() {
     echo "casd: WARNING: its casd data is NOT migrated; delete it when done: rm -rf $old" >&2
     echo "casd: WARNING: ******************************************************" >&2
   fi
+}
+
+# Brings up the instance in DIR on PORT (options from casd_mariadb_options;
+# any further arguments are extra mariadbd options, e.g. a test's
+# --skip-ssl): moves unencrypted data aside, initialises a data directory
+# on first use, starts the server unless it runs, and makes the casd user
+# (password in DIR/casd.password; it may create databases: tests make one
+# each). Writes DIR/server-url: mysql://casd:...@127.0.0.1:PORT.
+casd_mariadb_instance_up() {
+  local dir="$1" port="$2" id="$3"
+  shift 3
+  casd_mariadb_retire_plain "$dir"
+  casd_mariadb_config "$dir" "$port" "$id"
+  [ -d "$dir/data/mysql" ] || casd_mariadb_install "$dir"
+  if ! casd_mariadb_ping "$dir"; then
+    echo "casd: starting MariaDB on 127.0.0.1:$port" >&2
+    casd_mariadb_start "$dir" "$@"
+  fi
+  if [ ! -s "$dir/casd.password" ]; then
+    (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$dir/casd.password")
+  fi
+  local pw; pw=$(cat "$dir/casd.password")
+  casd_mariadb_sql "$dir" "CREATE USER IF NOT EXISTS 'casd'@'127.0.0.1' IDENTIFIED BY '$pw';
+    ALTER USER 'casd'@'127.0.0.1' IDENTIFIED BY '$pw';
+    GRANT ALL PRIVILEGES ON *.* TO 'casd'@'127.0.0.1';" \
+    || casd_die "cannot create the casd user in $dir"
+  (umask 077; echo "mysql://casd:$pw@127.0.0.1:$port" >"$dir/server-url")
 }
 
 casd_mariadb_up() {
@@ -231,25 +262,10 @@ casd_mariadb_up() {
     done
   fi
   CASD_DB_PORT=$(cat "$CASD_DB_DIR/port")
-  casd_mariadb_retire_plain "$CASD_DB_DIR"
-  casd_mariadb_config "$CASD_DB_DIR" "$CASD_DB_PORT" 1
-  [ -d "$CASD_DB_DIR/data/mysql" ] || casd_mariadb_install "$CASD_DB_DIR"
-  if ! casd_db_ping; then
-    echo "casd: starting MariaDB on 127.0.0.1:$CASD_DB_PORT" >&2
-    casd_mariadb_start "$CASD_DB_DIR"
-  fi
-
-  if [ ! -s "$CASD_DB_DIR/casd.password" ]; then
-    (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$CASD_DB_DIR/casd.password")
-  fi
+  casd_mariadb_instance_up "$CASD_DB_DIR" "$CASD_DB_PORT" 1
   local pw; pw=$(cat "$CASD_DB_DIR/casd.password")
-  # The casd user may create databases: tests make one each.
-  casd_db_sql "CREATE USER IF NOT EXISTS 'casd'@'127.0.0.1' IDENTIFIED BY '$pw';
-    ALTER USER 'casd'@'127.0.0.1' IDENTIFIED BY '$pw';
-    GRANT ALL PRIVILEGES ON *.* TO 'casd'@'127.0.0.1';
-    CREATE DATABASE IF NOT EXISTS casd CHARACTER SET utf8mb4;" \
-    || casd_die "cannot create the casd user and database"
-
+  casd_db_sql "CREATE DATABASE IF NOT EXISTS casd CHARACTER SET utf8mb4;" \
+    || casd_die "cannot create the casd database"
   export CASD_DATABASE_URL="mysql://casd:$pw@127.0.0.1:$CASD_DB_PORT/casd"
   export CASD_TEST_DATABASE_URL="mysql://casd:$pw@127.0.0.1:$CASD_DB_PORT"
   CASD_TEST_DATABASE_CA="$(casd_mariadb_secrets_dir "$CASD_DB_DIR")/ca.pem"

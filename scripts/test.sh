@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: installs what the tests need (MariaDB, tshark,
+# Runs the whole test suite: installs what the tests need (MariaDB,
+# mariadb-backup, openssl, tshark,
 # iproute2, python3-venv, prometheus (promtool), prometheus-alertmanager
 # (amtool); schemathesis into .state/venv) when missing and we are root,
 # brings up the private MariaDB,
@@ -13,6 +14,9 @@ cd "$CASD_ROOT"
 need=()
 command -v tshark >/dev/null 2>&1 || need+=(tshark)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# tests/it/db_*.rs: hot backup/restore, the MariaDB TLS certificates.
+command -v mariadb-backup >/dev/null 2>&1 || need+=(mariadb-backup)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # tests/it/alerting.rs: promtool, prometheus, amtool, the alertmanager;
 # tests/it/metrics.rs: promtool (`promtool check metrics`).
 { command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need+=(prometheus)
