@@ -506,3 +506,130 @@ impl Running {
         self.task.await.expect("app::run panicked")
     }
 }
+
+/// A private MariaDB server for a test that needs one of its own (its
+/// files searched, a backup taken, TLS off), never the shared test server:
+/// brought up by scripts/mariadb.sh's `casd_mariadb_instance_up`, so with
+/// the scripts' own options (encrypted at rest, TLS with the CA made in
+/// its temporary directory). The server is killed on drop; the directory
+/// is removed when the first instance made in it is dropped.
+pub struct MariaDbInstance {
+    /// The instance directory (`data/`, `my.cnf`, `mysqld.sock`, ...).
+    pub dir: std::path::PathBuf,
+    /// `mysql://casd:…@127.0.0.1:<port>`, no database.
+    pub server_url: String,
+    pub port: u16,
+    pid: i32,
+    owns_root: bool,
+}
+
+/// Runs `scripts/<script>` (a file, or mariadb.sh's function `call`).
+fn run_script(script: &str, call: Option<&str>, args: &[&str]) -> std::process::Output {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(script);
+    let mut cmd = std::process::Command::new("bash");
+    match call {
+        Some(f) => cmd
+            .arg("-c")
+            .arg(format!(". \"$0\" && {f} \"$@\""))
+            .arg(&path),
+        None => cmd.arg(&path),
+    };
+    let out = cmd.args(args).output().expect("run bash");
+    assert!(
+        out.status.success(),
+        "scripts/{script} {call:?} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+impl MariaDbInstance {
+    /// A new server in a new temporary directory; `extra` are further
+    /// mariadbd options (e.g. `--skip-ssl`).
+    pub fn start(extra: &[&str]) -> MariaDbInstance {
+        let root = std::env::temp_dir().join(format!(
+            "casd-mariadb-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let dir = root.join("server");
+        let port = free_port().to_string();
+        let mut args = vec![dir.to_str().expect("utf-8 temp dir"), &port, "1"];
+        args.extend_from_slice(extra);
+        run_script("mariadb.sh", Some("casd_mariadb_instance_up"), &args);
+        MariaDbInstance::adopt(dir, true)
+    }
+
+    /// A fresh instance beside this one (so with the same key file and CA)
+    /// restored from `backup` by scripts/mariadb-backup.sh.
+    pub fn restore(&self, backup: &std::path::Path) -> MariaDbInstance {
+        let dir = self.dir.with_file_name("restored");
+        let port = free_port().to_string();
+        let args = [
+            "restore",
+            backup.to_str().expect("utf-8 path"),
+            dir.to_str().expect("utf-8 path"),
+            &port,
+        ];
+        run_script("mariadb-backup.sh", None, &args);
+        // Same users and passwords as the backed-up server.
+        let url = self
+            .server_url
+            .replace(&format!(":{}", self.port), &format!(":{port}"));
+        std::fs::write(dir.join("server-url"), url).expect("write server-url");
+        MariaDbInstance::adopt(dir, false)
+    }
+
+    fn adopt(dir: std::path::PathBuf, owns_root: bool) -> MariaDbInstance {
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .unwrap_or_else(|e| panic!("{}/{f}: {e}", dir.display()))
+                .trim()
+                .to_owned()
+        };
+        let server_url = read("server-url");
+        let port = server_url.rsplit(':').next().and_then(|p| p.parse().ok());
+        MariaDbInstance {
+            port: port.expect("port in server-url"),
+            pid: read("mysqld.pid").parse().expect("pid"),
+            server_url,
+            dir,
+            owns_root,
+        }
+    }
+
+    /// The CA its certificate chains to (`database.tls_ca`).
+    pub fn ca(&self) -> std::path::PathBuf {
+        self.dir.with_file_name("mariadb-secrets").join("ca.pem")
+    }
+
+    /// `scripts/mariadb-backup.sh backup` of this (running) server into
+    /// `target` (a directory that does not exist yet).
+    pub fn backup(&self, target: &std::path::Path) {
+        let args = [
+            "backup",
+            self.dir.to_str().expect("utf-8 path"),
+            target.to_str().expect("utf-8 path"),
+        ];
+        run_script("mariadb-backup.sh", None, &args);
+    }
+}
+
+impl Drop for MariaDbInstance {
+    fn drop(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        let _ = kill(nix::unistd::Pid::from_raw(self.pid), Signal::SIGKILL);
+        if self.owns_root {
+            if let Some(root) = self.dir.parent() {
+                let _ = std::fs::remove_dir_all(root);
+            }
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! its own under tests/; run one with `cargo test --test it <module>::`.
 
 mod common;
+mod db_common;
 mod probe_common;
 mod sms_common;
 
@@ -14,6 +15,7 @@ mod auth_log;
 mod auth_tls;
 mod crash_sigkill;
 mod cycler;
+mod db_encryption;
 mod e2e_sms_to_air;
 mod emmg_worker;
 mod encryptor;
