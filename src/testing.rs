@@ -610,12 +610,12 @@ impl MariaDbInstance {
         self.dir.with_file_name("mariadb-secrets").join("ca.pem")
     }
 
-    /// `scripts/mariadb-backup.sh backup` of this (running) server into
-    /// `target` (a directory that does not exist yet).
-    pub fn backup(&self, target: &std::path::Path) {
+    /// `scripts/mariadb-backup.sh backup` of the running server in `dir`
+    /// (an instance's) into `target` (a directory that does not exist yet).
+    pub fn backup_dir(dir: &std::path::Path, target: &std::path::Path) {
         let args = [
             "backup",
-            self.dir.to_str().expect("utf-8 path"),
+            dir.to_str().expect("utf-8 path"),
             target.to_str().expect("utf-8 path"),
         ];
         run_script("mariadb-backup.sh", None, &args);
