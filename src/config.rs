@@ -1280,6 +1280,26 @@ mod tests {
     }
 
     #[test]
+    fn database_tls_is_required_by_default_and_checked() {
+        let c = parse(MIN, &[]).unwrap();
+        assert_eq!(c.database.tls, DbTlsMode::Required);
+        assert_eq!(c.database.tls_ca, None);
+        let with = |extra: &str| MIN.replace("[api]", &format!("{extra}\n[api]"));
+        let err = parse(&with("tls = \"preferred\""), &[]).unwrap_err();
+        assert!(err.to_string().contains("database.tls"), "{err}");
+        let err = parse(&with("tls = \"disabled\"\ntls_ca = \"/x.pem\""), &[]).unwrap_err();
+        assert!(err.to_string().contains("database.tls_ca"), "{err}");
+        let err = parse(&with("tls_ca = \"/nonexistent/ca.pem\""), &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("database.tls_ca")
+                && err.to_string().contains("/nonexistent/ca.pem"),
+            "{err}"
+        );
+        let c = parse(&with("tls = \"disabled\""), &[]).unwrap();
+        assert_eq!(c.database.tls, DbTlsMode::Disabled);
+    }
+
+    #[test]
     fn example_config_parses() {
         let text = include_str!("../casd.example.toml");
         let c = parse(text, &[]).unwrap();

@@ -72,21 +72,11 @@ impl Headend {
         }
     }
 
-    /// POSTs `body` (with `transaction_id`) to `path`; asserts a 200.
+    /// POSTs `body` (with `transaction_id`) to `path`; asserts it accepted.
     pub async fn post(&self, path: &str, transaction_id: &str, mut body: Value) -> Value {
         body["transaction_id"] = json!(transaction_id);
-        let r = self
-            .http
-            .post(format!("{}{path}", self.casd.base))
-            .header("authorization", &self.bearer)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let v: Value = r.json().await.unwrap();
-        assert_eq!(status, 200, "{path} {body}: {v}");
-        v
+        let (http, base) = (&self.http, &self.casd.base);
+        crate::common::post_accepted(http, base, &self.bearer, path, &body).await
     }
 
     /// Waits (polling the table that says so, `LIMIT` as a guard) until

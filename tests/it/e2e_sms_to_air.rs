@@ -27,19 +27,7 @@ impl Sms {
     async fn post(&mut self, path: &str, mut body: Value) -> Value {
         self.n += 1;
         body["transaction_id"] = json!(format!("e2e-{}", self.n));
-        let r = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header("authorization", &self.bearer)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let v: Value = r.json().await.unwrap();
-        assert_eq!(status, 200, "{path} {body}: {v}");
-        assert_eq!(v["status"], "accepted");
-        v
+        crate::common::post_accepted(&self.http, &self.base, &self.bearer, path, &body).await
     }
 }
 

@@ -13,6 +13,29 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// POSTs an SMS command `body` to `base` + `path` with `bearer`; asserts
+/// a 200 with status "accepted" and returns the reply.
+pub async fn post_accepted(
+    http: &reqwest::Client,
+    base: &str,
+    bearer: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let r = http
+        .post(format!("{base}{path}"))
+        .header("authorization", bearer)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{path} {body}: {v}");
+    assert_eq!(v["status"], "accepted", "{path} {body}: {v}");
+    v
+}
+
 /// A test CA and a server certificate for 127.0.0.1/localhost signed by
 /// it, written as ca.pem, cert.pem, key.pem in `dir` (what
 /// docs/security.md's openssl recipe makes).
