@@ -100,6 +100,7 @@ pub fn player_config(
             burst_interval: cfg.burst_interval_ms,
         },
         clock_anchor_unix_ms: None,
+        spin: carousel::DEFAULT_SPIN,
     })
 }
 

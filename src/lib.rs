@@ -16,6 +16,7 @@ pub mod failpoint;
 pub mod http;
 pub mod jsonlog;
 pub mod keystore;
+pub mod lease;
 pub mod metrics;
 pub mod openapi;
 pub mod queue;

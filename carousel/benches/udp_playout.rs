@@ -15,7 +15,10 @@
 //!   delay), `kernel` = the socket's `SO_TIMESTAMPNS` receive stamp (on
 //!   loopback taken when the sender's `send` hands the packet to the stack,
 //!   so it measures the sender alone). Also the long-run rate measured at the
-//!   receiver vs. the target.
+//!   receiver vs. the target. Each bitrate runs twice, the old pacer
+//!   (`spin` 0: sleep to the due instant) then the new (`DEFAULT_SPIN`),
+//!   first on the machine as it is, then with one busy-loop process per
+//!   core (this binary with `--busy`) as the load.
 //!
 //! Without `--bench` (cargo test --all-targets) it runs a short smoke pass.
 
@@ -23,7 +26,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use carousel::mux::{MuxConfig, MAX_PACKETS_PER_DATAGRAM};
-use carousel::player::{AsyncUdpOutput, Carousel, PlayerConfig};
+use carousel::player::{AsyncUdpOutput, Carousel, PlayerConfig, DEFAULT_SPIN};
 use carousel::schedule::ScheduleConfig;
 use carousel::{UdpConfig, UdpOutput};
 use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
@@ -91,7 +94,7 @@ async fn receive(sock: &UdpSocket, dur: Duration, keep: bool) -> (Arrivals, u64,
     (times, n, bytes)
 }
 
-fn player_config(bitrate: u64) -> PlayerConfig {
+fn player_config(bitrate: u64, spin: Duration) -> PlayerConfig {
     PlayerConfig {
         name: "bench".into(),
         mux: MuxConfig {
@@ -101,15 +104,16 @@ fn player_config(bitrate: u64) -> PlayerConfig {
         },
         schedule: ScheduleConfig::default(),
         clock_anchor_unix_ms: None,
+        spin: spin,
     }
 }
 
-async fn play(bitrate: u64, dur: Duration, keep: bool) -> (Arrivals, u64, u64) {
+async fn play(bitrate: u64, spin: Duration, dur: Duration, keep: bool) -> (Arrivals, u64, u64) {
     let (rx, addr) = receiver().await;
     let out = AsyncUdpOutput::new(UdpOutput::open(&UdpConfig::new(addr)).unwrap()).unwrap();
     let stop = CancellationToken::new();
     let h = Carousel::new()
-        .spawn_player(player_config(bitrate), out, None, stop.clone())
+        .spawn_player(player_config(bitrate, spin), out, None, stop.clone())
         .unwrap();
     let r = receive(&rx, dur, keep).await;
     stop.cancel();
@@ -158,8 +162,8 @@ fn deviations(times: &[f64], nominal: f64) -> Vec<f64> {
     dev
 }
 
-async fn jitter(bitrate: u64, dur: Duration) {
-    let (times, n, bytes) = play(bitrate, dur, true).await;
+async fn jitter(bitrate: u64, spin: Duration, dur: Duration) {
+    let (times, n, bytes) = play(bitrate, spin, dur, true).await;
     let nominal = DATAGRAM as f64 * 8.0 / bitrate as f64; // seconds
     let span = times
         .user
@@ -173,8 +177,9 @@ async fn jitter(bitrate: u64, dur: Duration) {
         0.0
     };
     println!(
-        "jitter {:>6.1} Mbit/s over {:>4.0} s: {n} datagrams, nominal interval {:.3} ms; received rate {:.4} Mbit/s ({:+.3}% vs target)",
+        "jitter {:>6.1} Mbit/s, spin {:>3} µs, over {:>4.0} s: {n} datagrams, nominal interval {:.3} ms; received rate {:.4} Mbit/s ({:+.3}% vs target)",
         bitrate as f64 / 1e6,
+        spin.as_micros(),
         dur.as_secs_f64(),
         nominal * 1e3,
         rate / 1e6,
@@ -194,6 +199,9 @@ async fn jitter(bitrate: u64, dur: Duration) {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "--busy") {
+        busy_loop();
+    }
     let bench = std::env::args().any(|a| a == "--bench");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -212,7 +220,7 @@ fn main() {
         };
         let d = Duration::from_secs(rate_s);
         let raw = raw_loop(d).await as f64 * 8.0 / d.as_secs_f64();
-        let (_, _, bytes) = play(5_000_000_000, d, false).await;
+        let (_, _, bytes) = play(5_000_000_000, DEFAULT_SPIN, d, false).await;
         let ours = bytes as f64 * 8.0 / d.as_secs_f64();
         println!(
             "udp output on loopback: player {:.0} Mbit/s, raw send loop {:.0} Mbit/s, ratio {:.2}",
@@ -220,8 +228,57 @@ fn main() {
             raw / 1e6,
             ours / raw
         );
-        for bitrate in [1_000_000u64, 10_000_000] {
-            jitter(bitrate, Duration::from_secs(jitter_s)).await;
+        println!(
+            "play-out thread scheduling: {}",
+            carousel::thread_scheduling()
+        );
+        // The smoke pass (cargo test) loads no one's cores.
+        let loads: &[bool] = if bench { &[false, true] } else { &[false] };
+        for &load in loads {
+            // Busy loops in processes of their own, one per core.
+            let busy: Vec<Busy> = (0..if load { cores() } else { 0 })
+                .map(|_| Busy::start())
+                .collect();
+            println!("load: {} busy-loop processes", busy.len());
+            for bitrate in [1_000_000u64, 10_000_000] {
+                // The old pacer (sleep to the due instant) next to the new.
+                for spin in [Duration::ZERO, DEFAULT_SPIN] {
+                    jitter(bitrate, spin, Duration::from_secs(jitter_s)).await;
+                }
+            }
         }
     });
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// A busy-loop process (this binary with `--busy`), killed on drop.
+struct Busy(std::process::Child);
+
+impl Busy {
+    fn start() -> Busy {
+        let exe = std::env::current_exe().unwrap();
+        Busy(
+            std::process::Command::new(exe)
+                .arg("--busy")
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn busy_loop() -> ! {
+    let mut x = 0u64;
+    loop {
+        x = std::hint::black_box(x.wrapping_add(1));
+    }
 }

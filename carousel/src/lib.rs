@@ -39,9 +39,11 @@ pub use mux::{CatConfig, Mux, MuxConfig, MuxConfigError, RtpConfig};
 pub use output::{MemoryOutput, MulticastInterface, Output, UdpConfig, UdpOutput};
 pub use pacing::Pacer;
 #[cfg(feature = "player")]
+pub use player::thread_scheduling;
+#[cfg(feature = "player")]
 pub use player::{
     AsyncOutput, AsyncUdpOutput, BlockingOutput, Carousel, PlayRecord, PlayerConfig, PlayerHandle,
-    PlayerStats, RealTime, SpawnError, StatsReader,
+    PlayerStats, RealTime, Scheduling, SpawnError, StatsReader, DEFAULT_SPIN,
 };
 pub use schedule::{Class, Emm, InsertError, Lane, Played, Schedule, ScheduleConfig};
 pub use section::{LongHeader, Section, SectionError, TableId};

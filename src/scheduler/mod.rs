@@ -28,7 +28,6 @@
 //! loops; 202 with the trigger id. The run happens on whichever instance
 //! takes the lease next.
 
-pub mod lease;
 pub mod purge;
 pub mod refresh;
 pub mod rotation;
@@ -53,6 +52,7 @@ use crate::app::Shared;
 use crate::auth::{Caller, Scope};
 use crate::db::DbError;
 use crate::encryptor::{BoxFuture, Encryptor, EncryptorError};
+use crate::lease;
 
 /// What a run reports: a JSON object of counts (and notes).
 pub type Counts = serde_json::Map<String, Value>;
@@ -426,18 +426,6 @@ impl JobMetrics {
     }
 }
 
-/// `host:pid:random`: unique per process even when pids repeat.
-pub fn default_holder() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "host".into());
-    format!(
-        "{host}:{}:{:04x}",
-        std::process::id(),
-        rand::random::<u16>()
-    )
-}
-
 /// The built-in jobs with their schedules from the configuration.
 pub fn builtin_jobs(cfg: &crate::config::Config) -> Vec<JobEntry> {
     let sc = &cfg.scheduler;
@@ -475,7 +463,7 @@ impl Scheduler {
         Scheduler {
             enc: shared.encryptor.clone(),
             holder: if sc.instance_id.is_empty() {
-                default_holder()
+                lease::default_holder()
             } else {
                 sc.instance_id.clone()
             },

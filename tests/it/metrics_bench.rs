@@ -97,6 +97,7 @@ async fn packet_window(metrics: bool) -> f64 {
         },
         schedule: ScheduleConfig::default(),
         clock_anchor_unix_ms: None,
+        spin: carousel::DEFAULT_SPIN,
     };
     let stop = CancellationToken::new();
     let player = Carousel::new()

@@ -133,6 +133,7 @@ fn netns_child_multicast() {
                     },
                     schedule: ScheduleConfig::default(),
                     clock_anchor_unix_ms: None,
+                    spin: carousel::DEFAULT_SPIN,
                 },
                 output,
                 None,

@@ -29,6 +29,7 @@ fn config(name: &str, bitrate: u64, cbr: bool) -> PlayerConfig {
             burst_interval: 200,
         },
         clock_anchor_unix_ms: Some(ANCHOR_MS),
+        spin: carousel::DEFAULT_SPIN,
     }
 }
 

@@ -82,6 +82,7 @@ async fn udp_to_loopback_decodes_cleanly_in_tshark() {
             burst_interval: 50,
         },
         clock_anchor_unix_ms: None,
+        spin: carousel::DEFAULT_SPIN,
     };
     let carousel = Carousel::new();
     let cancel = CancellationToken::new();

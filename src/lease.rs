@@ -1,6 +1,7 @@
-//! Leases: one row per job in `leases` (name, holder, fence, expires_at),
-//! all times from the database's clock, so instances never compare their
-//! own clocks.
+//! Leases: one row per job or duty in `leases` (name, holder, fence,
+//! expires_at), all times from the database's clock, so instances never
+//! compare their own clocks. Used by the Scheduler (one instance runs each
+//! job) and by redundant Cyclers (one instance of a pair is on air).
 //!
 //! - [`acquire`] is one atomic statement (INSERT … ON DUPLICATE KEY
 //!   UPDATE): it creates the row, or takes it over only when it has
@@ -24,7 +25,19 @@ use mysql_async::{Conn, TxOpts};
 
 use crate::db::DbError;
 
-/// The `leases.name` of a job.
+/// `host:pid:random`: unique per process even when pids repeat.
+pub fn default_holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    format!(
+        "{host}:{}:{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+/// The `leases.name` of a scheduler job.
 pub fn lease_name(job: &str) -> String {
     format!("job:{job}")
 }
