@@ -104,7 +104,7 @@ fn player_config(bitrate: u64, spin: Duration) -> PlayerConfig {
         },
         schedule: ScheduleConfig::default(),
         clock_anchor_unix_ms: None,
-        spin: spin,
+        spin,
     }
 }
 
