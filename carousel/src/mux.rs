@@ -247,6 +247,19 @@ impl Mux {
         self.period
     }
 
+    /// Back on air at `now` after a pause (a standby Cycler taking over):
+    /// every PID's next packet carries the discontinuity indicator, a
+    /// section cut short is dropped, the CAT goes first and the budget of
+    /// the pause is forfeited (no burst to catch up).
+    pub fn resume(&mut self, now: Duration) {
+        self.emm.restart();
+        if let Some(c) = self.cat.as_mut() {
+            c.packetizer.restart();
+            c.next_due = now;
+        }
+        self.pacer.forfeit(now, 0);
+    }
+
     fn cat_due(&self, now: Duration) -> bool {
         self.cat
             .as_ref()
@@ -467,6 +480,39 @@ mod tests {
         assert_eq!(d[2..4], [0, 0]);
         let ts = u32::from_be_bytes(d[4..8].try_into().unwrap());
         assert_eq!(ts, 10 + (period.as_nanos() * 90_000 / 1_000_000_000) as u32);
+    }
+
+    #[test]
+    fn resume_flags_every_pid_drops_the_cut_section_and_starts_with_the_cat() {
+        let mut m = Mux::new(MuxConfig {
+            packets_per_datagram: 1,
+            ..MuxConfig::default()
+        })
+        .unwrap();
+        let mut q = VecDeque::from([emm_section(1000), emm_section(100)]);
+        // CAT, then the first EMM packet: both flagged (a new stream).
+        for t in 0..2 {
+            let d = m.next_datagram(m.datagram_period() * t, || q.pop_front());
+            assert!(PacketRef::parse(d.unwrap()).unwrap().discontinuity());
+        }
+        // Paused mid-section (1000 bytes need 6 packets), resumed later.
+        let later = Duration::from_secs(10);
+        m.resume(later);
+        let d = m.next_datagram(later, || q.pop_front()).unwrap().to_vec();
+        let cat = PacketRef::parse(&d).unwrap();
+        assert_eq!((cat.pid(), cat.discontinuity()), (Pid::CAT, true));
+        assert_eq!(cat.continuity_counter(), 1);
+        // The pause's budget is forfeited: one datagram now, not a burst.
+        assert!(m.next_datagram(later, || q.pop_front()).is_none());
+        let next = later + m.datagram_period();
+        let d = m.next_datagram(next, || q.pop_front()).unwrap().to_vec();
+        let emm = PacketRef::parse(&d).unwrap();
+        // The counter goes on; the cut section's tail is gone: the next
+        // section starts right here (PUSI, pointer 0).
+        assert_eq!((emm.pid(), emm.discontinuity()), (Pid::DEFAULT_EMM, true));
+        assert_eq!(emm.continuity_counter(), 1);
+        assert!(emm.payload_unit_start());
+        assert_eq!(emm.payload().unwrap().unwrap()[..2], [0, 0x82]);
     }
 
     #[test]

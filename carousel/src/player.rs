@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::Thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -351,6 +351,7 @@ pub enum SpawnError {
 enum Command {
     Add(Emm),
     Remove(u64),
+    OnAir(bool),
 }
 
 /// Capacity of each player's command channel: `add` waits (backpressure)
@@ -391,9 +392,20 @@ impl Link {
 }
 
 /// Cloneable handle over the EMM set shared by every player.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Carousel {
     players: Arc<Mutex<Vec<Link>>>,
+    /// On air (true) or standby: see [`Carousel::set_on_air`].
+    on_air: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Carousel {
+    fn default() -> Self {
+        Carousel {
+            players: Arc::default(),
+            on_air: Arc::new(watch::Sender::new(true)),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -468,6 +480,36 @@ impl Carousel {
         Carousel::default()
     }
 
+    /// A carousel whose players start in standby (see
+    /// [`Carousel::set_on_air`]): a redundant Cycler's hot standby.
+    pub fn standby() -> Self {
+        let c = Carousel::default();
+        c.on_air.send_replace(false);
+        c
+    }
+
+    /// Puts every player on air or in standby. In standby a player keeps
+    /// its schedule (adds and removes are applied) but sends nothing and
+    /// takes nothing from the schedule; back on air, it starts with the
+    /// CAT, every PID's first packet carrying the discontinuity indicator
+    /// ([`Mux::resume`]). Players spawned later start in the current state.
+    pub async fn set_on_air(&self, on_air: bool) {
+        self.on_air.send_replace(on_air);
+        for link in self.links() {
+            link.send(Command::OnAir(on_air)).await;
+        }
+    }
+
+    pub fn is_on_air(&self) -> bool {
+        *self.on_air.borrow()
+    }
+
+    /// Follows the on-air state, for an output kind that must act on it
+    /// (e.g. set up or tear down a session with a multiplexer).
+    pub fn on_air_watch(&self) -> watch::Receiver<bool> {
+        self.on_air.subscribe()
+    }
+
     fn links(&self) -> Vec<Link> {
         let mut players = self.players.lock().unwrap_or_else(PoisonError::into_inner);
         players.retain(|l| !l.tx.is_closed());
@@ -502,6 +544,7 @@ impl Carousel {
         let core = Core {
             schedule: Schedule::new(config.schedule),
             mux,
+            on_air: self.is_on_air(),
             anchor_ms: anchor,
             pass: (0, 0),
             rec: Recorder {
@@ -615,6 +658,8 @@ impl Recorder {
 struct Core {
     schedule: Schedule,
     mux: Mux,
+    /// False in standby: nothing is taken from the schedule or sent.
+    on_air: bool,
     anchor_ms: u64,
     /// The pass in progress and the timeline ms it started at (0: its
     /// start was not seen), for the last full pass's duration.
@@ -638,6 +683,12 @@ impl Core {
             }
             Command::Remove(id) => {
                 self.schedule.remove(id);
+            }
+            Command::OnAir(on) => {
+                if on && !self.on_air {
+                    self.mux.resume(elapsed);
+                }
+                self.on_air = on;
             }
         }
         self.rec
@@ -671,6 +722,9 @@ impl Core {
     /// schedule and emitting their play-out records. Call
     /// [`Core::sent`] with the result of sending it.
     fn next_datagram(&mut self, elapsed: Duration) -> Option<&[u8]> {
+        if !self.on_air {
+            return None;
+        }
         let now_ms = self.timeline_ms(elapsed);
         let schedule = &mut self.schedule;
         let played = &mut self.rec.played;
@@ -715,6 +769,9 @@ impl Core {
         }
         c.fast_lane
             .store(self.schedule.fast_lane_len() as u64, Ordering::Relaxed);
+        if !self.on_air {
+            return None; // only a command puts it back on air
+        }
         let source_ready = self.schedule.next_due().map(|t| {
             if t == 0 {
                 Duration::ZERO

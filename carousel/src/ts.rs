@@ -242,6 +242,17 @@ impl Packetizer {
     pub fn in_section(&self) -> bool {
         self.current.is_some()
     }
+    /// Starts over as a new stream would: the section in progress is
+    /// dropped (a receiver that saw its start from another sender cannot
+    /// use its tail) and the next packet carries the discontinuity
+    /// indicator, the counter going on from where it was. Used when an
+    /// output goes back on air after a pause (a redundant Cycler's
+    /// takeover), whoever sent on the PID in between.
+    pub fn restart(&mut self) {
+        self.current = None;
+        self.offset = 0;
+        self.discontinuity = true;
+    }
     /// Packets made so far.
     pub fn packets(&self) -> u64 {
         self.packets
@@ -296,7 +307,7 @@ impl Packetizer {
     }
 
     /// The 4-byte header (plus a discontinuity-only adaptation field once
-    /// after [`Packetizer::set_discontinuity`]); returns where the payload
+    /// after creation or [`Packetizer::restart`]); returns where the payload
     /// begins.
     fn write_header(&mut self, out: &mut [u8; PACKET_LEN]) -> usize {
         out[0] = SYNC_BYTE;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use carousel::mux::{MuxConfig, RtpConfig, RTP_HEADER_LEN};
 use carousel::player::{Carousel, PlayRecord, PlayerConfig, RealTime};
 use carousel::schedule::{Class, Lane, ScheduleConfig};
+use carousel::ts::PacketRef;
 use carousel::ts::Pid;
 use carousel::MemoryOutput;
 use common::{demux, emm, id_of};
@@ -361,4 +362,66 @@ fn thread_player_stops_with_its_runtime() {
         std::thread::sleep(Duration::from_millis(10));
     }
     panic!("play-out thread still running 60 s after its runtime was dropped");
+}
+
+/// A hot standby: EMMs applied, nothing sent; on air, the stream starts
+/// with the CAT, each PID's first packet flagged as a discontinuity, and
+/// every EMM plays; back in standby, nothing more is sent.
+#[tokio::test(start_paused = true)]
+async fn standby_sends_nothing_until_on_air_then_flags_the_discontinuity() {
+    let carousel = Carousel::standby();
+    let mut watch = carousel.on_air_watch();
+    let out = MemoryOutput::new();
+    let cancel = CancellationToken::new();
+    let player = carousel
+        .spawn_player(
+            config("s", 200_000, true),
+            out.clone(),
+            None,
+            cancel.clone(),
+        )
+        .unwrap();
+    for id in 0..20 {
+        carousel
+            .add(emm(id, Class::Background, u64::MAX, 180))
+            .await
+            .unwrap();
+    }
+    // Paused time: the window passes at once, the player's timers in it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(out.count(), 0, "a standby sends nothing");
+    assert_eq!(player.stats().live, 20, "but its schedule is loaded");
+    assert!(!*watch.borrow_and_update());
+
+    carousel.set_on_air(true).await;
+    assert!(watch.has_changed().unwrap() && *watch.borrow_and_update());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let datagrams = out.datagrams();
+    assert!(!datagrams.is_empty());
+    let first: Vec<PacketRef> = datagrams[0]
+        .chunks(188)
+        .map(|p| PacketRef::parse(p).unwrap())
+        .collect();
+    assert_eq!(first[0].pid(), Pid::CAT);
+    assert!(first[0].discontinuity());
+    let first_emm = datagrams
+        .iter()
+        .flat_map(|d| d.chunks(188))
+        .map(|p| PacketRef::parse(p).unwrap())
+        .find(|p| p.pid() == Pid::DEFAULT_EMM)
+        .unwrap();
+    assert!(first_emm.discontinuity() && first_emm.payload_unit_start());
+    let ts: Vec<u8> = datagrams.concat();
+    let (emms, cats, errors) = demux(&ts, Pid::DEFAULT_EMM);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(!cats.is_empty());
+    let ids: std::collections::BTreeSet<u64> = emms.iter().map(|s| id_of(s)).collect();
+    assert_eq!(ids, (0..20).collect());
+
+    carousel.set_on_air(false).await;
+    let sent = out.count();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(out.count(), sent, "back in standby, nothing more");
+    cancel.cancel();
+    player.join().await;
 }
