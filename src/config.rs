@@ -440,6 +440,19 @@ pub struct CyclerConfig {
     pub cycle_target_change_s: f64,
     #[serde(default = "default_cycle_target_background_s")]
     pub cycle_target_background_s: f64,
+    /// Redundant Cyclers: instances with the same group serve the same
+    /// outputs, one on air under the lease `cycler:<group>`, the others
+    /// hot standbys. Empty: no redundancy, always on air.
+    #[serde(default)]
+    pub redundancy_group: String,
+    /// The group's lease, in ms: a dead instance's outputs are taken over
+    /// within `lease_ms` × 1.25 plus a database round trip.
+    #[serde(default = "default_cycler_lease_ms")]
+    pub lease_ms: u64,
+}
+
+fn default_cycler_lease_ms() -> u64 {
+    1000
 }
 
 impl CyclerConfig {
@@ -499,6 +512,8 @@ impl Default for CyclerConfig {
             cycle_target_urgent_s: default_cycle_target_urgent_s(),
             cycle_target_change_s: default_cycle_target_change_s(),
             cycle_target_background_s: default_cycle_target_background_s(),
+            redundancy_group: String::new(),
+            lease_ms: default_cycler_lease_ms(),
         }
     }
 }
@@ -969,6 +984,19 @@ impl Config {
                 ));
             }
         }
+        let group = &self.cycler.redundancy_group;
+        if group.len() > 48 || !group.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(key_err(
+                "cycler.redundancy_group",
+                "at most 48 printable ASCII characters, no spaces",
+            ));
+        }
+        if !(300..=60_000).contains(&self.cycler.lease_ms) {
+            return Err(key_err(
+                "cycler.lease_ms",
+                "must be between 300 and 60000 ms",
+            ));
+        }
         if self.cycler.outputs.is_empty() && self.roles.contains(&Role::Cycler) {
             return Err(key_err(
                 "cycler.outputs",
@@ -1213,6 +1241,19 @@ mod tests {
         assert_eq!(c.api.body_limit, 65536);
         assert_eq!(c.cycler.outputs[0].pid, 0x0101);
         assert_eq!(c.roles.len(), 5);
+    }
+
+    #[test]
+    fn redundancy_keys_are_checked() {
+        let c = parse(MIN, &[("CASD_CYCLER__REDUNDANCY_GROUP", "studio-a")]).unwrap();
+        assert_eq!(
+            (c.cycler.redundancy_group.as_str(), c.cycler.lease_ms),
+            ("studio-a", 1000)
+        );
+        for (key, value) in [("redundancy_group", "\"a b\""), ("lease_ms", "100")] {
+            let err = parse(&format!("{MIN}[cycler]\n{key} = {value}\n"), &[]).unwrap_err();
+            assert!(err.to_string().contains(&format!("cycler.{key}")), "{err}");
+        }
     }
 
     #[test]

@@ -125,7 +125,13 @@ fn rfc3339_ms(unix_ms: u64) -> String {
 /// Runs the Cycler until `shared.shutdown`.
 pub async fn run(shared: Shared) -> anyhow::Result<()> {
     let cfg = shared.cfg.cycler.clone();
-    let carousel = carousel::Carousel::new();
+    // A redundant Cycler starts in standby: on air once it holds the lease.
+    let carousel = if cfg.redundancy_group.is_empty() {
+        carousel::Carousel::new()
+    } else {
+        carousel::Carousel::standby()
+    };
+    let mut on_air = crate::onair::OnAir::new(&shared, &carousel);
     let log = JsonLog::with_capacity(&cfg.log_file, cfg.log_rotate_bytes, cfg.log_keep, 65536);
     let (rec_tx, mut rec_rx) = mpsc::channel::<PlayRecord>(65536);
     let players_stop = tokio_util::sync::CancellationToken::new();
@@ -140,6 +146,7 @@ pub async fn run(shared: Shared) -> anyhow::Result<()> {
         );
     }
     drop(rec_tx);
+    log_scheduling();
     watch_outputs(&shared, &players, &log);
     let log_writer = {
         let log = log.clone();
@@ -169,7 +176,11 @@ pub async fn run(shared: Shared) -> anyhow::Result<()> {
         _ = async {
             follower.load_all().await;
             shared.readiness.started(Role::Cycler);
-            follower.follow().await;
+            // Hot: loaded and following before it may go on air.
+            match on_air.as_mut() {
+                Some(duty) => tokio::join!(follower.follow(), duty.run()).0,
+                None => follower.follow().await,
+            }
         } => {}
     }
 
@@ -181,12 +192,26 @@ pub async fn run(shared: Shared) -> anyhow::Result<()> {
         let s = p.join().await;
         tracing::info!(output = %name, datagrams = s.datagrams, sections = s.sections, records_dropped = s.records_dropped, "output stopped");
     }
+    if let Some(duty) = &on_air {
+        duty.release().await;
+    }
     let _ = log_writer.await;
     log.flush().await;
     if log.dropped() > 0 {
         tracing::warn!(dropped = log.dropped(), "carousel log lines not written");
     }
     Ok(())
+}
+
+/// Says whether the play-out threads (which inherit this thread's policy)
+/// run with real-time priority, as the systemd unit grants by default.
+fn log_scheduling() {
+    let s = carousel::thread_scheduling();
+    if s.is_real_time() {
+        tracing::info!(scheduling = %s, "cycler: play-out threads have real-time priority");
+    } else {
+        tracing::warn!(scheduling = %s, "cycler: play-out threads without real-time priority (CPUSchedulingPolicy=fifo in the systemd unit grants it); under CPU load their timing follows the load");
+    }
 }
 
 /// The per-output `casd_cycler_*` metrics, read from the players'

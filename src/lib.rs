@@ -18,6 +18,7 @@ pub mod jsonlog;
 pub mod keystore;
 pub mod lease;
 pub mod metrics;
+pub mod onair;
 pub mod openapi;
 pub mod queue;
 pub mod reqlog;

@@ -12,7 +12,7 @@ use mysql_async::prelude::*;
 
 const LIMIT: Duration = Duration::from_secs(10);
 
-async fn encryptor(db: &casd::db::Db) -> LocalEncryptor {
+pub(crate) async fn encryptor(db: &casd::db::Db) -> LocalEncryptor {
     let ks = KeyStore::open(db.clone(), Key128::from_bytes([1; 16]))
         .await
         .unwrap();
@@ -21,7 +21,11 @@ async fn encryptor(db: &casd::db::Db) -> LocalEncryptor {
 }
 
 /// Seals a global OSM EMM and returns (emm_id, section) without storing it.
-async fn seal(c: &mut mysql_async::Conn, enc: &LocalEncryptor, text: &str) -> (u64, Vec<u8>) {
+pub(crate) async fn seal(
+    c: &mut mysql_async::Conn,
+    enc: &LocalEncryptor,
+    text: &str,
+) -> (u64, Vec<u8>) {
     let id: Option<u64> = c.query_first("SELECT NEXTVAL(emm_id_seq)").await.unwrap();
     let id = id.unwrap();
     let job = SealJob {
@@ -40,7 +44,7 @@ async fn seal(c: &mut mysql_async::Conn, enc: &LocalEncryptor, text: &str) -> (u
     (id, s.section)
 }
 
-async fn store(c: &mut impl Queryable, id: u64, section: &[u8], not_after: &str) {
+pub(crate) async fn store(c: &mut impl Queryable, id: u64, section: &[u8], not_after: &str) {
     c.exec_drop(
         "INSERT INTO emms (id, addressing, address, key_version, class, purpose, emm_data, encrypted_emm, created_at, not_after, state) \
          VALUES (?, 'global', 0, 1, 1, 'osm', '[]', ?, UTC_TIMESTAMP(6), ?, 'live')",

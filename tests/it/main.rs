@@ -15,6 +15,7 @@ mod auth_log;
 mod auth_tls;
 mod crash_sigkill;
 mod cycler;
+mod cycler_redundancy;
 mod db_backup;
 mod db_encryption;
 mod db_tls;
