@@ -90,6 +90,12 @@ impl OnAir {
             "1 while this Cycler's outputs are on air, 0 in standby (redundant Cyclers).",
             &labels,
         );
+        // Registered (at 0) without redundancy too: one set of series.
+        let takeovers = m.counter(
+            "casd_cycler_takeovers_total",
+            "Times this Cycler went on air from standby (took the group's lease).",
+            &labels,
+        );
         if group.is_empty() {
             on_air.set(1.0);
             return None;
@@ -104,11 +110,7 @@ impl OnAir {
             air: Air::Standby,
             db_down: false,
             on_air,
-            takeovers: m.counter(
-                "casd_cycler_takeovers_total",
-                "Times this Cycler went on air from standby (took the group's lease).",
-                &labels,
-            ),
+            takeovers,
         })
     }
 

@@ -15,10 +15,12 @@
 //!   delay), `kernel` = the socket's `SO_TIMESTAMPNS` receive stamp (on
 //!   loopback taken when the sender's `send` hands the packet to the stack,
 //!   so it measures the sender alone). Also the long-run rate measured at the
-//!   receiver vs. the target. Each bitrate runs twice, the old pacer
-//!   (`spin` 0: sleep to the due instant) then the new (`DEFAULT_SPIN`),
-//!   first on the machine as it is, then with one busy-loop process per
-//!   core (this binary with `--busy`) as the load.
+//!   receiver vs. the target. Each bitrate runs twice, the default pacer
+//!   (sleep to the due instant) then with a spin of `SPIN_TRIAL` before
+//!   it, first on the machine as it is, then with one busy-loop process
+//!   per core (this binary with `--busy`, always SCHED_OTHER) as the load.
+//!   The scheduling policy is the bench's own: run it under `chrt -f 1`
+//!   for the real-time figures (what the systemd unit grants casd).
 //!
 //! Without `--bench` (cargo test --all-targets) it runs a short smoke pass.
 
@@ -26,7 +28,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use carousel::mux::{MuxConfig, MAX_PACKETS_PER_DATAGRAM};
-use carousel::player::{AsyncUdpOutput, Carousel, PlayerConfig, DEFAULT_SPIN};
+use carousel::player::{AsyncUdpOutput, Carousel, PlayerConfig, DEFAULT_SPIN, SPIN_TRIAL};
 use carousel::schedule::ScheduleConfig;
 use carousel::{UdpConfig, UdpOutput};
 use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
@@ -241,8 +243,8 @@ fn main() {
                 .collect();
             println!("load: {} busy-loop processes", busy.len());
             for bitrate in [1_000_000u64, 10_000_000] {
-                // The old pacer (sleep to the due instant) next to the new.
-                for spin in [Duration::ZERO, DEFAULT_SPIN] {
+                // Sleep to the due instant (the default) next to a spin.
+                for spin in [DEFAULT_SPIN, SPIN_TRIAL] {
                     jitter(bitrate, spin, Duration::from_secs(jitter_s)).await;
                 }
             }
@@ -258,14 +260,18 @@ fn cores() -> usize {
 struct Busy(std::process::Child);
 
 impl Busy {
+    /// Always SCHED_OTHER (`chrt --other 0`): when the bench itself runs
+    /// under `chrt -f`, a child would inherit real-time priority and two
+    /// real-time busy loops would starve the whole machine.
     fn start() -> Busy {
         let exe = std::env::current_exe().unwrap();
-        Busy(
-            std::process::Command::new(exe)
-                .arg("--busy")
-                .spawn()
-                .unwrap(),
-        )
+        let child = std::process::Command::new("chrt")
+            .args(["--other", "0"])
+            .arg(exe)
+            .arg("--busy")
+            .spawn()
+            .expect("chrt (util-linux) starts the busy loop");
+        Busy(child)
     }
 }
 

@@ -161,15 +161,20 @@ pub struct PlayerConfig {
     /// thread stops sleeping and spins on the clock ([`DEFAULT_SPIN`]).
     /// A sleeping thread wakes late by the kernel's wake-up latency; one
     /// that is already running when the instant comes does not.
-    /// `Duration::ZERO` sleeps up to the due instant (the pacer before the
-    /// spin, kept as the benchmark's baseline).
+    /// `Duration::ZERO` sleeps up to the due instant.
     pub spin: Duration,
 }
 
-/// The default [`PlayerConfig::spin`]: covers a wake-up late by up to
-/// this much, for a CPU cost of spin / datagram period (2 % at 1 Mbit/s
-/// and 7 packets per datagram, 19 % at 10 Mbit/s).
-pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
+/// The default [`PlayerConfig::spin`]: none. Measured on the development
+/// VM (docs/benchmarks.md, `udp_playout`), a 200 µs spin did not lower the
+/// p99 under SCHED_OTHER or SCHED_FIFO and raised it under load (a
+/// spinning thread loses the wake-up preference a sleeping one has, and a
+/// busy vCPU is the one the host preempts); real-time priority did lower
+/// it. A host with a core set aside for play-out may still gain from it.
+pub const DEFAULT_SPIN: Duration = Duration::ZERO;
+
+/// The spin margin the `udp_playout` bench compares with no spin.
+pub const SPIN_TRIAL: Duration = Duration::from_micros(200);
 
 /// The calling thread's scheduling policy, as the kernel reports it in
 /// `/proc/thread-self/stat` (no unsafe code, no privilege). A play-out

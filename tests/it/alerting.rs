@@ -28,6 +28,7 @@ const ALERTS: &[&str] = &[
     "CasdKeyRotationOverdue",
     "CasdCarouselCycleTooLong",
     "CasdTlsCertificateExpiring",
+    "CasdCyclersOnAirNotOne",
 ];
 
 fn repo(path: &str) -> PathBuf {

@@ -162,6 +162,8 @@ fn allowed(key: &str, v: &str) -> bool {
         "kind" => ["pmk", "glk", "gk"].contains(&v),
         "class" => ["urgent", "change", "background"].contains(&v),
         "output" => v == "test",
+        // cycler.redundancy_group: none configured here.
+        "group" => v.is_empty(),
         "version" => v == env!("CARGO_PKG_VERSION"),
         "git_sha" => v == "unknown" || (v.len() == 12 && v.chars().all(|c| c.is_ascii_hexdigit())),
         "le" | "quantile" => number(v),

@@ -109,6 +109,8 @@ pub const METRICS: &[&str] = &[
     "casd_cycler_last_datagram_age_seconds",
     "casd_cycler_events_behind",
     "casd_cycler_playout_log_dropped_total",
+    "casd_cycler_on_air",
+    "casd_cycler_takeovers_total",
     "casd_scheduler_job_last_success_timestamp_seconds",
     "casd_scheduler_job_last_duration_seconds",
     "casd_scheduler_job_failures_total",
