@@ -274,3 +274,58 @@ async fn kill_9_of_the_cycler_on_air_hands_over_within_2_s() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The database gone while on air: the holder keeps playing past its
+/// lease's expiry (no other instance could take the lease without the
+/// database either), and renews it once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holder_keeps_playing_while_the_database_is_away() {
+    use casd::testing::{Capture, Running, TcpProxy};
+    use mysql_async::prelude::*;
+
+    let t = TestDb::new().await;
+    let enc = encryptor(&t.db).await;
+    let mut c = t.db.conn().await.unwrap();
+    let (a, sec_a) = seal(&mut c, &enc, "keeps playing").await;
+    store(&mut c, a, &sec_a, "2033-01-01 00:00:00").await;
+    let proxy = TcpProxy::start(casd::testing::server_addr()).await;
+    let mut cap = Capture::bind(0x0101).await;
+    let mut cfg = casd::testing::config(&proxy.url_via(&t.url), cap.addr());
+    cfg.cycler.redundancy_group = "solo".into();
+    cfg.cycler.lease_ms = 300;
+    let casd = Running::start(cfg, vec![casd::config::Role::Cycler]).await;
+    assert!(cap.until(LIMIT, |s| s == &sec_a[..]).await.is_some());
+
+    let expired = async |c: &mut mysql_async::Conn| -> Option<bool> {
+        c.query_first("SELECT expires_at < UTC_TIMESTAMP(6) FROM leases WHERE name = 'cycler:solo'")
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        expired(&mut c).await,
+        Some(false),
+        "held while the database is up"
+    );
+    proxy.cut();
+    // Five lease lengths without the database: still on air throughout.
+    let window = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < window {
+        assert!(
+            cap.until(LIMIT, |s| s == &sec_a[..]).await.is_some(),
+            "on air stopped with the database"
+        );
+    }
+    assert_eq!(
+        expired(&mut c).await,
+        Some(true),
+        "the lease ran out meanwhile"
+    );
+    proxy.restore().await;
+    until("the lease renewed", async || {
+        (expired(&mut c).await == Some(false)).then_some(())
+    })
+    .await;
+    assert!(cap.until(LIMIT, |s| s == &sec_a[..]).await.is_some());
+    assert!(cap.errors.is_empty(), "stream errors: {:?}", cap.errors);
+    casd.shutdown().await.unwrap();
+}
