@@ -157,24 +157,24 @@ pub struct PlayerConfig {
     /// Unix milliseconds at the player's start; `None` reads the system
     /// clock. Tests with paused time set it.
     pub clock_anchor_unix_ms: Option<u64>,
-    /// Thread driver only: how long before a datagram is due the play-out
-    /// thread stops sleeping and spins on the clock ([`DEFAULT_SPIN`]).
-    /// A sleeping thread wakes late by the kernel's wake-up latency; one
-    /// that is already running when the instant comes does not.
-    /// `Duration::ZERO` sleeps up to the due instant.
+    /// Thread driver with real-time priority only ([`thread_scheduling`]):
+    /// how long before a datagram is due the play-out thread stops sleeping
+    /// and spins on the clock ([`DEFAULT_SPIN`]). A sleeping thread wakes
+    /// late by the kernel's wake-up latency; one that is already running
+    /// when the instant comes does not. `Duration::ZERO` (and any value
+    /// without real-time priority) sleeps up to the due instant.
     pub spin: Duration,
 }
 
-/// The default [`PlayerConfig::spin`]: none. Measured on the development
-/// VM (docs/benchmarks.md, `udp_playout`), a 200 µs spin did not lower the
-/// p99 under SCHED_OTHER or SCHED_FIFO and raised it under load (a
-/// spinning thread loses the wake-up preference a sleeping one has, and a
-/// busy vCPU is the one the host preempts); real-time priority did lower
-/// it. A host with a core set aside for play-out may still gain from it.
-pub const DEFAULT_SPIN: Duration = Duration::ZERO;
-
-/// The spin margin the `udp_playout` bench compares with no spin.
-pub const SPIN_TRIAL: Duration = Duration::from_micros(200);
+/// The default [`PlayerConfig::spin`]. Spinning is worth it only with
+/// real-time priority, so the thread spins only when it has it: measured on
+/// the development VM (docs/benchmarks.md, `udp_playout`), under SCHED_FIFO
+/// a 200 µs spin took the 1 Mbit/s p99 from 1.19 ms to 0.045 ms with the
+/// cores loaded, while under SCHED_OTHER it made the tail worse (a spinning
+/// ordinary thread loses the wake-up preference a sleeping one has). CPU
+/// cost: spin / datagram period (2 % of a core at 1 Mbit/s and 7 packets
+/// per datagram, 19 % at 10 Mbit/s).
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
 
 /// The calling thread's scheduling policy, as the kernel reports it in
 /// `/proc/thread-self/stat` (no unsafe code, no privilege). A play-out
@@ -575,6 +575,12 @@ impl Carousel {
                 let thread = std::thread::Builder::new()
                     .name(format!("play {}", config.name))
                     .spawn(move || {
+                        // The thread's own policy (inherited from its spawner).
+                        let spin = if thread_scheduling().is_real_time() {
+                            spin
+                        } else {
+                            Duration::ZERO
+                        };
                         let _ = done_tx.send(run_thread(core, output, rx, &flag, clock, spin));
                     })
                     .map_err(SpawnError::Thread)?
