@@ -329,3 +329,53 @@ async fn the_holder_keeps_playing_while_the_database_is_away() {
     assert!(cap.errors.is_empty(), "stream errors: {:?}", cap.errors);
     casd.shutdown().await.unwrap();
 }
+
+/// An orderly stop of the one on air releases the lease at once (after
+/// its players stopped), so the standby takes over at its next try
+/// instead of after the lease runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orderly_stop_hands_the_lease_over_at_once() {
+    use casd::testing::{Capture, Running};
+    use mysql_async::prelude::*;
+
+    let t = TestDb::new().await;
+    let enc = encryptor(&t.db).await;
+    let mut c = t.db.conn().await.unwrap();
+    let (a, sec_a) = seal(&mut c, &enc, "handed over").await;
+    store(&mut c, a, &sec_a, "2033-01-01 00:00:00").await;
+    let mut cap = Capture::bind(0x0101).await;
+    let mut cfg = casd::testing::config(&t.url, cap.addr());
+    cfg.cycler.redundancy_group = "pair".into();
+    // Long: a takeover before it runs out can only come from the release
+    // (the standby tries every 5 s).
+    cfg.cycler.lease_ms = 20_000;
+    let first = Running::start(cfg.clone(), vec![casd::config::Role::Cycler]).await;
+    assert!(cap.until(LIMIT, |s| s == &sec_a[..]).await.is_some());
+    let second = Running::start(cfg, vec![casd::config::Role::Cycler]).await;
+    let holder = async |c: &mut mysql_async::Conn| -> (String, u64, bool) {
+        c.query_first(
+            "SELECT holder, fence, expires_at > UTC_TIMESTAMP(6) FROM leases WHERE name = 'cycler:pair'",
+        )
+        .await
+        .unwrap()
+        .unwrap()
+    };
+    let (held_by, fence, live) = holder(&mut c).await;
+    assert_eq!((fence, live), (1, true));
+
+    first.shutdown().await.unwrap();
+    let (h, _, live) = holder(&mut c).await;
+    assert!(
+        !live || h != held_by,
+        "the lease was not released by the orderly stop"
+    );
+    until("the standby holds the lease", async || {
+        let (h, f, live) = holder(&mut c).await;
+        (h != held_by && f == 2 && live).then_some(())
+    })
+    .await;
+    // From here on only the second one can send.
+    cap.errors.clear();
+    assert!(cap.until(LIMIT, |s| s == &sec_a[..]).await.is_some());
+    second.shutdown().await.unwrap();
+}
