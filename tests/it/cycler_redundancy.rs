@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use carousel::{Depacketizer, Event, Pid, StreamError};
 use casd::testing::TestDb;
+use mysql_async::prelude::*;
 
 const LIMIT: Duration = Duration::from_secs(20);
 const EMMS: usize = 30;
@@ -275,19 +276,24 @@ async fn kill_9_of_the_cycler_on_air_hands_over_within_2_s() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A throwaway database with one live EMM: (database, a connection, its section).
+async fn one_live_emm(text: &str) -> (TestDb, mysql_async::Conn, Vec<u8>) {
+    let t = TestDb::new().await;
+    let enc = encryptor(&t.db).await;
+    let mut c = t.db.conn().await.unwrap();
+    let (id, section) = seal(&mut c, &enc, text).await;
+    store(&mut c, id, &section, "2033-01-01 00:00:00").await;
+    (t, c, section)
+}
+
 /// The database gone while on air: the holder keeps playing past its
 /// lease's expiry (no other instance could take the lease without the
 /// database either), and renews it once the database is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_holder_keeps_playing_while_the_database_is_away() {
     use casd::testing::{Capture, Running, TcpProxy};
-    use mysql_async::prelude::*;
 
-    let t = TestDb::new().await;
-    let enc = encryptor(&t.db).await;
-    let mut c = t.db.conn().await.unwrap();
-    let (a, sec_a) = seal(&mut c, &enc, "keeps playing").await;
-    store(&mut c, a, &sec_a, "2033-01-01 00:00:00").await;
+    let (t, mut c, sec_a) = one_live_emm("keeps playing").await;
     let proxy = TcpProxy::start(casd::testing::server_addr()).await;
     let mut cap = Capture::bind(0x0101).await;
     let mut cfg = casd::testing::config(&proxy.url_via(&t.url), cap.addr());
@@ -336,13 +342,8 @@ async fn the_holder_keeps_playing_while_the_database_is_away() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orderly_stop_hands_the_lease_over_at_once() {
     use casd::testing::{Capture, Running};
-    use mysql_async::prelude::*;
 
-    let t = TestDb::new().await;
-    let enc = encryptor(&t.db).await;
-    let mut c = t.db.conn().await.unwrap();
-    let (a, sec_a) = seal(&mut c, &enc, "handed over").await;
-    store(&mut c, a, &sec_a, "2033-01-01 00:00:00").await;
+    let (t, mut c, sec_a) = one_live_emm("handed over").await;
     let mut cap = Capture::bind(0x0101).await;
     let mut cfg = casd::testing::config(&t.url, cap.addr());
     cfg.cycler.redundancy_group = "pair".into();
