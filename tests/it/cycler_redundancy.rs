@@ -79,12 +79,13 @@ impl Cycler {
         std::fs::write(
             &config,
             format!(
-                "[database]\nurl = \"{db_url}\"\nconnect_timeout_s = 2\n\
+                "{database}connect_timeout_s = 2\n\
                  [api]\nlisten = \"127.0.0.1:{api}\"\nplain_http = true\nrequest_log = \"{d}/req.jsonl\"\n\
                  [keys]\nroot_key_file = \"{d}/root.key\"\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
                  [cycler]\npoll_interval_ms = 20\nlog_file = \"{d}/car.jsonl\"\n\
                  redundancy_group = \"studio\"\nlease_ms = 1000\n\
                  [[cycler.outputs]]\nname = \"main\"\ndestination = \"{dest}\"\nbitrate = 1000000\ncbr = true\n",
+                database = casd::testing::database_toml(db_url),
                 api = common::free_port(),
                 d = d.display(),
             ),
