@@ -81,7 +81,7 @@ pub enum SealJobError {
     /// The EMM does not fit `max_section_bytes`.
     #[error("{0}")]
     TooLarge(String),
-    /// The commands cannot be encoded (or a key command in a non-unique EMM).
+    /// The commands cannot be encoded (or a key command its address may not carry).
     #[error("{0}")]
     Invalid(String),
 }

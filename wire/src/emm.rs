@@ -28,9 +28,9 @@ pub mod tag {
     pub const DEVICE_DISABLE: u8 = 0x04;
     /// OSM.
     pub const OSM: u8 = 0x05;
-    /// GROUP_KEY (unique EMMs only).
+    /// GROUP_KEY (unique EMMs, or group EMMs of its own group).
     pub const GROUP_KEY: u8 = 0x06;
-    /// GLOBAL_KEY (unique EMMs only).
+    /// GLOBAL_KEY (unique or group EMMs).
     pub const GLOBAL_KEY: u8 = 0x07;
     /// ENTITLEMENT_SET.
     pub const ENTITLEMENT_SET: u8 = 0x08;
@@ -300,6 +300,22 @@ impl Address {
     pub fn is_unique(&self) -> bool {
         matches!(self, Address::Unique { .. })
     }
+
+    /// Whether an EMM to this address may carry `command` (docs/format.md
+    /// §3.4): a unique EMM anything; a group EMM a GROUP_KEY of its own
+    /// group and GLOBAL_KEY (group-addressed rotation: sealed under the
+    /// group's GK, so only holders of that GK learn the key); a global EMM
+    /// no key (every device holds the GLK it would be sealed under).
+    pub fn may_carry<K>(&self, command: &Command<K>) -> bool {
+        match (self, command) {
+            (Address::Unique { .. }, _) => true,
+            (Address::Group { group_id, .. }, Command::GroupKey { group_id: g, .. }) => {
+                g == group_id
+            }
+            (Address::Group { .. }, Command::GlobalKey { .. }) => true,
+            (_, c) => !c.carries_key(),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -411,7 +427,7 @@ pub enum Command<K = Key128> {
         /// UTF-8 text.
         text: String,
     },
-    /// 0x06 (unique EMMs only).
+    /// 0x06 (unique EMMs, or group EMMs of its own group).
     GroupKey {
         /// Group.
         group_id: u32,
@@ -425,7 +441,7 @@ pub enum Command<K = Key128> {
         #[serde(skip)]
         key: K,
     },
-    /// 0x07 (unique EMMs only).
+    /// 0x07 (unique or group EMMs).
     GlobalKey {
         /// GLK version.
         key_version: u32,
@@ -853,9 +869,10 @@ pub enum EncodeError {
     /// `Command::Unknown` used with a tag this code knows.
     #[error("Command::Unknown with known tag {0:#04x}")]
     UnknownWithKnownTag(u8),
-    /// GROUP_KEY / GLOBAL_KEY in a group or global EMM.
-    #[error("command {tag:#04x} carries a key and may only travel in a unique EMM")]
-    KeyCommandNotUnique {
+    /// GROUP_KEY / GLOBAL_KEY in an EMM whose address may not carry it
+    /// ([`Address::may_carry`]).
+    #[error("command {tag:#04x} carries a key this address may not carry (GROUP_KEY: unique or its own group; GLOBAL_KEY: unique or group)")]
+    KeyCommandNotAllowed {
         /// Tag.
         tag: u8,
     },
@@ -923,9 +940,10 @@ pub enum DecodeError {
         /// From the plaintext.
         expected: u16,
     },
-    /// A key command inside a non-unique EMM.
-    #[error("command {tag:#04x} carries a key but the EMM is not unique")]
-    KeyCommandNotUnique {
+    /// A key command in an EMM whose address may not carry it
+    /// ([`Address::may_carry`]).
+    #[error("command {tag:#04x} carries a key this address may not carry")]
+    KeyCommandNotAllowed {
         /// Tag.
         tag: u8,
     },
@@ -1064,13 +1082,12 @@ pub enum SealEmmError {
 }
 
 impl SealInput {
-    /// Checks the commands (non-empty, encodable, keys only in unique EMMs).
+    /// Checks the commands (non-empty, encodable, keys only where the
+    /// address may carry them).
     pub fn validate(&self) -> Result<(), EncodeError> {
         validate_commands(&self.commands)?;
-        if !self.address.is_unique() {
-            if let Some(c) = self.commands.iter().find(|c| c.carries_key()) {
-                return Err(EncodeError::KeyCommandNotUnique { tag: c.tag() });
-            }
+        if let Some(c) = self.commands.iter().find(|c| !self.address.may_carry(c)) {
+            return Err(EncodeError::KeyCommandNotAllowed { tag: c.tag() });
         }
         Ok(())
     }
@@ -1191,7 +1208,7 @@ pub enum OpenEmmError {
 
 /// Opens an EMM section as a receiver does (CRC, MAC, decrypt, decode) and
 /// checks table_id_extension = emm_id mod 65536 and that key commands only
-/// arrive in unique EMMs.
+/// arrive where the address may carry them ([`Address::may_carry`]).
 pub fn open_emm(section: &[u8], address_root: &Key128) -> Result<OpenedEmm, OpenEmmError> {
     let opened = crypto::open_section(address_root, section)?;
     let address = Address::from_wire(opened.table_id, &opened.address)?;
@@ -1203,10 +1220,8 @@ pub fn open_emm(section: &[u8], address_root: &Key128) -> Result<OpenedEmm, Open
         }
         .into());
     }
-    if !address.is_unique() {
-        if let Some(c) = p.commands.iter().find(|c| c.carries_key()) {
-            return Err(DecodeError::KeyCommandNotUnique { tag: c.tag() }.into());
-        }
+    if let Some(c) = p.commands.iter().find(|c| !address.may_carry(c)) {
+        return Err(DecodeError::KeyCommandNotAllowed { tag: c.tag() }.into());
     }
     Ok(OpenedEmm {
         address,
@@ -1417,22 +1432,63 @@ mod tests {
     }
 
     #[test]
-    fn key_commands_refused_outside_unique() {
+    fn key_commands_only_where_the_address_may_carry_them() {
         let root = Key128::random(&mut OsRng);
-        let gk = Command::GlobalKey {
+        let glk = Command::GlobalKey {
             key_version: 1,
             activates_at: 0,
             key: Key128::random(&mut OsRng),
         };
-        for a in [Address::group_with_slots(1, [1]), Address::Global] {
+        let gk = |group_id| Command::GroupKey {
+            group_id,
+            slot: 0,
+            key_version: 2,
+            activates_at: 0,
+            key: Key128::random(&mut OsRng),
+        };
+        let refused = |tag| {
+            Err(SealEmmError::Encode(EncodeError::KeyCommandNotAllowed {
+                tag,
+            }))
+        };
+        let group = Address::group_with_slots(1, [1]);
+        for (a, c, tag) in [
+            (Address::Global, glk.clone(), 7),
+            (Address::Global, gk(1), 6),
+            (group.clone(), gk(2), 6),
+        ] {
             assert_eq!(
-                seal_emm(&input(a, vec![gk.clone()]), &root, 256, &mut OsRng),
-                Err(SealEmmError::Encode(EncodeError::KeyCommandNotUnique {
-                    tag: 7
-                }))
+                seal_emm(&input(a, vec![c]), &root, 256, &mut OsRng),
+                refused(tag)
             );
         }
-        assert!(seal_emm(&input(unique(1), vec![gk]), &root, 256, &mut OsRng).is_ok());
+        for (a, c) in [
+            (unique(1), glk.clone()),
+            (unique(1), gk(9)),
+            (group.clone(), glk),
+            (group.clone(), gk(1)),
+        ] {
+            let s = seal_emm(&input(a, vec![c]), &root, 256, &mut OsRng).unwrap();
+            assert!(open_emm(&s, &root).is_ok());
+        }
+        // A receiver refuses another group's key in a group EMM even when
+        // the MAC is right (sealed by hand around the encoder's check).
+        let p = EmmPlaintext {
+            emm_id: EmmId(2),
+            issued_at: 1,
+            not_after: 2,
+            commands: vec![gk(2)],
+        };
+        let keys = input(group.clone(), vec![]).section_keys(&root).unwrap();
+        let s = keys
+            .seal(2, 1, &p.encode().unwrap(), 256, &mut OsRng)
+            .unwrap();
+        assert!(matches!(
+            open_emm(&s, &root),
+            Err(OpenEmmError::Decode(DecodeError::KeyCommandNotAllowed {
+                tag: 6
+            }))
+        ));
     }
 
     #[test]

@@ -11,6 +11,12 @@
 //! address, CRC, MAC (constant time), then decrypt; nothing of a section
 //! that fails a check is used.
 //!
+//! Keys: GROUP_KEY and GLOBAL_KEY arrive in unique EMMs (to one device,
+//! under its DUK) and, for a group-addressed rotation, in group EMMs (under
+//! the group's current GK): a group EMM's GROUP_KEY must name the EMM's own
+//! group (`emm::open_emm` refuses it otherwise) and its slot is ignored, the
+//! device keeping the slot its unique EMMs gave it.
+//!
 //! Newest wins: the carousel repeats EMMs and a receiver may tune in at any
 //! point of a cycle, so an older EMM can arrive after a newer one. emm_ids
 //! increase, so for each product (and for the enable state) a command is
@@ -165,8 +171,9 @@ impl Receiver {
             return Outcome::Repeat { emm_id: id };
         }
         let n = opened.commands.len();
+        let unique = address.is_unique();
         for c in opened.commands {
-            self.apply(id, c);
+            self.apply(id, c, unique);
         }
         Outcome::Applied {
             emm_id: id,
@@ -190,7 +197,9 @@ impl Receiver {
         }
     }
 
-    fn apply(&mut self, emm_id: u64, c: Command) {
+    /// Applies one command of EMM `emm_id` (`unique`: addressed to this
+    /// device alone, which alone may say its slot).
+    fn apply(&mut self, emm_id: u64, c: Command, unique: bool) {
         match c {
             Command::EntitlementAdd(Entitlement {
                 product_id,
@@ -230,7 +239,9 @@ impl Receiver {
                 activates_at,
                 key,
             } => {
-                self.group = Some((group_id, slot));
+                if unique {
+                    self.group = Some((group_id, slot));
+                }
                 self.group_keys
                     .insert((group_id, key_version), (key, activates_at));
             }
@@ -413,6 +424,54 @@ mod tests {
         let other_slot = seal(13, Address::group_with_slots(4, [2]), &gk, 1, vec![ent(9)]);
         assert_eq!(r.accept(&other_slot, NOW), Outcome::NotForMe);
         assert_eq!(r.group_key_versions(), vec![(1, 0)]);
+    }
+
+    #[test]
+    fn a_group_addressed_rotation_is_followed() {
+        let pmk = Key128::from_bytes([1; 16]);
+        let (gk1, gk2, glk2) = (
+            Key128::from_bytes([2; 16]),
+            Key128::from_bytes([4; 16]),
+            Key128::from_bytes([5; 16]),
+        );
+        let duk = derive_duk(&pmk, 7);
+        let mut r = Receiver::new(7, duk.clone());
+        let gk = |version, slot, key: &Key128| Command::GroupKey {
+            group_id: 4,
+            slot,
+            key_version: version,
+            activates_at: 0,
+            key: key.clone(),
+        };
+        let first = seal(1, unique(7), &duk, 1, vec![gk(1, 3, &gk1)]);
+        assert!(matches!(r.accept(&first, NOW), Outcome::Applied { .. }));
+        // One group EMM under GK_1 for the whole group (slot 0 written).
+        let rotation = seal(
+            2,
+            Address::group_with_slots(4, [0, 3, 9]),
+            &gk1,
+            1,
+            vec![
+                gk(2, 0, &gk2),
+                Command::GlobalKey {
+                    key_version: 2,
+                    activates_at: 0,
+                    key: glk2.clone(),
+                },
+            ],
+        );
+        assert!(matches!(r.accept(&rotation, NOW), Outcome::Applied { .. }));
+        assert_eq!(r.group, Some((4, 3)), "a group EMM never moves the slot");
+        assert_eq!(r.group_key_versions(), vec![(1, 0), (2, 0)]);
+        assert_eq!(r.global_key_versions(), vec![(2, 0)]);
+        let g = seal(3, Address::group_with_slots(4, [3]), &gk2, 2, vec![ent(9)]);
+        let gl = seal(4, Address::Global, &glk2, 2, vec![ent(8)]);
+        assert!(matches!(r.accept(&g, NOW), Outcome::Applied { .. }));
+        assert!(matches!(r.accept(&gl, NOW), Outcome::Applied { .. }));
+        assert_eq!(
+            r.entitlements.keys().copied().collect::<Vec<_>>(),
+            vec![8, 9]
+        );
     }
 
     #[test]

@@ -278,6 +278,8 @@ fn generate() -> Value {
         "section_parts": parts(&blob, 8),
     });
 
+    let v_rotation = rotation_vector(&mut g, &gk, gk_version, group_id, slot);
+
     json!({
         "title": "casd EMM test vectors, contract v1 (docs/format.md §2-§4, §8)",
         "conventions": [
@@ -288,11 +290,54 @@ fn generate() -> Value {
             "wrapped_dek = AES-128-ECB(k_wrap, dek); ciphertext = AES-128-CTR(dek, iv as a 128-bit big-endian counter, plaintext).",
             "mac = AES-CMAC(k_mac, section[0 .. end of ciphertext]); crc32 = CRC-32/MPEG-2(section[0 .. end of mac]).",
             "The unique vector delivers the group and global vectors' keys; 'emm' is the reviewable JSON (no key bytes).",
+            "The group_rotation vector is a group-addressed rotation: under the group vector's GK it delivers the group's next GK and the next GLK (keys.gk_next, keys.glk_next).",
             "dek and iv come from a seeded test RNG; production draws them from the OS CSPRNG for every section."
         ],
         "generator": format!("wire/tests/it/crypto_vectors.rs, ChaCha20Rng seed {SEED:#x}"),
-        "vectors": [v_unique, v_group, v_global, v_rest],
+        "vectors": [v_unique, v_group, v_global, v_rest, v_rotation],
     })
+}
+
+/// 5. Group-addressed rotation: one group EMM for slots 5 and 200 of
+///    group 17 under GK_3 delivering GK_4 (slot written 0, ignored) and
+///    GLK_3. Drawn after the other vectors so that they stay as they were.
+fn rotation_vector(g: &mut Gen, gk: &Key128, gk_version: u32, group_id: u32, slot: u8) -> Value {
+    let (gk_next, glk_next) = (g.key(), g.key());
+    let rotation = SealInput {
+        emm_id: EmmId(0x0001_0000_0002_0004),
+        issued_at: ISSUED_AT,
+        not_after: NOT_AFTER,
+        address: Address::group_with_slots(group_id, [slot, 200]),
+        key_version: gk_version,
+        commands: vec![
+            Command::GroupKey {
+                group_id,
+                slot: 0,
+                key_version: gk_version + 1,
+                activates_at: ISSUED_AT + 86_400,
+                key: gk_next.clone(),
+            },
+            Command::GlobalKey {
+                key_version: 3,
+                activates_at: ISSUED_AT + 86_400,
+                key: glk_next.clone(),
+            },
+        ],
+    };
+    let (iv, dek) = (g.iv(), g.key());
+    emm_vector(
+        "group_rotation",
+        "Group EMM (0x83) for slots 5 and 200 of group 17 under GK_3 (the group vector's key): \
+         GROUP_KEY delivering GK_4 of group 17 (slot 0, ignored in a group EMM) and GLOBAL_KEY delivering GLK_3",
+        json!({
+            "gk": hx(gk.expose()), "gk_version": gk_version, "group_id": group_id, "slots": [slot, 200],
+            "gk_next": hx(gk_next.expose()), "glk_next": hx(glk_next.expose()),
+        }),
+        gk,
+        &rotation,
+        iv,
+        &dek,
+    )
 }
 
 fn render(v: &Value) -> String {
@@ -324,6 +369,39 @@ fn vectors_file_is_what_the_generator_makes() {
     );
 }
 
+/// Key deliveries: the unique vector's are the group/global vectors'
+/// roots; the group_rotation vector's are its `keys.gk_next` /
+/// `keys.glk_next`, and it is sealed under the group vector's root.
+fn check_deliveries(vectors: &[Value], name: &str, commands: &[Command]) {
+    let rotation = vectors
+        .iter()
+        .find(|x| x["name"] == "group_rotation")
+        .unwrap();
+    if name == "group_rotation" {
+        let group = vectors.iter().find(|x| x["name"] == "group").unwrap();
+        assert_eq!(
+            key_field(rotation, "address_root"),
+            key_field(group, "address_root")
+        );
+    }
+    for c in commands {
+        let (want, k) = match c {
+            Command::GroupKey { key, .. } => ("group", key),
+            Command::GlobalKey { key, .. } => ("global", key),
+            _ => continue,
+        };
+        let expected = match (name, want) {
+            ("group_rotation", "group") => key_field(&rotation["keys"], "gk_next"),
+            ("group_rotation", _) => key_field(&rotation["keys"], "glk_next"),
+            _ => key_field(
+                vectors.iter().find(|x| x["name"] == want).unwrap(),
+                "address_root",
+            ),
+        };
+        assert_eq!(*k, expected, "{name}");
+    }
+}
+
 /// Checks the file from its own fields, as an independent implementer would.
 #[test]
 fn vectors_file_verifies() {
@@ -331,7 +409,7 @@ fn vectors_file_verifies() {
     let text = std::fs::read_to_string(path()).expect("vectors file");
     let file: Value = serde_json::from_str(&text).expect("json");
     let vectors = file["vectors"].as_array().expect("vectors array");
-    assert_eq!(vectors.len(), 4);
+    assert_eq!(vectors.len(), 5);
     for v in vectors {
         let name = v["name"].as_str().expect("name");
         let root = key_field(v, "address_root");
@@ -413,16 +491,7 @@ fn vectors_file_verifies() {
                 v["emm"],
                 "{name}"
             );
-            // Key deliveries in the unique vector are the group/global roots.
-            for c in &o.commands {
-                let (want, k) = match c {
-                    Command::GroupKey { key, .. } => ("group", key),
-                    Command::GlobalKey { key, .. } => ("global", key),
-                    _ => continue,
-                };
-                let other = vectors.iter().find(|x| x["name"] == want).unwrap();
-                assert_eq!(*k, key_field(other, "address_root"));
-            }
+            check_deliveries(vectors, name, &o.commands);
         }
     }
 }
