@@ -435,6 +435,7 @@ async fn start_role(
         Role::Scheduler => {
             let s = crate::scheduler::Scheduler::new(shared.clone());
             crate::scheduler::rotation::watch_next_rotation(shared);
+            crate::plan::watch(shared);
             shared.readiness.started(role);
             Ok((
                 Some(crate::scheduler::routes(s.clone())),

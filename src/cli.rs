@@ -59,6 +59,9 @@ pub enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
+    /// Carousel planning: cycle time per class at each output's bitrate, and
+    /// the air time an import or a key rotation will take (docs/operations.md).
+    Plan(PlanArgs),
     /// OAuth clients (who may ask for access tokens): create, list, rotate-secret, disable, enable.
     Clients {
         #[command(subcommand)]
@@ -69,6 +72,22 @@ pub enum Command {
         #[command(subcommand)]
         command: AuthCommand,
     },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    /// Devices of an import to plan for.
+    #[arg(long, default_value_t = 0)]
+    import: u64,
+    /// Entitlements per imported device.
+    #[arg(long, default_value_t = 1)]
+    products: u32,
+    /// Devices to plan a rotation for (default: the enabled devices now).
+    #[arg(long)]
+    devices: Option<u64>,
+    /// JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -255,6 +274,7 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
         Command::Auth { command } => auth_command(command, &cfg).await,
         Command::Keys { command } => keys_command(command, &cfg).await,
         Command::Jobs { command } => jobs_command(command, &cfg).await,
+        Command::Plan(args) => plan_command(args, &cfg).await,
         Command::Config {
             command: ConfigCommand::Check,
         } => {
@@ -297,6 +317,28 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `casd plan`: reads the live carousel's counts and prints the plan.
+async fn plan_command(args: PlanArgs, cfg: &Config) -> anyhow::Result<()> {
+    let ask = crate::plan::Ask {
+        import_devices: args.import,
+        products: args.products,
+        rotation_devices: args.devices,
+    };
+    let db = crate::app::open_db(cfg).await?;
+    let mut c = db.conn().await?;
+    let live = crate::plan::read_live(&mut c).await?;
+    drop(c);
+    db.close().await;
+    let plans = crate::plan::plan(cfg, &live, ask);
+    if args.json {
+        let v = serde_json::json!({"live": live, "outputs": plans});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", crate::plan::render(&plans, &live));
+    }
+    Ok(())
 }
 
 async fn clients_command(command: ClientsCommand, cfg: &Config) -> anyhow::Result<()> {

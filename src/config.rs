@@ -655,6 +655,15 @@ pub struct SchedulerConfig {
     /// keys.next_root_key_file is set).
     #[serde(default = "default_root_rotation_schedule")]
     pub root_rotation_schedule: String,
+    /// When the revocation job looks for removals whose GLK rotation is
+    /// due (same forms as rotation_schedule).
+    #[serde(default = "default_revocation_schedule")]
+    pub revocation_schedule: String,
+    /// The GLK is rotated (group-addressed, activating at once) once this
+    /// many removed devices are not yet excluded from it; 0 = only on
+    /// schedule (`rotation_days`).
+    #[serde(default = "default_glk_rotation_removals")]
+    pub glk_rotation_removals: u32,
 }
 
 fn default_lease_s() -> u64 {
@@ -693,6 +702,12 @@ fn default_refresh_schedule() -> String {
 fn default_refresh_days() -> u32 {
     7
 }
+fn default_revocation_schedule() -> String {
+    "every 10s".into()
+}
+fn default_glk_rotation_removals() -> u32 {
+    1
+}
 fn default_root_rotation_schedule() -> String {
     "manual".into()
 }
@@ -714,6 +729,8 @@ impl Default for SchedulerConfig {
             refresh_schedule: default_refresh_schedule(),
             refresh_days: default_refresh_days(),
             root_rotation_schedule: default_root_rotation_schedule(),
+            revocation_schedule: default_revocation_schedule(),
+            glk_rotation_removals: default_glk_rotation_removals(),
         }
     }
 }
@@ -1078,6 +1095,7 @@ impl Config {
         for (k, v) in [
             ("scheduler.rotation_schedule", &sc.rotation_schedule),
             ("scheduler.refresh_schedule", &sc.refresh_schedule),
+            ("scheduler.revocation_schedule", &sc.revocation_schedule),
             (
                 "scheduler.root_rotation_schedule",
                 &sc.root_rotation_schedule,

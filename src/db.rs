@@ -125,6 +125,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "request_ids",
         sql: include_str!("../migrations/0006_request_ids.sql"),
     },
+    Migration {
+        version: 7,
+        name: "revocations",
+        sql: include_str!("../migrations/0007_revocations.sql"),
+    },
 ];
 
 /// TLS to the server, from `database.tls` and `database.tls_ca`.

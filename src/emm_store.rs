@@ -357,7 +357,9 @@ pub struct Stale {
 
 /// Up to `limit` live, unexpired EMMs to `(addressing, address)` sealed
 /// under a version below `current`, oldest first, locked until the
-/// transaction ends.
+/// transaction ends. Group-addressed key deliveries (purpose `keys`) are
+/// not among them: sealed again under the key they deliver they would
+/// tell nobody anything; they expire on their own.
 pub async fn stale_sealed(
     tx: &mut Transaction<'_>,
     (addressing, address): (&str, u64),
@@ -368,7 +370,7 @@ pub async fn stale_sealed(
         .exec(
             "SELECT id, emm_data FROM emms \
              WHERE addressing = ? AND address = ? AND state = 'live' AND key_version < ? \
-             AND not_after > UTC_TIMESTAMP(6) ORDER BY id LIMIT ? FOR UPDATE",
+             AND purpose <> 'keys' AND not_after > UTC_TIMESTAMP(6) ORDER BY id LIMIT ? FOR UPDATE",
             (addressing, address, current, limit as u64),
         )
         .await?;

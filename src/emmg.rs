@@ -31,13 +31,15 @@
 //! | adddevice | DEVICE_ENABLE + GROUP_KEY (current and pending GK of its group, its slot) + GLOBAL_KEY (current and pending GLK) | 1 | `device_enable` | `device_enable`, `device_disable`, `entitlement_set` |
 //! |  | ENTITLEMENT_SET (its active entitlements) | 2 | `entitlement_set` | |
 //! | removedevice | DEVICE_DISABLE | 0 | `device_disable` | every other live unique EMM of the device |
+//! |  | revocation (it held a slot): a new GK of its group, active at once (made through the Encryptor while planning), to each remaining member: GROUP_KEY (current and pending GK, its slot) + GLOBAL_KEY (current and pending GLK); a `revocations` row | 1 | `keys` | `keys` (of each member) |
 //! | addentitlement p | ENTITLEMENT_ADD | 1 | `entitlement_add:p` | `entitlement_add:p`, `entitlement_remove:p`, `entitlement_set` |
 //! |  | ENTITLEMENT_SET | 2 | `entitlement_set` | |
 //! | removeentitlement p | ENTITLEMENT_REMOVE | 1 | `entitlement_remove:p` | as addentitlement |
 //! |  | ENTITLEMENT_SET | 2 | `entitlement_set` | |
 //! | generateosm | OSM: unique / group (bitmap = the group's current members) / global | 0 if forced, else 1 | `osm` | nothing |
-//! | deliverkeys (Scheduler, rotation) | GROUP_KEY (current and pending GK of its group, its slot) + GLOBAL_KEY (current and pending GLK); nothing unless the device is enabled | 2 | `keys` | `keys` |
-//! | refreshset (Scheduler, refresh) | ENTITLEMENT_SET; nothing unless the device is enabled | 2 | `entitlement_set` | `entitlement_set` |
+//! | deliverkeys (rotations before group-addressed delivery; still processed) | GROUP_KEY (current and pending GK of its group, its slot) + GLOBAL_KEY (current and pending GLK); nothing unless the device is enabled | 2 | `keys` | `keys` |
+//! | delivergroupkeys (Scheduler, rotation and revocation) | **group** EMM (bitmap = the group's current members; none left: no EMM) under the group's GK in force: the named GROUP_KEY (slot 0) and/or GLOBAL_KEY versions; lives until the item's `not_after` | 2 | `keys` | nothing |
+//! | refreshset (Scheduler, refresh) | ENTITLEMENT_SET + GROUP_KEY / GLOBAL_KEY as adddevice's (a device that was off catches up on keys); nothing unless the device is enabled | 2 | `entitlement_set` | `entitlement_set` |
 //!
 //! The Scheduler's kinds have no `work_items.device_id` (they are not
 //! ordered with the device's SMS commands); they read the device's row
@@ -78,7 +80,8 @@ use crate::db::{classify, Db, DbError, DbErrorKind};
 use crate::emm_store::{self, LiveEmm, NewEmm, Purpose, Review};
 use crate::encryptor::{Encryptor, EncryptorError, SealJob, SealJobError, SealResults, Sealed};
 use crate::keystore::{KeyKind, KeyMeta};
-use crate::queue::{self, Item, Work};
+use crate::queue::{self, Item, KeyOffer, Work};
+use crate::scheduler::revocation::{self, Revoked};
 use crate::sms::types::{ProductId, Target};
 use crate::sqltext::{col, marks, Script};
 use casd_wire::emm::{self, Address, CommandSpec, DeviceId, Entitlement};
@@ -462,24 +465,29 @@ impl Withdraw {
 #[derive(Debug, PartialEq)]
 struct Plan {
     emms: Vec<Planned>,
-    /// The device whose EMMs `withdraw` applies to.
-    device: Option<u64>,
-    withdraw: Withdraw,
+    /// The devices whose live unique EMMs the plan supersedes, and which.
+    withdraw: Vec<(u64, Withdraw)>,
+    /// A removal's revocation: (device, group, the group's new GK version).
+    revoked: Option<Revoked>,
 }
 
 impl Plan {
     fn nothing() -> Plan {
-        Plan {
-            emms: Vec::new(),
-            device: None,
-            withdraw: Withdraw::Nothing,
-        }
+        Plan::to_all(Vec::new())
     }
     fn of(device: DeviceId, emms: Vec<Planned>, withdraw: Withdraw) -> Plan {
         Plan {
             emms,
-            device: Some(device.get()),
-            withdraw,
+            withdraw: vec![(device.get(), withdraw)],
+            revoked: None,
+        }
+    }
+    /// EMMs that supersede nothing (group and global ones).
+    fn to_all(emms: Vec<Planned>) -> Plan {
+        Plan {
+            emms,
+            withdraw: Vec::new(),
+            revoked: None,
         }
     }
 }
@@ -510,6 +518,9 @@ struct Keys {
     global: Vec<KeyMeta>,
 }
 
+/// A group member: (device, slot, pmk_version).
+type Member = (DeviceId, u8, u32);
+
 /// What an item's EMMs depend on besides the item, read before deciding.
 #[derive(Debug, Default)]
 struct Facts {
@@ -523,6 +534,9 @@ struct Facts {
     keys: Option<Result<Keys, String>>,
     /// The slots of a group OSM's members.
     slots: Vec<u8>,
+    /// A removal's revocation: the group's new GK version and its
+    /// remaining members (device, slot, pmk_version).
+    rekeyed: Option<(u32, Vec<Member>)>,
 }
 
 impl Facts {
@@ -591,6 +605,15 @@ async fn read_facts(
     }
     match work {
         Work::AddDevice { group_id, .. } => f.keys = Some(keys.deliverable(*group_id).await?),
+        Work::RemoveDevice {
+            group_id: Some(g), ..
+        } => match keys.rekey(*g).await? {
+            Ok(version) => {
+                f.rekeyed = Some((version, group_members(tx, *g).await?));
+                f.keys = Some(keys.deliverable(*g).await?);
+            }
+            Err(m) => f.keys = Some(Err(m)),
+        },
         Work::DeliverKeys { device_id } => {
             f.enabled = enabled_device(tx, *device_id).await?;
             if let Some((group_id, _, _)) = f.enabled {
@@ -599,14 +622,16 @@ async fn read_facts(
         }
         Work::RefreshSet { device_id } => {
             f.enabled = enabled_device(tx, *device_id).await?;
-            if f.enabled.is_some() {
+            if let Some((group_id, _, _)) = f.enabled {
                 f.entitlements = active_entitlements(tx, *device_id).await?;
+                f.keys = Some(keys.deliverable(group_id).await?);
             }
         }
         Work::GenerateOsm {
             target: Target::Group(g),
             ..
         } => f.slots = group_slots(tx, g.get()).await?,
+        Work::DeliverGroupKeys { group_id, .. } => f.slots = group_slots(tx, *group_id).await?,
         _ => {}
     }
     Ok(f)
@@ -622,16 +647,11 @@ fn decide(work: Work, f: Facts, lim: &Limits) -> Outcome {
             pmk_version,
             ..
         } => add_device(device_id, (group_id, slot, pmk_version), f, lim),
-        Work::RemoveDevice { device_id, .. } => {
-            let head = lim.state(
-                device_id,
-                f.pmk(device_id)?,
-                Class::Urgent,
-                Purpose::DeviceDisable,
-            );
-            let emms = packed(vec![CommandSpec::DeviceDisable {}], head, lim.max_section)?;
-            Ok(Plan::of(device_id, emms, Withdraw::All))
-        }
+        Work::RemoveDevice {
+            device_id,
+            group_id,
+            ..
+        } => remove_device(device_id, group_id, f, lim),
         Work::AddEntitlement {
             device_id,
             product_id,
@@ -663,14 +683,16 @@ fn decide(work: Work, f: Facts, lim: &Limits) -> Outcome {
             Some(place) => deliver_keys(device_id, place, f, lim),
             None => Ok(Plan::nothing()),
         },
-        Work::RefreshSet { device_id } => {
-            let Some((_, _, pmk)) = f.enabled else {
-                return Ok(Plan::nothing());
-            };
-            let emms = set_emms(device_id, pmk, f.entitlements, lim)?;
-            let withdraw = Withdraw::Purposes(vec![Purpose::EntitlementSet]);
-            Ok(Plan::of(device_id, emms, withdraw))
-        }
+        Work::DeliverGroupKeys {
+            group_id,
+            gk,
+            glk,
+            not_after,
+        } => Ok(group_keys(group_id, (gk, glk), not_after, f, lim)?),
+        Work::RefreshSet { device_id } => match f.enabled {
+            Some(place) => refresh(device_id, place, f, lim),
+            None => Ok(Plan::nothing()),
+        },
         Work::GenerateOsm {
             target,
             text,
@@ -700,6 +722,40 @@ impl Limits {
             not_after: self.state_not_after,
         }
     }
+}
+
+/// DEVICE_DISABLE to the device; when it held a slot, its group's new GK
+/// (and the global keys) to each remaining member in unique EMMs, so the
+/// removed device never learns it (docs/format.md §2, "Revocation").
+fn remove_device(device_id: DeviceId, group: Option<u32>, mut f: Facts, lim: &Limits) -> Outcome {
+    let head = lim.state(
+        device_id,
+        f.pmk(device_id)?,
+        Class::Urgent,
+        Purpose::DeviceDisable,
+    );
+    let mut plan = Plan::of(
+        device_id,
+        packed(vec![CommandSpec::DeviceDisable {}], head, lim.max_section)?,
+        Withdraw::All,
+    );
+    let (Some(group_id), Some((gk_version, members))) = (group, f.rekeyed.take()) else {
+        return Ok(plan);
+    };
+    let keys = f.keys()?;
+    for (member, slot, pmk) in members {
+        let head = lim.state(member, pmk, Class::Change, Purpose::Keys);
+        let cmds = key_commands(group_id, slot, &keys);
+        plan.emms.extend(packed(cmds, head, lim.max_section)?);
+        let keys_only = Withdraw::Purposes(vec![Purpose::Keys]);
+        plan.withdraw.push((member.get(), keys_only));
+    }
+    plan.revoked = Some(Revoked {
+        device_id: device_id.get(),
+        group_id,
+        gk_version,
+    });
+    Ok(plan)
 }
 
 /// DEVICE_ENABLE with the keys of the device's group and the global keys
@@ -744,6 +800,62 @@ fn deliver_keys(
         emms,
         Withdraw::Purposes(vec![Purpose::Keys]),
     ))
+}
+
+/// The named key versions in one group EMM to the group's current members
+/// (none: no EMM), sealed under the group's GK in force when it is made
+/// (docs/format.md §2, "Group-addressed delivery").
+fn group_keys(
+    group_id: u32,
+    (gk, glk): (Option<KeyOffer>, Option<KeyOffer>),
+    not_after: u32,
+    f: Facts,
+    lim: &Limits,
+) -> Result<Plan, Skip> {
+    let gk = gk.map(|k| CommandSpec::GroupKey {
+        group_id,
+        // A group EMM never says a device's slot (receivers ignore it).
+        slot: 0,
+        key_version: k.version,
+        activates_at: k.activates_at,
+        key: (),
+    });
+    let glk = glk.map(|k| CommandSpec::GlobalKey {
+        key_version: k.version,
+        activates_at: k.activates_at,
+        key: (),
+    });
+    let commands: Vec<CommandSpec> = gk.into_iter().chain(glk).collect();
+    if f.slots.is_empty() || commands.is_empty() {
+        return Ok(Plan::nothing());
+    }
+    let head = Head {
+        address: Address::group_with_slots(group_id, f.slots),
+        key_version: None,
+        class: Class::Background,
+        purpose: Purpose::Keys,
+        not_after,
+    };
+    Ok(Plan::to_all(packed(commands, head, lim.max_section)?))
+}
+
+/// The device's entitlement set again, with its group's and the global
+/// keys after it (current and pending: a device that was off during a
+/// rotation catches up here), replacing its previous set.
+fn refresh(
+    device_id: DeviceId,
+    (group_id, slot, pmk): (u32, u8, u32),
+    mut f: Facts,
+    lim: &Limits,
+) -> Outcome {
+    let keys = f.keys()?;
+    let address = Address::Unique { device_id };
+    let mut cmds = set_commands(f.entitlements, &address, lim.max_section);
+    cmds.extend(key_commands(group_id, slot, &keys));
+    let head = lim.state(device_id, pmk, Class::Background, Purpose::EntitlementSet);
+    let emms = packed(cmds, head, lim.max_section)?;
+    let withdraw = Withdraw::Purposes(vec![Purpose::EntitlementSet]);
+    Ok(Plan::of(device_id, emms, withdraw))
 }
 
 /// ENTITLEMENT_ADD / ENTITLEMENT_REMOVE of `product`, then the device's
@@ -793,11 +905,7 @@ fn osm_plan(
         purpose: Purpose::Osm,
         not_after,
     };
-    Ok(Plan {
-        emms: packed(vec![osm], head, lim.max_section)?,
-        device: None,
-        withdraw: Withdraw::Nothing,
-    })
+    Ok(Plan::to_all(packed(vec![osm], head, lim.max_section)?))
 }
 
 /// GROUP_KEY of each group key version, then GLOBAL_KEY of each global one.
@@ -886,18 +994,7 @@ fn entitlement_set_emms(
     not_after: u32,
 ) -> Result<Vec<Planned>, String> {
     let address = Address::Unique { device_id: device };
-    let set = CommandSpec::EntitlementSet {
-        entries: entries.clone(),
-    };
-    let groups = if address.emm_overhead() + set.encoded_len() <= max {
-        vec![vec![set]]
-    } else {
-        let adds = entries
-            .into_iter()
-            .map(CommandSpec::EntitlementAdd)
-            .collect();
-        pack(adds, &address, max)?
-    };
+    let groups = pack(set_commands(entries, &address, max), &address, max)?;
     let head = Head {
         address,
         key_version: Some(pmk_version),
@@ -912,6 +1009,22 @@ fn entitlement_set_emms(
             commands,
         })
         .collect())
+}
+
+/// The set as commands: one ENTITLEMENT_SET when it fits a section, else
+/// ENTITLEMENT_ADD of each (see the module doc).
+fn set_commands(entries: Vec<Entitlement>, address: &Address, max: usize) -> Vec<CommandSpec> {
+    let set = CommandSpec::EntitlementSet {
+        entries: entries.clone(),
+    };
+    if address.emm_overhead() + set.encoded_len() <= max {
+        vec![set]
+    } else {
+        entries
+            .into_iter()
+            .map(CommandSpec::EntitlementAdd)
+            .collect()
+    }
 }
 
 /// Current (and pending) key versions, asked once per batch.
@@ -933,6 +1046,27 @@ impl KeyVersions<'_> {
             .versions(KeyKind::Global)
             .await?
             .map(|global| Keys { group, global }))
+    }
+
+    /// A new version of the group's GK, active at once (a revocation);
+    /// `Ok(Err)` when the Encryptor refuses (the item is retried). The
+    /// batch's cached versions of the group are dropped. A batch rolled
+    /// back after this leaves an unused version, never a missing one.
+    async fn rekey(&mut self, group_id: u32) -> Result<Result<u32, String>, EmmgError> {
+        let kind = KeyKind::Group(group_id);
+        self.cache.remove(&kind);
+        match self.enc.create_key_version(kind, 0).await {
+            Ok(m) => {
+                tracing::info!(
+                    group_id,
+                    version = m.version,
+                    "group key rotated: a device left"
+                );
+                Ok(Ok(m.version))
+            }
+            Err(EncryptorError::Unavailable(e)) => Err(EncryptorError::Unavailable(e).into()),
+            Err(e) => Ok(Err(format!("cannot rekey {kind}: {e}"))),
+        }
     }
 
     /// The version in use now, then versions created ahead of time for a
@@ -1003,6 +1137,24 @@ async fn active_entitlements(
         .collect())
 }
 
+/// The group's enabled members: (device, slot, pmk_version).
+async fn group_members(tx: &mut Transaction<'_>, group_id: u32) -> Result<Vec<Member>, EmmgError> {
+    let rows: Vec<(u64, u8, u32)> = tx
+        .exec(
+            "SELECT device_id, slot, pmk_version FROM devices \
+             WHERE group_id = ? AND state = 'enabled' ORDER BY slot",
+            (group_id,),
+        )
+        .await?;
+    rows.into_iter()
+        .map(|(d, slot, pmk)| {
+            DeviceId::new(d)
+                .map(|d| (d, slot, pmk))
+                .map_err(|e| EmmgError::Internal(format!("devices row: {e}")))
+        })
+        .collect()
+}
+
 /// The slots of the group's current members.
 async fn group_slots(tx: &mut Transaction<'_>, group_id: u32) -> Result<Vec<u8>, EmmgError> {
     Ok(tx
@@ -1029,14 +1181,10 @@ fn planned(outcomes: &[Outcome]) -> usize {
 fn withdrawing(outcomes: &[Outcome]) -> Vec<u64> {
     let mut d: Vec<u64> = outcomes
         .iter()
-        .filter_map(|o| match o {
-            Ok(Plan {
-                device: Some(d),
-                withdraw,
-                ..
-            }) if *withdraw != Withdraw::Nothing => Some(*d),
-            _ => None,
-        })
+        .filter_map(|o| o.as_ref().ok())
+        .flat_map(|p| &p.withdraw)
+        .filter(|(_, w)| *w != Withdraw::Nothing)
+        .map(|(d, _)| *d)
         .collect();
     d.sort_unstable();
     d.dedup();
@@ -1110,7 +1258,14 @@ async fn seal(enc: &dyn Encryptor, jobs: Vec<SealJob>) -> Result<SealResults, Em
         return Ok(Vec::new());
     }
     let total = jobs.len();
-    let sealed = enc.seal_batch(jobs).await?;
+    // A removal's revocation makes an EMM per group-mate: more than one
+    // call may be needed.
+    let mut sealed = Vec::with_capacity(total);
+    let mut jobs = jobs.into_iter().peekable();
+    while jobs.peek().is_some() {
+        let chunk: Vec<SealJob> = jobs.by_ref().take(crate::encryptor::MAX_BATCH).collect();
+        sealed.extend(enc.seal_batch(chunk).await?);
+    }
     if sealed.len() != total {
         return Err(
             EncryptorError::Internal(format!("{} results for {total} jobs", sealed.len())).into(),
@@ -1132,13 +1287,18 @@ struct Settled<'a> {
     failed: Vec<(&'a Item, String)>,
     /// Withdrawals of EMMs already in the table, per device.
     withdraw: BTreeMap<u64, Vec<Withdraw>>,
+    /// Revocations to record.
+    revoked: Vec<Revoked>,
 }
 
 impl<'a> Settled<'a> {
     /// `item` is done with `emms`; the EMMs of this batch its plan
     /// supersedes never go live.
-    fn done(&mut self, item: &'a Item, device: Option<u64>, withdraw: Withdraw, emms: Vec<NewEmm>) {
-        if let (Some(d), false) = (device, withdraw == Withdraw::Nothing) {
+    fn done(&mut self, item: &'a Item, withdraw: Vec<(u64, Withdraw)>, emms: Vec<NewEmm>) {
+        for (d, withdraw) in withdraw {
+            if withdraw == Withdraw::Nothing {
+                continue;
+            }
             for m in &mut self.made {
                 if device_of(&m.review.address) == Some(d) && withdraw.matches(Some(m.purpose)) {
                     m.live = false;
@@ -1183,7 +1343,10 @@ fn settle(
         };
         let results: Vec<_> = results.by_ref().take(plan.emms.len()).collect();
         match stored(item, plan.emms, results, now) {
-            Ok(emms) => s.done(item, plan.device, plan.withdraw, emms),
+            Ok(emms) => {
+                s.revoked.extend(plan.revoked);
+                s.done(item, plan.withdraw, emms)
+            }
             Err(SealJobError::UnknownKey(m)) => s.retry.push((item, m)),
             Err(e) => s.failed.push((item, e.to_string())),
         }
@@ -1243,6 +1406,7 @@ fn writes(s: &Settled<'_>, gone: &[u64], now: OffsetDateTime) -> Result<(Script,
     emm_store::push_withdraw(&mut w, gone, now)?;
     let added = emm_store::push_insert(&mut w, &s.made, now)?;
     queue::push_done(&mut w, &s.done)?;
+    revocation::push_revoked(&mut w, &s.revoked)?;
     for (item, msg) in &s.retry {
         queue::push_retry(&mut w, item, msg, now)?;
     }
@@ -1373,7 +1537,7 @@ mod tests {
             ..Facts::default()
         };
         let plan = decide(work.clone(), f, &lim()).unwrap();
-        assert_eq!(plan.device, Some(7));
+        assert_eq!(plan.withdraw[0].0, 7);
         assert_eq!(plan.emms.len(), 2);
         let enable = &plan.emms[0];
         assert_eq!(enable.head.purpose, Purpose::DeviceEnable);
@@ -1391,14 +1555,145 @@ mod tests {
             }
         ));
         assert_eq!(plan.emms[1].head.purpose, Purpose::EntitlementSet);
-        assert!(plan.withdraw.matches(Some(Purpose::DeviceDisable)));
-        assert!(!plan.withdraw.matches(Some(Purpose::Keys)));
+        assert!(plan.withdraw[0].1.matches(Some(Purpose::DeviceDisable)));
+        assert!(!plan.withdraw[0].1.matches(Some(Purpose::Keys)));
         // Keys not to be had: retried, not failed.
         let f = Facts {
             keys: Some(Err("no GK".into())),
             ..Facts::default()
         };
         assert_eq!(decide(work, f, &lim()), Err(Skip::Retry("no GK".into())));
+    }
+
+    #[test]
+    fn a_group_gets_its_keys_in_one_group_emm_under_its_own_gk() {
+        let offer = |version| {
+            Some(KeyOffer {
+                version,
+                activates_at: 500,
+            })
+        };
+        let work = Work::DeliverGroupKeys {
+            group_id: 4,
+            gk: offer(2),
+            glk: offer(3),
+            not_after: 900,
+        };
+        let f = Facts {
+            slots: vec![3, 9],
+            ..Facts::default()
+        };
+        let plan = decide(work.clone(), f, &lim()).unwrap();
+        assert_eq!(plan.emms.len(), 1);
+        let e = &plan.emms[0];
+        assert_eq!(e.head.address, Address::group_with_slots(4, [3, 9]));
+        // The Encryptor seals it under the group's GK in force.
+        assert_eq!(e.head.key_version, None);
+        assert_eq!(
+            (e.head.class, e.head.purpose),
+            (Class::Background, Purpose::Keys)
+        );
+        assert_eq!(e.head.not_after, 900);
+        assert!(matches!(
+            e.commands[..],
+            [
+                CommandSpec::GroupKey {
+                    group_id: 4,
+                    slot: 0,
+                    key_version: 2,
+                    ..
+                },
+                CommandSpec::GlobalKey { key_version: 3, .. }
+            ]
+        ));
+        // One TS packet's worth: header + group address + both keys.
+        let bytes = e.head.address.emm_overhead()
+            + e.commands
+                .iter()
+                .map(CommandSpec::encoded_len)
+                .sum::<usize>();
+        assert_eq!(bytes, 176);
+        assert!(plan.withdraw.is_empty());
+        // No member left: nothing.
+        assert_eq!(decide(work, Facts::default(), &lim()), Ok(Plan::nothing()));
+    }
+
+    #[test]
+    fn a_removal_rekeys_the_group_for_the_remaining_members_only() {
+        let gone = Work::RemoveDevice {
+            device_id: id(8),
+            group_id: Some(3),
+            slot: Some(1),
+        };
+        let f = Facts {
+            pmk: Some(2),
+            rekeyed: Some((2, vec![(id(9), 4, 1), (id(10), 6, 1)])),
+            keys: Some(Ok(keys())),
+            ..Facts::default()
+        };
+        let plan = decide(gone, f, &lim()).unwrap();
+        let to = |e: &Planned| device_of(&e.head.address);
+        assert_eq!(plan.emms[0].commands, vec![CommandSpec::DeviceDisable {}]);
+        assert_eq!(to(&plan.emms[0]), Some(8));
+        let rest = &plan.emms[1..];
+        assert_eq!(
+            rest.iter().map(to).collect::<Vec<_>>(),
+            vec![Some(9), Some(10)]
+        );
+        for e in rest {
+            assert_eq!(
+                (e.head.class, e.head.purpose),
+                (Class::Change, Purpose::Keys)
+            );
+            assert!(e.commands.iter().any(|c| matches!(
+                c,
+                CommandSpec::GroupKey {
+                    group_id: 3,
+                    key_version: 2,
+                    ..
+                }
+            )));
+        }
+        assert_eq!(
+            plan.withdraw[1..],
+            [
+                (9, Withdraw::Purposes(vec![Purpose::Keys])),
+                (10, Withdraw::Purposes(vec![Purpose::Keys]))
+            ]
+        );
+        assert_eq!(
+            plan.revoked,
+            Some(Revoked {
+                device_id: 8,
+                group_id: 3,
+                gk_version: 2
+            })
+        );
+    }
+
+    #[test]
+    fn a_refresh_carries_the_set_and_the_keys() {
+        let f = Facts {
+            enabled: Some((4, 3, 1)),
+            keys: Some(Ok(keys())),
+            ..Facts::default()
+        };
+        let plan = decide(Work::RefreshSet { device_id: id(8) }, f, &lim()).unwrap();
+        let cmds: Vec<u8> = plan
+            .emms
+            .iter()
+            .flat_map(|e| e.commands.iter().map(|c| c.tag()))
+            .collect();
+        assert_eq!(cmds[0], emm::tag::ENTITLEMENT_SET);
+        assert!(cmds.contains(&emm::tag::GROUP_KEY) && cmds.contains(&emm::tag::GLOBAL_KEY));
+        assert!(plan
+            .emms
+            .iter()
+            .all(|e| e.head.purpose == Purpose::EntitlementSet));
+        assert_eq!(
+            plan.withdraw,
+            vec![(8, Withdraw::Purposes(vec![Purpose::EntitlementSet]))]
+        );
     }
 
     #[test]
@@ -1418,7 +1713,7 @@ mod tests {
         };
         let plan = decide(gone, f, &lim()).unwrap();
         assert_eq!(plan.emms[0].head.class, Class::Urgent);
-        assert_eq!(plan.withdraw, Withdraw::All);
+        assert_eq!(plan.withdraw, vec![(8, Withdraw::All)]);
         // The Scheduler's kinds make nothing for a disabled device.
         for w in [
             Work::DeliverKeys { device_id: id(8) },
@@ -1451,7 +1746,7 @@ mod tests {
         assert_eq!(plan.emms[0].head.class, Class::Urgent);
         assert_eq!(plan.emms[0].head.not_after, 77);
         assert_eq!(plan.emms[0].head.key_version, None);
-        assert_eq!(plan.withdraw, Withdraw::Nothing);
+        assert!(plan.withdraw.is_empty());
         let plan = decide(osm(Target::All, false), Facts::default(), &lim()).unwrap();
         assert_eq!(plan.emms[0].head.address, Address::Global);
         assert_eq!(plan.emms[0].head.class, Class::Change);

@@ -150,6 +150,37 @@ pub async fn current_meta(
     Ok(row.and_then(meta_from_row))
 }
 
+/// Groups with a GK, each with whether one of its versions activates at
+/// `activates_at` or later (a rotation's already made). Metadata only.
+pub async fn groups_with_keys<Q: Queryable>(
+    q: &mut Q,
+    activates_at: u32,
+) -> Result<HashMap<u32, bool>, DbError> {
+    let rows: Vec<(u32, bool)> = q
+        .exec(
+            "SELECT group_id, MAX(activates_at) >= FROM_UNIXTIME(?) FROM `keys` \
+             WHERE kind = 'group' GROUP BY group_id",
+            (activates_at,),
+        )
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The GK versions activating exactly at `activates_at` (one rotation's)
+/// of groups `first ..= last`: (group_id, version). Metadata only.
+pub async fn group_versions_at<Q: Queryable>(
+    q: &mut Q,
+    activates_at: u32,
+    (first, last): (u32, u32),
+) -> Result<Vec<(u32, u32)>, DbError> {
+    Ok(q.exec(
+        "SELECT group_id, version FROM `keys` WHERE kind = 'group' AND group_id BETWEEN ? AND ? \
+             AND activates_at = FROM_UNIXTIME(?) ORDER BY group_id",
+        (first, last, activates_at),
+    )
+    .await?)
+}
+
 /// [`current_meta`]'s version as a scalar subquery (NULL when the family
 /// has none) with its values, for a caller that reads it within a
 /// statement of its own: the SMS round reads the PMK version new devices

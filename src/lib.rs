@@ -20,6 +20,7 @@ pub mod lease;
 pub mod metrics;
 pub mod onair;
 pub mod openapi;
+pub mod plan;
 pub mod queue;
 pub mod reqlog;
 pub mod scheduler;

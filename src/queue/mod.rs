@@ -24,7 +24,7 @@ use time::OffsetDateTime;
 
 use crate::sms::store::db_time;
 use crate::sqltext::{col, marks, values, Script};
-pub use work::Work;
+pub use work::{KeyOffer, Work};
 
 /// Attempts of an item whose key was not found before it is marked failed.
 pub const MAX_ATTEMPTS: u32 = 8;

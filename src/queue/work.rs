@@ -47,13 +47,32 @@ pub enum Work {
         /// expires_at as given, or the default lifetime from acceptance.
         not_after: u32,
     },
-    /// Scheduler (key rotation): send the device its group's current and
-    /// pending GK and the current and pending GLK, in a unique EMM of the
-    /// background class (purpose `keys`, replacing its previous one).
+    /// Send the device its group's current and pending GK and the current
+    /// and pending GLK, in a unique EMM of the background class (purpose
+    /// `keys`, replacing its previous one). Rotations before group-addressed
+    /// delivery enqueued one per device; kept so that such items still
+    /// queued are processed.
     DeliverKeys { device_id: DeviceId },
+    /// Scheduler (rotation, revocation): one group EMM to the group's
+    /// current members, sealed under the group's GK in force when it is
+    /// made, carrying the named versions: GROUP_KEY of this group and/or
+    /// GLOBAL_KEY (background class, purpose `keys`, live until `not_after`).
+    DeliverGroupKeys {
+        group_id: u32,
+        gk: Option<KeyOffer>,
+        glk: Option<KeyOffer>,
+        not_after: u32,
+    },
     /// Scheduler (refresh): send the device its ENTITLEMENT_SET again, as
     /// it is when the EMM is made (background class).
     RefreshSet { device_id: DeviceId },
+}
+
+/// A key version to deliver, by number (the Encryptor fills in the key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyOffer {
+    pub version: u32,
+    pub activates_at: u32,
 }
 
 impl Work {
@@ -65,6 +84,7 @@ impl Work {
             Work::RemoveEntitlement { .. } => "removeentitlement",
             Work::GenerateOsm { .. } => "generateosm",
             Work::DeliverKeys { .. } => "deliverkeys",
+            Work::DeliverGroupKeys { .. } => "delivergroupkeys",
             Work::RefreshSet { .. } => "refreshset",
         }
     }
@@ -83,7 +103,10 @@ impl Work {
                 target: Target::Device(d),
                 ..
             } => Some(*d),
-            Work::GenerateOsm { .. } | Work::DeliverKeys { .. } | Work::RefreshSet { .. } => None,
+            Work::GenerateOsm { .. }
+            | Work::DeliverKeys { .. }
+            | Work::DeliverGroupKeys { .. }
+            | Work::RefreshSet { .. } => None,
         }
     }
 }

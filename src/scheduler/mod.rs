@@ -20,7 +20,8 @@
 //!   cannot write after another instance took the lease over.
 //! - Jobs: [`purge::PurgeJob`] (expiry and retention),
 //!   [`rotation::RotationJob`] (GK/GLK rotation), [`rotation::RootRotationJob`]
-//!   (root key re-seal), [`refresh::RefreshJob`] (ENTITLEMENT_SET refresh).
+//!   (root key re-seal), [`refresh::RefreshJob`] (ENTITLEMENT_SET refresh),
+//!   [`revocation::RevocationJob`] (GLK rotation after removals).
 //!
 //! HTTP (scope `admin`): `GET /jobs` — every job of this instance with its
 //! schedule, lease and recent runs; `POST /jobs/{name}/run` (optional JSON
@@ -30,6 +31,7 @@
 
 pub mod purge;
 pub mod refresh;
+pub mod revocation;
 pub mod rotation;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -446,6 +448,10 @@ pub fn builtin_jobs(cfg: &crate::config::Config) -> Vec<JobEntry> {
         JobEntry {
             job: Arc::new(refresh::RefreshJob),
             schedule: parse(&sc.refresh_schedule),
+        },
+        JobEntry {
+            job: Arc::new(revocation::RevocationJob),
+            schedule: parse(&sc.revocation_schedule),
         },
     ]
 }

@@ -11,14 +11,15 @@
 //!    `activates_at` (unix s) or `activates_in_s` override the activation.
 //!    The lead time is checked against the carousel: a warning with the
 //!    numbers when it is shorter than sending the key EMMs needs.
-//! 2. **Deliver** — one `deliverkeys` work item per enabled device (the
-//!    EMMG sends it its group's current + pending GK and the current +
-//!    pending GLK, unique EMM, background class), enqueued in fenced
-//!    transactions of `scheduler.batch` devices with a cursor in
-//!    `scheduler_state` ('rotation'), so a million devices is a thousand
-//!    short transactions and a crash resumes where it stopped. Batches get
-//!    increasing `not_before` so that the key EMMs' first sending takes at
-//!    most `rotation_bandwidth_share` of the output bitrate.
+//! 2. **Deliver**, group-addressed — one `delivergroupkeys` work item per
+//!    group with members (the EMMG makes one group EMM to its members,
+//!    sealed under the group's current GK, carrying the group's new GK and
+//!    the new GLK: 176 bytes, one TS packet), enqueued in fenced
+//!    transactions of `scheduler.batch` groups with a cursor in
+//!    `scheduler_state` ('rotation-groups'), so a crash resumes where it
+//!    stopped. Batches get increasing `not_before` so that the key EMMs'
+//!    first sending takes at most `rotation_bandwidth_share` of the output
+//!    bitrate. A device that misses them catches up from its refresh.
 //! 3. **Activate** — a version whose activation passed is marked `active`,
 //!    the ones before it `retiring` (sealing already follows `activates_at`).
 //! 4. **Re-seal** — live group/global EMMs sealed under an older version
@@ -34,15 +35,22 @@ use mysql_async::prelude::*;
 use mysql_async::Transaction;
 use serde::{Deserialize, Serialize};
 
-use super::{db_now, enabled_devices_after, Counts, Job, JobCtx, JobError};
+use super::{db_now, Counts, Job, JobCtx, JobError};
 use crate::emm_store::{self, Review, Stale};
 use crate::encryptor::{BoxFuture, KeyState, RootRotation, SealJob, SealResults};
-use crate::keystore::{current_meta, list_meta, KeyKind, KeyMeta};
-use crate::queue::{self, At, NewItem, Work};
+use crate::keystore::{
+    current_meta, group_versions_at, groups_with_keys, list_meta, KeyKind, KeyMeta,
+};
+use crate::queue::{self, At, KeyOffer, NewItem, Work};
 use casd_wire::emm::{Address, CommandSpec, DeviceId};
 
-/// `scheduler_state` row of the delivery cursor.
-const CURSOR: &str = "rotation";
+/// `scheduler_state` row of the delivery cursor (a name of its own: the
+/// per-device cursor of casd before group-addressed delivery was 'rotation').
+const CURSOR: &str = "rotation-groups";
+/// Seconds a group-addressed key EMM stays in the carousel after its keys
+/// activate: a device back on within that catches up from it; later, from
+/// its refresh.
+pub const KEYS_LIVE_AFTER_ACTIVATION_S: u32 = 3600;
 /// EMMs re-sealed per transaction.
 const RESEAL_BATCH: usize = 100;
 
@@ -101,8 +109,11 @@ impl Job for RootRotationJob {
 pub struct Cursor {
     /// The rotation (its activation, unix s).
     pub activates_at: u32,
-    /// Devices with device_id <= after have their item.
+    /// Groups with group_id <= after have their item.
     pub after: u64,
+    /// The rotation's GLK version (`None`: a run created none).
+    #[serde(default)]
+    pub glk: Option<KeyOffer>,
     /// Batches enqueued so far.
     pub batches: u64,
     /// not_before of batch k = t0_ms + k × interval_ms (database clock).
@@ -111,12 +122,15 @@ pub struct Cursor {
     pub done: bool,
 }
 
-/// Section bytes of a key-delivery EMM carrying `versions` GK and
+/// Section bytes of a group-addressed rotation's EMM: a group address,
+/// one GK and one GLK version (176: one TS packet).
+pub fn group_key_emm_bytes() -> usize {
+    key_emm_bytes(&Address::group_with_slots(1, [0]), 1)
+}
+
+/// Section bytes of a key-delivery EMM to `a` carrying `versions` GK and
 /// `versions` GLK versions.
-pub fn key_emm_bytes(versions: usize) -> usize {
-    let a = Address::Unique {
-        device_id: DeviceId::new(1).expect("1 is a device id"),
-    };
+pub fn key_emm_bytes(a: &Address, versions: usize) -> usize {
     let gk = CommandSpec::GroupKey {
         group_id: 0,
         slot: 0,
@@ -150,10 +164,10 @@ pub fn min_bitrate(cfg: &crate::config::Config) -> u64 {
         .unwrap_or(1_000_000)
 }
 
-/// The delivery plan of a rotation for `devices` devices.
+/// The delivery plan of a rotation to `groups` groups.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Plan {
-    pub devices: u64,
+    pub groups: u64,
     pub key_emm_bytes: usize,
     pub bitrate: u64,
     /// One pass of just the key EMMs.
@@ -170,15 +184,15 @@ pub struct Plan {
 }
 
 /// Works out the spread and checks the lead time (warns with the numbers).
-pub fn plan(cfg: &crate::config::Config, devices: u64, live_bytes: u64, lead_s: f64) -> Plan {
+pub fn plan(cfg: &crate::config::Config, groups: u64, live_bytes: u64, lead_s: f64) -> Plan {
     let sc = &cfg.scheduler;
     let bitrate = min_bitrate(cfg);
-    let bytes = key_emm_bytes(2);
+    let bytes = group_key_emm_bytes();
     let burst = u64::from(cfg.cycler.burst_count.max(1));
-    let keys_once_s = airtime_s(devices, bytes, bitrate);
+    let keys_once_s = airtime_s(groups, bytes, bitrate);
     let first_send_s = keys_once_s * burst as f64;
     let batch = sc.batch.max(1) as u64;
-    let batches = devices.div_ceil(batch).max(1);
+    let batches = groups.div_ceil(batch).max(1);
     let mut spread_s = first_send_s / sc.rotation_bandwidth_share;
     // Everything is queued by half the lead time at the latest.
     if spread_s > lead_s / 2.0 {
@@ -191,7 +205,7 @@ pub fn plan(cfg: &crate::config::Config, devices: u64, live_bytes: u64, lead_s: 
     };
     let cycle_s = airtime_s(1, 1, bitrate) * live_bytes as f64 + keys_once_s;
     let p = Plan {
-        devices,
+        groups,
         key_emm_bytes: bytes,
         bitrate,
         keys_once_s,
@@ -205,7 +219,7 @@ pub fn plan(cfg: &crate::config::Config, devices: u64, live_bytes: u64, lead_s: 
     let needed = spread_s.max(first_send_s / sc.rotation_bandwidth_share) + cycle_s;
     if lead_s < needed {
         tracing::warn!(
-            devices,
+            groups,
             key_emm_bytes = bytes,
             bitrate,
             keys_once_s = format!("{keys_once_s:.1}"),
@@ -244,7 +258,7 @@ pub async fn rotate(ctx: &JobCtx) -> Result<Counts, JobError> {
 
     // 2. Deliver.
     let enqueued = deliver(ctx, &mut c).await?;
-    counts.insert("deliverkeys_enqueued".into(), enqueued.into());
+    counts.insert("delivergroupkeys_enqueued".into(), enqueued.into());
 
     // 3-5. Activate, re-seal, retire: global, then every group with keys
     //      or live group EMMs.
@@ -373,43 +387,46 @@ async fn create(
         "GLK version created"
     );
     counts.insert("glk_version".into(), glk.version.into());
+    let glk = KeyOffer {
+        version: glk.version,
+        activates_at: glk.activates_at,
+    };
     let groups: Vec<u32> = c
         .query("SELECT DISTINCT group_id FROM group_slots WHERE device_id IS NOT NULL ORDER BY group_id")
         .await?;
+    let keyed = groups_with_keys(c, at).await?;
     let mut made = 0u64;
     for g in groups {
-        ctx.check()?;
-        let kind = KeyKind::Group(g);
-        let metas = list_meta(c, kind).await?;
         // No key yet (its first is made, active, on first use), or
         // this rotation's already made by an earlier run.
-        if metas.is_empty() || metas.iter().any(|m| m.activates_at >= at) {
+        if keyed.get(&g) != Some(&false) {
             continue;
         }
-        enc.create_key_version(kind, at).await?;
+        ctx.check()?;
+        enc.create_key_version(KeyKind::Group(g), at).await?;
         made += 1;
     }
     counts.insert("gk_versions_created".into(), made.into());
-    let p = start_delivery(ctx, c, now, at).await?;
+    let p = start_delivery(ctx, c, now, (at, glk)).await?;
     counts.insert("plan".into(), serde_json::to_value(&p).unwrap_or_default());
     Ok(())
 }
 
 /// The lead time check and delivery plan, and the delivery cursor of the
-/// rotation activating at `at`.
+/// rotation activating at `at` with GLK `glk`.
 async fn start_delivery(
     ctx: &JobCtx,
     c: &mut mysql_async::Conn,
     now: u32,
-    at: u32,
+    (at, glk): (u32, KeyOffer),
 ) -> Result<Plan, JobError> {
-    let devices: Option<u64> = c
-        .query_first("SELECT COUNT(*) FROM devices WHERE state = 'enabled'")
+    let groups: Option<u64> = c
+        .query_first("SELECT COUNT(DISTINCT group_id) FROM group_slots WHERE device_id IS NOT NULL")
         .await?;
     let live_bytes = emm_store::live_bytes(c).await?;
     let p = plan(
         &ctx.shared.cfg,
-        devices.unwrap_or(0),
+        groups.unwrap_or(0),
         live_bytes,
         f64::from(at.saturating_sub(now)),
     );
@@ -419,6 +436,7 @@ async fn start_delivery(
     let cursor = Cursor {
         activates_at: at,
         after: 0,
+        glk: Some(glk),
         batches: 0,
         t0_ms: now_ms.unwrap_or(0),
         interval_ms: p.interval_ms,
@@ -489,8 +507,9 @@ async fn write_cursor<Q: Queryable>(q: &mut Q, c: &Cursor) -> Result<(), JobErro
     Ok(())
 }
 
-/// Enqueues the remaining `deliverkeys` items of the current rotation, one
-/// fenced transaction per batch of devices. Returns items enqueued.
+/// Enqueues the remaining `delivergroupkeys` items of the current
+/// rotation, one fenced transaction per batch of groups. Returns items
+/// enqueued.
 async fn deliver(ctx: &JobCtx, c: &mut mysql_async::Conn) -> Result<u64, JobError> {
     let batch = ctx.shared.cfg.scheduler.batch.max(1) as u64;
     let mut n = 0u64;
@@ -500,21 +519,27 @@ async fn deliver(ctx: &JobCtx, c: &mut mysql_async::Conn) -> Result<u64, JobErro
             tx.rollback().await?;
             return Ok(n);
         };
-        let ids = enabled_devices_after(&mut tx, cur.after, batch).await?;
-        let Some(&last) = ids.last() else {
+        let groups = groups_with_members_after(&mut tx, cur.after, batch).await?;
+        let (Some(&first), Some(&last)) = (groups.first(), groups.last()) else {
             cur.done = true;
             write_cursor(&mut tx, &cur).await?;
             tx.commit().await?;
             return Ok(n);
         };
-        let works = ids
-            .iter()
-            .map(|d| {
-                Ok(Work::DeliverKeys {
-                    device_id: device(*d)?,
-                })
+        let at = cur.activates_at;
+        let gks: std::collections::HashMap<u32, u32> =
+            group_versions_at(&mut tx, at, (first, last))
+                .await?
+                .into_iter()
+                .collect();
+        let gk = |g: u32| {
+            gks.get(&g).map(|&version| KeyOffer {
+                version,
+                activates_at: at,
             })
-            .collect::<Result<Vec<_>, JobError>>()?;
+        };
+        let not_after = at.saturating_add(KEYS_LIVE_AFTER_ACTIVATION_S);
+        let works = group_key_items(&groups, gk, cur.glk, not_after);
         let not_before = At::UnixMs(cur.t0_ms + cur.interval_ms * cur.batches as i64);
         let items: Vec<NewItem<'_>> = works
             .iter()
@@ -525,12 +550,55 @@ async fn deliver(ctx: &JobCtx, c: &mut mysql_async::Conn) -> Result<u64, JobErro
             })
             .collect();
         n += queue::enqueue(&mut tx, &items).await?;
-        cur.after = last;
+        cur.after = u64::from(last);
         cur.batches += 1;
         write_cursor(&mut tx, &cur).await?;
         tx.commit().await?;
         ctx.shared.work_ready.notify_one();
     }
+}
+
+/// Up to `limit` groups with members after `after`, in order.
+pub(super) async fn groups_with_members_after<Q: Queryable>(
+    q: &mut Q,
+    after: u64,
+    limit: u64,
+) -> Result<Vec<u32>, JobError> {
+    Ok(q.exec(
+        "SELECT DISTINCT group_id FROM group_slots WHERE device_id IS NOT NULL AND group_id > ? \
+             ORDER BY group_id LIMIT ?",
+        (after, limit),
+    )
+    .await?)
+}
+
+/// One `delivergroupkeys` item per group: its GK offer (`gk(group)`) and
+/// the GLK offer; groups with neither get none.
+pub(super) fn group_key_items(
+    groups: &[u32],
+    gk: impl Fn(u32) -> Option<KeyOffer>,
+    glk: Option<KeyOffer>,
+    not_after: u32,
+) -> Vec<Work> {
+    groups
+        .iter()
+        .map(|&group_id| Work::DeliverGroupKeys {
+            group_id,
+            gk: gk(group_id),
+            glk,
+            not_after,
+        })
+        .filter(|w| {
+            !matches!(
+                w,
+                Work::DeliverGroupKeys {
+                    gk: None,
+                    glk: None,
+                    ..
+                }
+            )
+        })
+        .collect()
 }
 
 /// `emms.addressing` and `emms.address` of a key family's EMMs (`None`:

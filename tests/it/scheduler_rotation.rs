@@ -1,7 +1,9 @@
 //! Key rotation and refresh end to end: the headend with every role in one
 //! process (sms, emmg, encryptor, cycler, scheduler), jobs triggered over
 //! HTTP (`POST /jobs/{name}/run`), the air captured on 127.0.0.1 and
-//! decoded by reference receivers that hold only their DUK.
+//! decoded by reference receivers that hold only their DUK: group-addressed
+//! GK/GLK rotation, a receiver that was off catching up from its refresh,
+//! and revocation (a removed device's receiver opens nothing issued after).
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -37,14 +39,21 @@ struct Rig {
     rx: HashMap<u64, Receiver>,
     /// (table_id, key_version) of every group/global section a receiver opened.
     opened: BTreeSet<(u8, u32)>,
+    /// Receivers fed only their unique EMMs (see `an_off_receiver_…`).
+    unique_only: BTreeSet<u64>,
 }
 
 impl Rig {
     async fn start() -> Rig {
+        Rig::start_with(|_| {}).await
+    }
+
+    async fn start_with(adjust: impl FnOnce(&mut casd::config::Config)) -> Rig {
         let t = TestDb::new().await;
         let cap = Capture::bind(0x0101).await;
         let mut cfg = casd::testing::config(&t.url, cap.addr());
         cfg.scheduler.tick_ms = 50;
+        adjust(&mut cfg);
         let root = hw::FileKeySource::create_new(&cfg.keys.root_key_file).unwrap();
         let roles = vec![
             Role::Sms,
@@ -80,6 +89,7 @@ impl Rig {
             pmk,
             rx: HashMap::new(),
             opened: BTreeSet::new(),
+            unique_only: BTreeSet::new(),
         }
     }
 
@@ -150,6 +160,9 @@ impl Rig {
             let view = casd_wire::crypto::parse_section(&s).unwrap();
             let (table, version) = (view.table_id, view.key_version);
             for r in self.rx.values_mut() {
+                if table != 0x82 && self.unique_only.contains(&r.device_id) {
+                    continue;
+                }
                 match r.accept(&s, now_unix()) {
                     Outcome::Rejected(e) => {
                         panic!("receiver {} rejected a section: {e}", r.device_id)
@@ -250,21 +263,37 @@ async fn receivers_follow_two_rotations_from_the_air() {
             .await;
         assert_eq!(counts["glk_version"], v, "{counts}");
         assert_eq!(counts["gk_versions_created"], 1, "{counts}");
-        assert_eq!(counts["deliverkeys_enqueued"], 3, "{counts}");
-        // Every receiver learns GK_v / GLK_v from the air (unique EMMs,
-        // background class), knowing only its DUK.
+        // Group-addressed: one item for the one group, not one per device.
+        assert_eq!(counts["delivergroupkeys_enqueued"], 1, "{counts}");
+        // Every receiver learns GK_v / GLK_v from the air, knowing only its
+        // DUK and GK_(v-1): one group EMM under GK_(v-1), no unique one.
         rig.air_until(&format!("round {round}: v{v} keys"), |rx| {
             rx.values().all(|r| holds(r, v))
         })
         .await;
+        let mut c = rig.t.db.conn().await.unwrap();
+        let keys: Vec<(String, u32)> = c
+            .query("SELECT addressing, key_version FROM emms WHERE purpose = 'keys' ORDER BY id")
+            .await
+            .unwrap();
+        let want: Vec<(String, u32)> = (1..=round).map(|r| ("group".into(), r)).collect();
+        assert_eq!(
+            keys, want,
+            "key EMMs: one group EMM per rotation, under the old GK"
+        );
         rig.until_active(v).await;
         // At activation: activate, re-seal the standing OSMs, retire v-1.
         let counts = rig.job("rotation", json!({})).await;
         // The two standing OSMs, and from round 2 the two sent after round 1.
         assert_eq!(counts["resealed"], 2 * round, "{counts}");
         assert_eq!(counts["activated"], 2, "{counts}");
-        assert_eq!(counts["retired"], 2, "{counts}");
-        for kind in [KeyKind::Global, KeyKind::Group(group)] {
+        // The GLK v-1 retires; the GK v-1 still seals the live key EMM
+        // (for a device back on within the hour) and retires after it.
+        assert_eq!(counts["retired"], 1, "{counts}");
+        for (kind, old) in [
+            (KeyKind::Global, "retired"),
+            (KeyKind::Group(group), "retiring"),
+        ] {
             let states = rig.key_states(kind).await;
             assert_eq!(
                 states.last().unwrap(),
@@ -272,9 +301,7 @@ async fn receivers_follow_two_rotations_from_the_air() {
                 "{kind}: {states:?}"
             );
             assert!(
-                states[..states.len() - 1]
-                    .iter()
-                    .all(|(_, s)| s == "retired"),
+                states[..states.len() - 1].iter().all(|(_, s)| s == old),
                 "{kind}: {states:?}"
             );
         }
@@ -301,7 +328,10 @@ async fn receivers_follow_two_rotations_from_the_air() {
         assert!(rig.opened.contains(&(0x84, v)), "{:?}", rig.opened);
         let mut c = rig.t.db.conn().await.unwrap();
         let live_versions: Vec<(String, u32)> = c
-            .query("SELECT DISTINCT addressing, key_version FROM emms WHERE state = 'live' AND addressing <> 'unique'")
+            .query(
+                "SELECT DISTINCT addressing, key_version FROM emms WHERE state = 'live' \
+                 AND addressing <> 'unique' AND purpose <> 'keys'",
+            )
             .await
             .unwrap();
         assert!(
@@ -408,5 +438,168 @@ async fn refresh_replaces_stale_entitlement_sets_in_the_background_carousel() {
         rx[&3001].entitlements.contains_key(&9)
     })
     .await;
+    rig.stop().await;
+}
+
+/// Keys only: the GK and GLK versions a receiver holds.
+fn versions(r: &Receiver) -> (Vec<u32>, Vec<u32>) {
+    let v = |l: Vec<(u32, u32)>| l.into_iter().map(|(v, _)| v).collect();
+    (v(r.group_key_versions()), v(r.global_key_versions()))
+}
+
+/// A receiver that was off during a group-addressed rotation catches up
+/// from its unique ENTITLEMENT_SET refresh, which carries its keys. By the
+/// time such a receiver is back the rotation's group EMMs have left the
+/// carousel (an hour after activation): the test stands in for that by
+/// feeding it only its unique EMMs until it holds the new keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_off_receiver_catches_up_from_its_refresh() {
+    let mut rig = Rig::start().await;
+    for d in [5001u64, 5002] {
+        rig.receiver(d);
+        rig.sms("/adddevice", json!({"device_id": d})).await;
+    }
+    rig.air_until("v1 keys", |rx| rx.values().all(|r| holds(r, 1)))
+        .await;
+    // 5002 goes off: it sees nothing of the rotation.
+    let off = rig.rx.remove(&5002).unwrap();
+    let counts = rig
+        .job("rotation", json!({"force": true, "activates_in_s": 2}))
+        .await;
+    assert_eq!(counts["glk_version"], 2, "{counts}");
+    rig.air_until("v2 keys on", |rx| holds(&rx[&5001], 2)).await;
+    rig.until_active(2).await;
+    rig.job("rotation", json!({})).await;
+    // Back on, it holds only v1: group/global EMMs under v2 are closed to it.
+    rig.rx.insert(5002, off);
+    rig.unique_only.insert(5002);
+    assert_eq!(versions(&rig.rx[&5002]), (vec![1], vec![1]));
+    // Its set is due for a refresh (made 10 days ago).
+    let mut c = rig.t.db.conn().await.unwrap();
+    c.query_drop(
+        "UPDATE emms SET created_at = UTC_TIMESTAMP(6) - INTERVAL 10 DAY \
+         WHERE purpose = 'entitlement_set' AND address = 5002 AND state = 'live'",
+    )
+    .await
+    .unwrap();
+    let counts = rig.job("refresh", json!({})).await;
+    assert_eq!(counts["refreshset_enqueued"], 1, "{counts}");
+    rig.air_until("v2 keys from the refresh", |rx| holds(&rx[&5002], 2))
+        .await;
+    let review: String = c
+        .query_first(
+            "SELECT emm_data FROM emms WHERE purpose = 'entitlement_set' AND address = 5002 \
+             AND state = 'live'",
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        review.contains(r#""type":"group_key""#) && review.contains(r#""type":"entitlement_set""#),
+        "{review}"
+    );
+    // Now it opens what is sent under v2.
+    rig.unique_only.clear();
+    let group = rig.rx[&5002].group.unwrap().0;
+    rig.sms(
+        "/generateosm",
+        json!({"group_id": group, "text": "back", "duration_s": 5}),
+    )
+    .await;
+    rig.sms(
+        "/generateosm",
+        json!({"all": true, "text": "back all", "duration_s": 5}),
+    )
+    .await;
+    rig.air_until("OSMs under v2", |rx| {
+        has_osm(&rx[&5002], "back") && has_osm(&rx[&5002], "back all")
+    })
+    .await;
+    assert!(rig.opened.contains(&(0x83, 2)) && rig.opened.contains(&(0x84, 2)));
+    rig.stop().await;
+}
+
+/// Revocation: removing a device rotates its group's GK (to the remaining
+/// members only, unique EMMs) and, after `glk_rotation_removals` (1)
+/// removals, the GLK (group-addressed). The removed device's receiver,
+/// which keeps listening to everything, never holds the new keys and opens
+/// no group or global EMM issued after; its former group-mates do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_device_opens_nothing_issued_after_its_removal() {
+    let mut rig = Rig::start_with(|cfg| {
+        cfg.scheduler.revocation_schedule = "manual".into();
+    })
+    .await;
+    let (mates, gone) = ([6001u64, 6002, 6003], 6004u64);
+    for d in mates.into_iter().chain([gone]) {
+        rig.receiver(d);
+        rig.sms("/adddevice", json!({"device_id": d})).await;
+    }
+    rig.air_until("v1 keys", |rx| rx.values().all(|r| holds(r, 1)))
+        .await;
+    let group = rig.rx[&gone].group.unwrap().0;
+    assert!(mates.iter().all(|d| rig.rx[d].group.unwrap().0 == group));
+
+    rig.sms("/removedevice", json!({"device_id": gone})).await;
+    // The group's GK_2 reaches the remaining members in unique EMMs.
+    rig.air_until("GK_2 to the group-mates", |rx| {
+        mates.iter().all(|d| versions(&rx[d]).0.contains(&2)) && rx[&gone].enabled == Some(false)
+    })
+    .await;
+    let mut c = rig.t.db.conn().await.unwrap();
+    let rows: Vec<(u64, u32, u32, Option<u32>)> = c
+        .query("SELECT device_id, group_id, gk_version, glk_version FROM revocations")
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![(gone, group, 2, None)]);
+    // The GLK: one group EMM per group, under the group's new GK.
+    let counts = rig.job("revocation", json!({})).await;
+    assert_eq!(counts["glk_version"], 2, "{counts}");
+    assert_eq!(counts["delivergroupkeys_enqueued"], 1, "{counts}");
+    rig.air_until("GLK_2 to the group-mates", |rx| {
+        mates.iter().all(|d| holds(&rx[d], 2))
+    })
+    .await;
+    let glk_rows: Vec<u32> = c
+        .query("SELECT glk_version FROM revocations WHERE glk_version IS NOT NULL")
+        .await
+        .unwrap();
+    assert_eq!(glk_rows, vec![2]);
+    // Nothing more is due.
+    let counts = rig.job("revocation", json!({})).await;
+    assert_eq!(counts["removals_pending"], 0, "{counts}");
+    assert!(counts.get("glk_version").is_none(), "{counts}");
+
+    // Group and global EMMs issued after the removal.
+    for (target, text) in [
+        (json!({"group_id": group}), "after removal (group)"),
+        (json!({"all": true}), "after removal (global)"),
+    ] {
+        let mut body = target;
+        body["text"] = json!(text);
+        body["duration_s"] = json!(5);
+        rig.sms("/generateosm", body).await;
+    }
+    rig.air_until("the group-mates open both", |rx| {
+        mates.iter().all(|d| {
+            has_osm(&rx[d], "after removal (group)") && has_osm(&rx[d], "after removal (global)")
+        })
+    })
+    .await;
+    assert!(rig.opened.contains(&(0x83, 2)) && rig.opened.contains(&(0x84, 2)));
+    // The removed device heard all of it and holds neither key they are
+    // sealed under, so no key it has opens them.
+    let r = &rig.rx[&gone];
+    assert_eq!(versions(r), (vec![1], vec![1]), "removed device's keys");
+    assert!(!has_osm(r, "after removal (group)") && !has_osm(r, "after removal (global)"));
+    let mut sealed_under: Vec<(String, u32)> = c
+        .query("SELECT addressing, key_version FROM emms WHERE purpose = 'osm' AND state = 'live'")
+        .await
+        .unwrap();
+    sealed_under.sort();
+    assert_eq!(
+        sealed_under,
+        vec![("global".into(), 2), ("group".into(), 2)]
+    );
     rig.stop().await;
 }
