@@ -27,6 +27,7 @@ mod keystore;
 mod metrics;
 mod metrics_bench;
 mod openapi;
+mod plan;
 mod probe_audit;
 mod probe_headend;
 mod scheduler_lease;
