@@ -167,7 +167,8 @@ pub async fn groups_with_keys<Q: Queryable>(
 }
 
 /// The GK versions activating exactly at `activates_at` (one rotation's)
-/// of groups `first ..= last`: (group_id, version). Metadata only.
+/// of groups `first ..= last`: (group_id, version), by group then
+/// version (so collecting keeps a group's highest). Metadata only.
 pub async fn group_versions_at<Q: Queryable>(
     q: &mut Q,
     activates_at: u32,
@@ -175,7 +176,7 @@ pub async fn group_versions_at<Q: Queryable>(
 ) -> Result<Vec<(u32, u32)>, DbError> {
     Ok(q.exec(
         "SELECT group_id, version FROM `keys` WHERE kind = 'group' AND group_id BETWEEN ? AND ? \
-             AND activates_at = FROM_UNIXTIME(?) ORDER BY group_id",
+             AND activates_at = FROM_UNIXTIME(?) ORDER BY group_id, version",
         (first, last, activates_at),
     )
     .await?)

@@ -110,12 +110,19 @@ async fn revoke(ctx: &JobCtx) -> Result<Counts, JobError> {
     let mut tx = ctx.begin(&mut c).await?;
     let groups = groups_with_members_after(&mut tx, 0, u64::MAX).await?;
     let works = group_key_items(&groups, |_| None, Some(offer), not_after);
-    let items = works.iter().map(|w| queue::NewItem {
-        request_id: None,
-        work: w,
-        not_before: At::ServerNow,
-    });
-    let enqueued = queue::enqueue(&mut tx, &items.collect::<Vec<_>>()).await?;
+    let items: Vec<queue::NewItem<'_>> = works
+        .iter()
+        .map(|w| queue::NewItem {
+            request_id: None,
+            work: w,
+            not_before: At::ServerNow,
+        })
+        .collect();
+    let mut enqueued = 0;
+    // One statement per thousand (a statement's placeholders are bounded).
+    for chunk in items.chunks(1000) {
+        enqueued += queue::enqueue(&mut tx, chunk).await?;
+    }
     tx.exec_drop(
         "UPDATE revocations SET glk_version = ? WHERE glk_version IS NULL AND id <= ?",
         (glk.version, last),

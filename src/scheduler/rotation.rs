@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{db_now, Counts, Job, JobCtx, JobError};
 use crate::emm_store::{self, Review, Stale};
-use crate::encryptor::{BoxFuture, KeyState, RootRotation, SealJob, SealResults};
+use crate::encryptor::{BoxFuture, EncryptorError, KeyState, RootRotation, SealJob, SealResults};
 use crate::keystore::{
     current_meta, group_versions_at, groups_with_keys, list_meta, KeyKind, KeyMeta,
 };
@@ -395,13 +395,18 @@ async fn create(
         .query("SELECT DISTINCT group_id FROM group_slots WHERE device_id IS NOT NULL ORDER BY group_id")
         .await?;
     let keyed = groups_with_keys(c, at).await?;
-    let mut made = 0u64;
-    for g in groups {
-        // No key yet (its first is made, active, on first use), or
-        // this rotation's already made by an earlier run.
-        if keyed.get(&g) != Some(&false) {
-            continue;
-        }
+    // No key yet (its first is made, active, on first use), or this
+    // rotation's already made by an earlier run: none.
+    let due: Vec<u32> = groups
+        .into_iter()
+        .filter(|g| keyed.get(g) == Some(&false))
+        .collect();
+    let mut made = create_group_keys(ctx, due.clone(), at).await?;
+    // Those that failed (two creations may deadlock on neighbouring
+    // groups' gap locks), one at a time; a creation that failed after its
+    // commit is found made and skipped.
+    let keyed = groups_with_keys(c, at).await?;
+    for g in due.into_iter().filter(|g| keyed.get(g) == Some(&false)) {
         ctx.check()?;
         enc.create_key_version(KeyKind::Group(g), at).await?;
         made += 1;
@@ -410,6 +415,46 @@ async fn create(
     let p = start_delivery(ctx, c, now, (at, glk)).await?;
     counts.insert("plan".into(), serde_json::to_value(&p).unwrap_or_default());
     Ok(())
+}
+
+/// Group key creations in flight at once: each is a short transaction of
+/// its own, so they overlap their round trips (one after the other, a
+/// million devices' 3,907 groups took 17.9 s on the development machine).
+const CREATE_CONCURRENCY: usize = 16;
+
+/// Creates the rotation's GK (activating at `at`) of each group, at most
+/// [`CREATE_CONCURRENCY`] at a time. Returns versions created; a creation
+/// the Encryptor refused is logged and left to the caller's second pass.
+async fn create_group_keys(ctx: &JobCtx, groups: Vec<u32>, at: u32) -> Result<u64, JobError> {
+    let enc = ctx
+        .enc
+        .clone()
+        .ok_or_else(|| JobError::Other("the scheduler needs an encryptor".into()))?;
+    let mut set = tokio::task::JoinSet::new();
+    let mut made = 0u64;
+    let joined = |r: Result<Result<KeyMeta, EncryptorError>, tokio::task::JoinError>| match r
+        .map_err(|e| JobError::Other(format!("key creation task: {e}")))?
+    {
+        Ok(_) => Ok::<u64, JobError>(1),
+        Err(e) => {
+            tracing::warn!("group key creation failed, retried alone: {e}");
+            Ok(0)
+        }
+    };
+    for g in groups {
+        ctx.check()?;
+        if set.len() >= CREATE_CONCURRENCY {
+            if let Some(r) = set.join_next().await {
+                made += joined(r)?;
+            }
+        }
+        let enc = enc.clone();
+        set.spawn(async move { enc.create_key_version(KeyKind::Group(g), at).await });
+    }
+    while let Some(r) = set.join_next().await {
+        made += joined(r)?;
+    }
+    Ok(made)
 }
 
 /// The lead time check and delivery plan, and the delivery cursor of the

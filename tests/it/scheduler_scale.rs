@@ -178,7 +178,9 @@ async fn rotation_for_many_devices() {
         })
         .collect();
     let t3 = Instant::now();
-    queue::enqueue(&mut tx, &items).await.unwrap();
+    for chunk in items.chunks(1000) {
+        queue::enqueue(&mut tx, chunk).await.unwrap();
+    }
     tx.commit().await.unwrap();
     let base = t3.elapsed() + drain(&shared, &enc).await;
     let (ucount, umax) = key_emms(&shared, "unique").await;
