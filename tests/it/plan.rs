@@ -24,9 +24,9 @@ async fn casd_plan_sizes_a_rotation_and_an_import_from_the_live_carousel() {
     std::fs::write(
         &cfg,
         format!(
-            "[database]\nurl = \"{}\"\n[api]\nplain_http = true\n\
+            "{}[api]\nplain_http = true\n\
              [[cycler.outputs]]\nname = \"main\"\ndestination = \"127.0.0.1:9\"\nbitrate = 1000000\n",
-            t.url
+            casd::testing::database_toml(&t.url)
         ),
     )
     .unwrap();
