@@ -873,6 +873,7 @@ impl Config {
                             .unwrap_or_default(),
                 })?;
         apply_env(&mut table, env)?;
+        apply_secret_files(&mut table)?;
         let de = toml::Value::Table(table);
         let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
@@ -1182,6 +1183,60 @@ fn line_of(text: &str, offset: usize) -> usize {
         .unwrap_or(1)
 }
 
+/// Secrets read from files (a Kubernetes Secret mounted read-only, mode
+/// 0400): `database.password_file` becomes the password of `database.url`,
+/// `peers.client.client_secret_file` the `client_secret`. The `_file` key
+/// is taken out of the table, so the typed pass sees only the value. One
+/// trailing newline (what `echo` and editors leave) is dropped.
+fn apply_secret_files(table: &mut toml::Table) -> Result<(), ConfigError> {
+    if let Some(db) = section_mut(table, &["database"]) {
+        if let Some(pw) = take_secret_file(db, "database.password_file")? {
+            let url = db
+                .get("url")
+                .and_then(|u| u.as_str())
+                .ok_or_else(|| key_err("database.password_file", "needs database.url"))?;
+            let mut parsed = url::Url::parse(url)
+                .map_err(|_| key_err("database.url", "is not a valid mysql:// URL"))?;
+            parsed
+                .set_password(Some(&pw))
+                .map_err(|_| key_err("database.url", "has no user to give the password to"))?;
+            db.insert("url".into(), toml::Value::String(parsed.into()));
+        }
+    }
+    if let Some(client) = section_mut(table, &["peers", "client"]) {
+        if let Some(secret) = take_secret_file(client, "peers.client.client_secret_file")? {
+            client.insert("client_secret".into(), toml::Value::String(secret));
+        }
+    }
+    Ok(())
+}
+
+/// The sub-table at `path`, if there is one.
+fn section_mut<'t>(table: &'t mut toml::Table, path: &[&str]) -> Option<&'t mut toml::Table> {
+    path.iter()
+        .try_fold(table, |t, seg| t.get_mut(*seg)?.as_table_mut())
+}
+
+/// Removes the key `name` (the last segment of the dotted path) from
+/// `section` and reads the file it names.
+fn take_secret_file(section: &mut toml::Table, name: &str) -> Result<Option<String>, ConfigError> {
+    let key = name.rsplit('.').next().unwrap_or(name);
+    let Some(v) = section.remove(key) else {
+        return Ok(None);
+    };
+    let path = v
+        .as_str()
+        .ok_or_else(|| key_err(name, "must be a file path"))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| key_err(name, format!("cannot read {path}: {e}")))?;
+    let value = text.strip_suffix('\n').unwrap_or(&text);
+    let value = value.strip_suffix('\r').unwrap_or(value);
+    if value.is_empty() {
+        return Err(key_err(name, format!("{path} is empty")));
+    }
+    Ok(Some(value.to_owned()))
+}
+
 /// Applies `CASD_A__B=value` overrides onto the table. The value is read as
 /// a TOML value when it parses as one (numbers, booleans, arrays), otherwise
 /// as a string. Unknown keys are then caught by the typed pass.
@@ -1322,6 +1377,39 @@ mod tests {
     fn plain_http_must_be_explicit() {
         let err = parse("[database]\nurl = \"mysql://u:pw@h/d\"\n", &[]).unwrap_err();
         assert!(err.to_string().contains("api.plain_http"), "{err}");
+    }
+
+    #[test]
+    fn secrets_from_files() {
+        let dir = std::env::temp_dir().join(format!("casd-secretfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (pw, cs) = (dir.join("db-password"), dir.join("client-secret"));
+        std::fs::write(&pw, "p@ss/w:rd\n").unwrap();
+        std::fs::write(&cs, "s3cret\n").unwrap();
+        let text = format!(
+            "[database]\nurl = \"mysql://casd@db.example:3306/casd\"\npassword_file = \"{}\"\n[api]\nplain_http = true\n\
+             [peers]\nencryptor_url = \"https://enc:8443\"\n[peers.client]\ntoken_url = \"https://sms:8443/oauth/token\"\nclient_id = \"emmg\"\n",
+            pw.display()
+        );
+        let c = parse(
+            &text,
+            &[(
+                "CASD_PEERS__CLIENT__CLIENT_SECRET_FILE",
+                cs.to_str().unwrap(),
+            )],
+        )
+        .unwrap();
+        let opts = mysql_async::Opts::from_url(c.database.url.expose()).unwrap();
+        assert_eq!(opts.pass(), Some("p@ss/w:rd"));
+        assert_eq!(opts.user(), Some("casd"));
+        assert_eq!(c.peers.client.unwrap().client_secret.expose(), "s3cret");
+        // A missing file is named with its key; nothing else is read.
+        let err = parse(&text.replace("db-password", "nope"), &[]).unwrap_err();
+        assert!(err.to_string().contains("database.password_file"), "{err}");
+        std::fs::write(&pw, "\n").unwrap();
+        let err = parse(&text, &[]).unwrap_err();
+        assert!(err.to_string().contains("is empty"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
