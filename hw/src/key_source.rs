@@ -3,8 +3,11 @@
 //! **Root key file format**: exactly 32 hexadecimal digits (the 16 key bytes,
 //! upper or lower case), optionally followed by one `\n`; nothing else. The
 //! file must be a regular file owned by the user running casd with no group
-//! or other permission bits (`mode & 0o077 == 0`, e.g. 0600 or 0400);
-//! otherwise loading is refused with an error naming the path and mode.
+//! or other permission bits (`mode & 0o077 == 0`, e.g. 0600 or 0400), or
+//! (a Kubernetes Secret volume with `fsGroup`) owned by root, group-owned by
+//! casd's own group, readable by that group only (e.g. 0440; see
+//! [`check_private_file`]); otherwise loading is refused with an error
+//! naming the path and mode.
 //! [`FileKeySource::create_new`] writes such a file with a fresh random key,
 //! mode 0600, atomically, and never over an existing file.
 
@@ -109,6 +112,62 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KeySourceError + '_ {
     }
 }
 
+/// Why a secret file's owner or mode is refused ([`check_private_file`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrivateFileError {
+    /// Owned by another user (and not the root-owned, own-group form).
+    Owner {
+        /// File owner.
+        owner: u32,
+        /// Effective uid of this process.
+        current: u32,
+    },
+    /// Others may access it, or group access that is not the allowed form.
+    Permissions {
+        /// Permission bits (mode & 0o7777).
+        mode: u32,
+    },
+}
+
+/// Whether only casd can read a secret file (a key): either owned by the
+/// effective user with no group or other bits (0600, 0400), or owned by
+/// root, group-owned by casd's effective group, group-readable only and no
+/// other bits (0440, 0400). The second form is what Kubernetes makes of a
+/// Secret volume with `defaultMode: 0400` and the pod's `fsGroup`: root
+/// could read the file anyway, and the group is the pod's own.
+pub fn check_private_file(meta: &std::fs::Metadata) -> Result<(), PrivateFileError> {
+    private_file_rule(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        ),
+    )
+}
+
+/// [`check_private_file`]'s decision on (owner, group, mode) of the file
+/// and (uid, gid) of the process.
+fn private_file_rule(
+    (owner, group, mode): (u32, u32, u32),
+    (current, current_group): (u32, u32),
+) -> Result<(), PrivateFileError> {
+    if owner == current {
+        return if mode & 0o077 == 0 {
+            Ok(())
+        } else {
+            Err(PrivateFileError::Permissions { mode })
+        };
+    }
+    if owner != 0 {
+        return Err(PrivateFileError::Owner { owner, current });
+    }
+    if group == current_group && mode & 0o037 == 0 {
+        Ok(())
+    } else {
+        Err(PrivateFileError::Permissions { mode })
+    }
+}
+
 impl FileKeySource {
     /// Opens, checks (regular file, owner = current user, mode & 0o077 == 0)
     /// and parses the key file. The checks run on the opened descriptor, so
@@ -122,21 +181,17 @@ impl FileKeySource {
                 path: path.to_owned(),
             });
         }
-        let current = nix::unistd::geteuid().as_raw();
-        if meta.uid() != current {
-            return Err(KeySourceError::Owner {
+        check_private_file(&meta).map_err(|e| match e {
+            PrivateFileError::Owner { owner, current } => KeySourceError::Owner {
                 path: path.to_owned(),
-                owner: meta.uid(),
+                owner,
                 current,
-            });
-        }
-        let mode = meta.mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(KeySourceError::Permissions {
+            },
+            PrivateFileError::Permissions { mode } => KeySourceError::Permissions {
                 path: path.to_owned(),
                 mode,
-            });
-        }
+            },
+        })?;
         let mut content = Zeroizing::new(Vec::with_capacity(MAX_FILE_LEN as usize));
         (&mut file)
             .take(MAX_FILE_LEN)
@@ -334,6 +389,32 @@ mod tests {
             assert!(msg.contains(&format!("{mode:04o}")), "{msg}");
             assert!(!msg.contains(KEY_HEX));
         }
+    }
+
+    #[test]
+    fn kubernetes_secret_volume_form() {
+        let casd = (10001, 10001);
+        // Own file, owner-only: the usual form.
+        assert_eq!(private_file_rule((10001, 10001, 0o400), casd), Ok(()));
+        // Root-owned, casd's group, group-readable (defaultMode 0400 + fsGroup).
+        assert_eq!(private_file_rule((0, 10001, 0o440), casd), Ok(()));
+        assert_eq!(private_file_rule((0, 10001, 0o400), casd), Ok(()));
+        // Another group, group-writable, or others: refused.
+        for (g, mode) in [(0, 0o440), (10001, 0o460), (10001, 0o444), (10001, 0o441)] {
+            assert_eq!(
+                private_file_rule((0, g, mode), casd),
+                Err(PrivateFileError::Permissions { mode })
+            );
+        }
+        // Own file with group bits, another non-root owner: refused.
+        assert!(private_file_rule((10001, 10001, 0o440), casd).is_err());
+        assert_eq!(
+            private_file_rule((10002, 10001, 0o400), casd),
+            Err(PrivateFileError::Owner {
+                owner: 10002,
+                current: 10001
+            })
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! process notices the new file at its next token request.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -69,20 +69,18 @@ pub fn load_signing_key(path: &Path) -> Result<SigningKey, KeyError> {
     })
 }
 
+/// The root key file's rule ([`hw::key_source::check_private_file`]).
 fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<(), KeyError> {
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::Permissions {
+    use hw::key_source::{check_private_file, PrivateFileError};
+    check_private_file(meta).map_err(|e| match e {
+        PrivateFileError::Permissions { mode } => KeyError::Permissions {
             path: path.to_owned(),
             mode,
-        });
-    }
-    if meta.uid() != nix::unistd::geteuid().as_raw() {
-        return Err(KeyError::Owner {
+        },
+        PrivateFileError::Owner { .. } => KeyError::Owner {
             path: path.to_owned(),
-        });
-    }
-    Ok(())
+        },
+    })
 }
 
 /// Writes `key` to `path` with mode 0600 through a temporary file in the
