@@ -351,6 +351,8 @@ fn test_overlay(
             "/spec/template/spec/containers/0/livenessProbe",
             "",
         ),
+        // podman refuses port mappings on the host network.
+        ("remove", "/spec/template/spec/containers/0/ports", ""),
     ] {
         text += &format!("      - op: {op}\n        path: {path}\n");
         if !value.is_empty() {
