@@ -72,7 +72,7 @@ if [ "$(podman image inspect --format '{{index .Labels "org.casd.base.key"}}' "$
 fi
 
 if [ -z "$PREBUILT" ]; then
-  cargo build --release --locked --bin casd --bin casd-probe
+  cargo build --release --locked -p casd -p casd-tools --bin casd --bin casd-probe
   PREBUILT=target/release
 fi
 for b in casd casd-probe; do

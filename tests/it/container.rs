@@ -36,6 +36,15 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// The image's user (deploy/container/Containerfile).
 const CASD_UID: u32 = 10001;
 const ROLES: [&str; 5] = ["sms", "emmg", "encryptor", "cycler", "scheduler"];
+/// The Secrets the split overlay mounts (docs/deploy.md).
+const SECRETS: [&str; 6] = [
+    "casd-tls",
+    "casd-database",
+    "casd-root-key",
+    "casd-token-signing-key",
+    "casd-peer-emmg",
+    "casd-peer-scheduler",
+];
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -200,20 +209,7 @@ async fn sms_to_air(client: &TokenClient, base: &str, t: &TestDb, root: Key128, 
             json!({"transaction_id": "c-2", "device_id": 501, "product_id": 3, "start": 1_700_000_000u32, "end": 1_900_000_000u32}),
         ),
     ] {
-        let r = client
-            .authorize(client.http().post(format!("{base}{path}")))
-            .await
-            .unwrap()
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            r.status(),
-            200,
-            "{path}: {}",
-            r.text().await.unwrap_or_default()
-        );
+        common::post_ok(client, format!("{base}{path}"), &body).await;
     }
     let pmk = KeyStore::open(t.db.clone(), root)
         .await
@@ -256,26 +252,23 @@ fn process_uid(name: &str) -> u32 {
     uid.split_whitespace().nth(2).unwrap().parse().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn image_runs_non_root_read_only_and_sms_to_air() {
-    let Some(image) = image() else { return };
-    let t = TestDb::new().await;
-    let dir = test_dir("container");
-    let (secrets, root) = operator_setup(&t, &dir.join("root.key"), &dir.join("token.pem")).await;
-    let (url, password) = split_password(&t.url);
-    secret_file(&dir.join("db-password"), password.as_bytes());
-    let mut cap = Capture::bind(0x0101).await;
-    let port = common::free_port();
-    let config = format!(
-        "[database]\nurl = \"{url}\"\npassword_file = \"/etc/casd/db-password\"\n\
-         [api]\nlisten = \"127.0.0.1:{port}\"\nplain_http = true\nrequest_log = \"/var/lib/casd/log/requests.jsonl\"\n\
-         [keys]\nroot_key_file = \"/etc/casd/root.key\"\n[auth]\nsigning_key_file = \"/etc/casd/token.pem\"\n\
+/// Every role in one process, plain HTTP on loopback, secrets and config
+/// under `etc`, logs under `state`; the API's address comes from
+/// CASD_API__LISTEN.
+fn all_in_one_config(url: &str, dest: &str, etc: &str, state: &str) -> String {
+    format!(
+        "[database]\nurl = \"{url}\"\npassword_file = \"{etc}/db-password\"\n\
+         [api]\nplain_http = true\nrequest_log = \"{state}/log/requests.jsonl\"\n\
+         [keys]\nroot_key_file = \"{etc}/root.key\"\n[auth]\nsigning_key_file = \"{etc}/token.pem\"\n\
          [emmg]\npoll_interval_ms = 20\n\
-         [cycler]\nlog_file = \"/var/lib/casd/log/carousel.jsonl\"\nburst_interval_ms = 20\npoll_interval_ms = 10\n\
-         [[cycler.outputs]]\nname = \"t\"\ndestination = \"{dest}\"\nbitrate = 4000000\n",
-        dest = cap.addr(),
-    );
-    std::fs::write(dir.join("casd.toml"), config).unwrap();
+         [cycler]\nlog_file = \"{state}/log/carousel.jsonl\"\nburst_interval_ms = 20\npoll_interval_ms = 10\n\
+         [[cycler.outputs]]\nname = \"t\"\ndestination = \"{dest}\"\nbitrate = 4000000\n"
+    )
+}
+
+/// `podman run` of the image with `dir` as /etc/casd (read-only), on the
+/// host network, read-only root, no capabilities; the API on `port`.
+fn start_container(image: &str, dir: &Path, port: u16) -> Container {
     let name = format!("casd-test-{:08x}", rand::random::<u32>());
     run(podman()
         .args([
@@ -290,8 +283,24 @@ async fn image_runs_non_root_read_only_and_sms_to_air() {
         .args(["--cap-drop", "ALL", "--security-opt", "no-new-privileges"])
         .arg("-v")
         .arg(format!("{}:/etc/casd:ro", dir.display()))
+        .args(["-e", &format!("CASD_API__LISTEN=127.0.0.1:{port}")])
         .args(["-e", "CASD_LOG=warn", image, "run"]));
-    let c = Container(name);
+    Container(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_runs_non_root_read_only_and_sms_to_air() {
+    let Some(image) = image() else { return };
+    let t = TestDb::new().await;
+    let dir = test_dir("container");
+    let (secrets, root) = operator_setup(&t, &dir.join("root.key"), &dir.join("token.pem")).await;
+    let (url, password) = split_password(&t.url);
+    secret_file(&dir.join("db-password"), password.as_bytes());
+    let mut cap = Capture::bind(0x0101).await;
+    let config = all_in_one_config(&url, &cap.addr().to_string(), "/etc/casd", "/var/lib/casd");
+    std::fs::write(dir.join("casd.toml"), config).unwrap();
+    let port = common::free_port();
+    let c = start_container(image, &dir, port);
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     wait_ready(&http, &format!("{base}/readyz"), || running(&c.0)).await;
@@ -391,14 +400,7 @@ fn test_overlay(
 /// happen: a change of kustomize's output format fails here.
 fn secrets_as_host_paths(yaml: &str, dir: &Path) -> String {
     let mut out = yaml.to_owned();
-    for name in [
-        "casd-tls",
-        "casd-database",
-        "casd-root-key",
-        "casd-token-signing-key",
-        "casd-peer-emmg",
-        "casd-peer-scheduler",
-    ] {
+    for name in SECRETS {
         let from = format!(
             "secret:\n          defaultMode: 256\n          optional: false\n          secretName: {name}\n"
         );
@@ -415,14 +417,7 @@ fn secrets_as_host_paths(yaml: &str, dir: &Path) -> String {
 /// What the operator puts in the Secrets (docs/deploy.md), one directory
 /// per Secret, files 0400 owned by the image's user.
 async fn secret_dirs(t: &TestDb, dir: &Path) -> (HashMap<&'static str, Secret>, Key128) {
-    for s in [
-        "casd-tls",
-        "casd-database",
-        "casd-root-key",
-        "casd-token-signing-key",
-        "casd-peer-emmg",
-        "casd-peer-scheduler",
-    ] {
+    for s in SECRETS {
         std::fs::create_dir_all(dir.join(s)).unwrap();
         std::fs::set_permissions(dir.join(s), std::fs::Permissions::from_mode(0o755)).unwrap();
     }
@@ -504,5 +499,89 @@ async fn kube_play_split_overlay_five_roles_sms_to_air() {
     sms_to_air(&client, &base, &t, root, &mut cap).await;
     drop(kube);
     std::fs::remove_dir_all(&overlay).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Benchmark (docs/benchmarks.md): the time from `podman run` to the
+/// container's /readyz answering 200, every role in one container, against
+/// the same binary with the same configuration started as a host process
+/// (same uid, same database), alternated, CASD_BENCH_RUNS (default 5) of
+/// each; medians and their ratio.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_start_to_ready() {
+    use std::os::unix::process::CommandExt;
+    let Some(image) = image() else { return };
+    let runs: usize = std::env::var("CASD_BENCH_RUNS").map_or(5, |v| v.parse().unwrap());
+    let t = TestDb::new().await;
+    let dir = test_dir("bench");
+    operator_setup(&t, &dir.join("root.key"), &dir.join("token.pem")).await;
+    let (url, password) = split_password(&t.url);
+    secret_file(&dir.join("db-password"), password.as_bytes());
+    let cap = Capture::bind(0x0101).await;
+    let dest = cap.addr().to_string();
+    std::fs::write(
+        dir.join("casd.toml"),
+        all_in_one_config(&url, &dest, "/etc/casd", "/var/lib/casd"),
+    )
+    .unwrap();
+    let (etc, state) = (dir.display().to_string(), dir.join("state"));
+    std::fs::create_dir_all(&state).unwrap();
+    secret_file(&state, b"");
+    let host_config = dir.join("host.toml");
+    std::fs::write(
+        &host_config,
+        all_in_one_config(&url, &dest, &etc, &state.display().to_string()),
+    )
+    .unwrap();
+    let http = reqwest::Client::new();
+    let (mut in_container, mut on_host) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let port = common::free_port();
+        let t0 = std::time::Instant::now();
+        let c = start_container(image, &dir, port);
+        wait_ready(&http, &format!("http://127.0.0.1:{port}/readyz"), || {
+            running(&c.0)
+        })
+        .await;
+        in_container.push(t0.elapsed().as_secs_f64());
+        drop(c);
+
+        let port = common::free_port();
+        let t0 = std::time::Instant::now();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_casd"))
+            .env_remove("CASD_DATABASE_URL")
+            .env("CASD_API__LISTEN", format!("127.0.0.1:{port}"))
+            .env("CASD_LOG", "warn")
+            .arg("--config")
+            .arg(&host_config)
+            .arg("run")
+            .current_dir(&state)
+            .uid(CASD_UID)
+            .gid(CASD_UID)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        wait_ready(&http, &format!("http://127.0.0.1:{port}/readyz"), || {
+            std::path::Path::new(&format!("/proc/{pid}")).exists()
+        })
+        .await;
+        on_host.push(t0.elapsed().as_secs_f64());
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (c, h) = (median(&mut in_container), median(&mut on_host));
+    println!(
+        "start to ready, every role: container {:.0} ms (runs {:?}), host process {:.0} ms (runs {:?}), ratio {:.2}",
+        c * 1e3,
+        in_container.iter().map(|s| (s * 1e3).round()).collect::<Vec<_>>(),
+        h * 1e3,
+        on_host.iter().map(|s| (s * 1e3).round()).collect::<Vec<_>>(),
+        c / h
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
