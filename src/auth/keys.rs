@@ -331,6 +331,7 @@ pub async fn rotate_signing_key(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn tmp_path(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!(
