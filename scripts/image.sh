@@ -85,4 +85,6 @@ podman build --pull=never --build-arg BINARIES=prebuilt \
   --build-arg VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)" \
   --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
   -f deploy/container/Containerfile -t "$TAG" . >&2 || die "podman build failed"
+# The build stages' untagged images (a few hundred MB a build) would pile up.
+podman image prune -f >/dev/null
 echo "$TAG"
