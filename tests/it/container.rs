@@ -209,7 +209,8 @@ async fn sms_to_air(client: &TokenClient, base: &str, t: &TestDb, root: Key128, 
             json!({"transaction_id": "c-2", "device_id": 501, "product_id": 3, "start": 1_700_000_000u32, "end": 1_900_000_000u32}),
         ),
     ] {
-        common::post_ok(client, format!("{base}{path}"), &body).await;
+        let bearer = format!("Bearer {}", token.expose());
+        common::post_accepted(client.http(), base, &bearer, path, &body).await;
     }
     let pmk = KeyStore::open(t.db.clone(), root)
         .await

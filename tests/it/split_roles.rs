@@ -215,7 +215,22 @@ async fn five_processes_over_tls_sms_to_air_and_encryptor_outage() {
         n += 1;
         body["transaction_id"] = json!(format!("split-{n}"));
         let (c, url) = (&sms_client, format!("{base}{path}"));
-        async move { common::post_ok(c, url, &body).await }
+        async move {
+            let r = c
+                .authorize(c.http().post(url))
+                .await
+                .unwrap()
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                r.status(),
+                200,
+                "{path}: {}",
+                r.text().await.unwrap_or_default()
+            );
+        }
     };
 
     let ks = KeyStore::open(t.db.clone(), {

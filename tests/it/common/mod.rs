@@ -57,29 +57,6 @@ pub fn make_certs(dir: &Path) {
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
 }
 
-/// POSTs `body` to `url` with a bearer token of `client` and fails the
-/// test unless the answer is 200.
-pub async fn post_ok(
-    client: &casd::auth::client::TokenClient,
-    url: String,
-    body: &serde_json::Value,
-) {
-    let r = client
-        .authorize(client.http().post(&url))
-        .await
-        .unwrap()
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status(),
-        200,
-        "{url}: {}",
-        r.text().await.unwrap_or_default()
-    );
-}
-
 /// Runs the ignored test `path` (`module::name`) of this test binary in a
 /// process of its own and fails with its output if it fails: for the few
 /// tests that need process-wide state to themselves (tracing's callsite
