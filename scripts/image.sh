@@ -13,7 +13,8 @@
 # 2. casd and casd-probe are built on the host by cargo (release; or taken
 #    from --prebuilt DIR, e.g. target/debug for the tests) and staged in
 #    target/image/, the only part of target/ the build context sends.
-# 3. `podman build --pull=never --build-arg BINARIES=prebuilt`.
+# 3. `podman build --pull=never --build-arg BINARIES=prebuilt` (Docker image
+#    format: the OCI one has no SHELL, and the Containerfile's pipefail needs it).
 #
 # Podman 4.3 on this kind of machine runs containers only with runc and with
 # explicit nofile/nproc ulimits: deploy/container/containers.conf says so and
@@ -81,7 +82,7 @@ done
 mkdir -p target/image
 cp "$PREBUILT/casd" "$PREBUILT/casd-probe" target/image/
 
-podman build --pull=never --build-arg BINARIES=prebuilt \
+podman build --pull=never --format docker --build-arg BINARIES=prebuilt \
   --build-arg VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)" \
   --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
   -f deploy/container/Containerfile -t "$TAG" . >&2 || die "podman build failed"

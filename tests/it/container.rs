@@ -253,12 +253,33 @@ fn process_uid(name: &str) -> u32 {
     uid.split_whitespace().nth(2).unwrap().parse().unwrap()
 }
 
+/// Copies the test MariaDB's CA to `file` (casd verifies the server with
+/// it, as in production); false, said loudly by `database_toml`, when the
+/// test database has none.
+fn db_ca_into(file: &Path) -> bool {
+    let _ = casd::testing::database_toml("");
+    match casd::testing::server_ca() {
+        Some(ca) => {
+            std::fs::copy(ca, file).unwrap();
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o444)).unwrap();
+            true
+        }
+        None => false,
+    }
+}
+
 /// Every role in one process, plain HTTP on loopback, secrets and config
 /// under `etc`, logs under `state`; the API's address comes from
-/// CASD_API__LISTEN.
-fn all_in_one_config(url: &str, dest: &str, etc: &str, state: &str) -> String {
+/// CASD_API__LISTEN. TLS to the database when `db_tls` (its CA in
+/// `etc/db-ca.pem`, see [`db_ca_into`]).
+fn all_in_one_config(url: &str, dest: &str, etc: &str, state: &str, db_tls: bool) -> String {
+    let tls = if db_tls {
+        format!("tls = \"required\"\ntls_ca = \"{etc}/db-ca.pem\"\n")
+    } else {
+        "tls = \"disabled\"\n".to_owned()
+    };
     format!(
-        "[database]\nurl = \"{url}\"\npassword_file = \"{etc}/db-password\"\n\
+        "[database]\nurl = \"{url}\"\npassword_file = \"{etc}/db-password\"\n{tls}\
          [api]\nplain_http = true\nrequest_log = \"{state}/log/requests.jsonl\"\n\
          [keys]\nroot_key_file = \"{etc}/root.key\"\n[auth]\nsigning_key_file = \"{etc}/token.pem\"\n\
          [emmg]\npoll_interval_ms = 20\n\
@@ -298,7 +319,14 @@ async fn image_runs_non_root_read_only_and_sms_to_air() {
     let (url, password) = split_password(&t.url);
     secret_file(&dir.join("db-password"), password.as_bytes());
     let mut cap = Capture::bind(0x0101).await;
-    let config = all_in_one_config(&url, &cap.addr().to_string(), "/etc/casd", "/var/lib/casd");
+    let tls = db_ca_into(&dir.join("db-ca.pem"));
+    let config = all_in_one_config(
+        &url,
+        &cap.addr().to_string(),
+        "/etc/casd",
+        "/var/lib/casd",
+        tls,
+    );
     std::fs::write(dir.join("casd.toml"), config).unwrap();
     let port = common::free_port();
     let c = start_container(image, &dir, port);
@@ -443,6 +471,12 @@ async fn secret_dirs(t: &TestDb, dir: &Path) -> (HashMap<&'static str, Secret>, 
     }
     let (_, password) = split_password(&t.url);
     secret_file(&dir.join("casd-database/password"), password.as_bytes());
+    // base/casd.toml verifies the database's certificate with this CA.
+    assert!(
+        db_ca_into(&dir.join("casd-database/ca.crt")),
+        "the split overlay connects to MariaDB over TLS: the test database needs its CA \
+         (CASD_TEST_DATABASE_CA; scripts/test.sh sets it up)"
+    );
     (secrets, root)
 }
 
@@ -521,9 +555,10 @@ async fn bench_start_to_ready() {
     secret_file(&dir.join("db-password"), password.as_bytes());
     let cap = Capture::bind(0x0101).await;
     let dest = cap.addr().to_string();
+    let tls = db_ca_into(&dir.join("db-ca.pem"));
     std::fs::write(
         dir.join("casd.toml"),
-        all_in_one_config(&url, &dest, "/etc/casd", "/var/lib/casd"),
+        all_in_one_config(&url, &dest, "/etc/casd", "/var/lib/casd", tls),
     )
     .unwrap();
     let (etc, state) = (dir.display().to_string(), dir.join("state"));
@@ -532,7 +567,7 @@ async fn bench_start_to_ready() {
     let host_config = dir.join("host.toml");
     std::fs::write(
         &host_config,
-        all_in_one_config(&url, &dest, &etc, &state.display().to_string()),
+        all_in_one_config(&url, &dest, &etc, &state.display().to_string(), tls),
     )
     .unwrap();
     let http = reqwest::Client::new();
