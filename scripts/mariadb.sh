@@ -234,7 +234,11 @@ casd_mariadb_instance_up() {
     (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$dir/casd.password")
   fi
   local pw; pw=$(cat "$dir/casd.password")
-  casd_mariadb_sql "$dir" "CREATE USER IF NOT EXISTS 'casd'@'127.0.0.1' IDENTIFIED BY '$pw';
+  # Outside the binary log: users are each instance's own (a replica's
+  # restart must not write a transaction of its own into the group's GTID
+  # history, which gtid_strict_mode then refuses to continue).
+  casd_mariadb_sql "$dir" "SET sql_log_bin = 0;
+    CREATE USER IF NOT EXISTS 'casd'@'127.0.0.1' IDENTIFIED BY '$pw';
     ALTER USER 'casd'@'127.0.0.1' IDENTIFIED BY '$pw';
     GRANT ALL PRIVILEGES ON *.* TO 'casd'@'127.0.0.1';" \
     || casd_die "cannot create the casd user in $dir"
@@ -271,4 +275,133 @@ casd_mariadb_up() {
   CASD_TEST_DATABASE_CA="$(casd_mariadb_secrets_dir "$CASD_DB_DIR")/ca.pem"
   export CASD_TEST_DATABASE_CA
   (umask 077; echo "$CASD_TEST_DATABASE_URL" >"$CASD_STATE_DIR/test-database-url")
+}
+
+# ---------------------------------------------------------------------------
+# A replication group: a primary and a semi-synchronous replica (GTID, over
+# TLS), each an instance of casd_mariadb_instance_up with its own data
+# directory, port and socket, siblings under one directory GROUP (so they
+# share GROUP/mariadb-secrets: the at-rest key file and the CA).
+#
+#   casd_mariadb_pair_up GROUP [TIMEOUT_MS]   primary GROUP/a + replica GROUP/b
+#   casd_mariadb_member_start GROUP/x ID [TIMEOUT_MS]   (re)start one, read-only
+#
+# Files: GROUP/x/port; GROUP/casd.password (user casd, the same on every
+# member), GROUP/admin.password (user casd_admin, for `casd db promote`),
+# GROUP/repl.password (user repl); GROUP/url (database casd on the
+# primary) and GROUP/servers (host:port, comma separated, primary first).
+# ---------------------------------------------------------------------------
+
+# The options a group member adds to casd_mariadb_options (which has the
+# binary log, GTIDs and server id), one a line. Every member STARTS
+# read-only and without the semi-sync master side: a primary killed and
+# restarted comes back fenced (it cannot take writes that the promoted
+# replica never saw); only the bring-up or `casd db promote` makes one
+# member writable and semi-sync master, at run time (a replica with the
+# master side on would wait for acks of its own replication stream's
+# transactions). AFTER_SYNC: the commit is acknowledged to the client only
+# after a replica has it in its relay log, so a 200 survives the primary's
+# loss. After TIMEOUT_MS without an ack the primary falls back to
+# asynchronous (casd logs it and sets casd_database_semi_sync_active to 0).
+casd_mariadb_replication_options() {
+  local timeout_ms=${1:-10000}
+  printf -- '--%s\n' sync-binlog=1 relay-log-recovery=ON \
+    rpl-semi-sync-master-enabled=OFF rpl-semi-sync-slave-enabled=ON \
+    rpl-semi-sync-master-wait-point=AFTER_SYNC \
+    "rpl-semi-sync-master-timeout=$timeout_ms" read-only=ON
+}
+
+# The casd user of a member keeps every privilege on data but none that
+# bypasses read_only (SUPER, READ ONLY ADMIN): on a fenced or replica member
+# its writes fail (1290) instead of forking the group's history. Outside
+# the binary log: each member manages its own users.
+casd_member_fence_casd_user() {
+  casd_mariadb_sql "$1" "SET sql_log_bin = 0;
+    REVOKE SUPER, READ_ONLY ADMIN ON *.* FROM 'casd'@'127.0.0.1';" \
+    || casd_die "cannot restrict the casd user of $1"
+}
+
+# Starts (initialising on first use) the member in directory $1 with server
+# id $2 on its port (a free one chosen once, kept in $1/port).
+casd_mariadb_member_start() {
+  local dir=$1 id=$2 timeout_ms=${3:-10000}
+  casd_install_mariadb
+  mkdir -p "$dir"; chmod 700 "$dir"
+  if [ ! -s "$dir/port" ]; then
+    # The kernel's choice of a free port, kept for this member.
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' >"$dir/port" \
+      || casd_die "cannot pick a port"
+  fi
+  # One casd password for the whole group: casd's URL works on any member.
+  (umask 077; cp "$(dirname "$dir")/casd.password" "$dir/casd.password")
+  # shellcheck disable=SC2046 # one option a word
+  casd_mariadb_instance_up "$dir" "$(cat "$dir/port")" "$id" \
+    $(casd_mariadb_replication_options "$timeout_ms")
+  casd_member_fence_casd_user "$dir"
+}
+
+# Users of the group (once, outside the binary log), then an empty binary
+# log, so that the replica starts from the primary's first transaction.
+casd_member_users() {
+  local dir=$1 group=$2
+  casd_mariadb_sql "$dir" "SET sql_log_bin = 0;
+    CREATE USER IF NOT EXISTS 'casd_admin'@'127.0.0.1' IDENTIFIED BY '$(cat "$group/admin.password")';
+    GRANT ALL PRIVILEGES ON *.* TO 'casd_admin'@'127.0.0.1';
+    CREATE USER IF NOT EXISTS 'repl'@'127.0.0.1' IDENTIFIED BY '$(cat "$group/repl.password")' REQUIRE SSL;
+    GRANT REPLICATION SLAVE ON *.* TO 'repl'@'127.0.0.1';
+    RESET MASTER;" \
+    || casd_die "cannot create the users of $dir"
+}
+
+# Points member $1 at member $2 (GTID, from where it is, over verified TLS)
+# and starts replicating.
+casd_member_follow() {
+  casd_mariadb_sql "$1" "STOP SLAVE; CHANGE MASTER TO MASTER_HOST='127.0.0.1',
+    MASTER_PORT=$(cat "$2/port"), MASTER_USER='repl',
+    MASTER_PASSWORD='$(cat "$(dirname "$1")/repl.password")',
+    MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1, $(casd_mariadb_master_ssl "$1");
+    START SLAVE;" \
+    || casd_die "cannot make $1 replicate from $2"
+}
+
+casd_mariadb_pair_up() {
+  local group=$1 timeout_ms=${2:-10000} f
+  mkdir -p "$group"; chmod 700 "$group"
+  for f in casd admin repl; do
+    [ -s "$group/$f.password" ] || (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$group/$f.password")
+  done
+  casd_mariadb_member_start "$group/a" 1 "$timeout_ms"
+  casd_mariadb_member_start "$group/b" 2 "$timeout_ms"
+  # Once only: later runs just start the members, read-only both (a
+  # restarted group has its primary chosen by `casd db promote`, never by
+  # this script, which cannot know which member is ahead).
+  [ -f "$group/initialised" ] && return 0
+  casd_member_users "$group/a" "$group"
+  casd_member_users "$group/b" "$group"
+  casd_member_follow "$group/b" "$group/a"
+  casd_mariadb_sql "$group/a" "SET GLOBAL rpl_semi_sync_master_enabled = ON; SET GLOBAL read_only = OFF;
+    CREATE DATABASE IF NOT EXISTS casd CHARACTER SET utf8mb4;" \
+    || casd_die "cannot make $group/a the primary"
+  local pa pb; pa=$(cat "$group/a/port"); pb=$(cat "$group/b/port")
+  (umask 077
+   echo "mysql://casd:$(cat "$group/casd.password")@127.0.0.1:$pa/casd" >"$group/url"
+   echo "127.0.0.1:$pa,127.0.0.1:$pb" >"$group/servers")
+  touch "$group/initialised"
+}
+
+# scripts/run.sh --replicated: the group under $CASD_STATE_DIR/mariadb-group,
+# its URL, servers and CA exported as casd's configuration.
+casd_mariadb_group_up() {
+  : "${CASD_STATE_DIR:=$CASD_ROOT/.state}"
+  export CASD_STATE_DIR
+  local group="$CASD_STATE_DIR/mariadb-group"
+  casd_mariadb_pair_up "$group"
+  CASD_DATABASE_URL=$(cat "$group/url")
+  CASD_DATABASE__SERVERS="[\"$(sed 's/,/", "/g' "$group/servers")\"]"
+  CASD_DATABASE__TLS_CA="$group/mariadb-secrets/ca.pem"
+  export CASD_DATABASE_URL CASD_DATABASE__SERVERS CASD_DATABASE__TLS_CA
+  echo "casd: replication group $(cat "$group/servers"); fail over (or choose the primary" \
+    "after a restart of both) with: CASD_CONFIG=$CASD_STATE_DIR/casd.toml" \
+    "CASD_DATABASE__SERVERS='$CASD_DATABASE__SERVERS' CASD_DATABASE__TLS_CA=$CASD_DATABASE__TLS_CA" \
+    "target/release/casd db promote --admin-user casd_admin --admin-password-file $group/admin.password" >&2
 }

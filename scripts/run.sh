@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Runs the headend with every role: brings up a private MariaDB when no
-# database is configured, builds casd, creates a local configuration and the
+# database is configured (with --replicated: a primary + semi-synchronous
+# replica pair, see docs/operations.md), builds casd, creates a local configuration and the
 # root key on first use, migrates, and starts. Ctrl-C stops it gracefully.
 set -euo pipefail
 CASD_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$CASD_ROOT"
 # shellcheck source=scripts/mariadb.sh
 . scripts/mariadb.sh
-casd_mariadb_up
+if [ "${1:-}" = --replicated ]; then
+  shift
+  casd_mariadb_group_up
+else
+  casd_mariadb_up
+fi
 
 cargo build --release --bin casd
 CASD=target/release/casd

@@ -49,15 +49,16 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Opens the database pool and applies migrations if configured.
 pub async fn open_db(cfg: &Config) -> anyhow::Result<Db> {
-    let db = Db::with_tls(
+    let db = Db::with_servers(
         cfg.database.url.expose(),
         &crate::db::DbTls::from_config(&cfg.database),
+        &cfg.database.servers,
         cfg.database.pool_max,
         Duration::from_secs(cfg.database.connect_timeout_s),
     )?;
     db.ping().await.with_context(|| {
         format!(
-            "cannot reach the database at {} (database.url)",
+            "cannot reach the database at {} (database.url, database.servers)",
             db.display()
         )
     })?;
@@ -147,6 +148,7 @@ pub async fn run_with_metrics(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let db = open_db(&cfg).await?;
+    db.watch(shutdown.clone());
     if cfg.database.migrate_on_start {
         let applied = db.migrate().await.context("applying migrations")?;
         if !applied.is_empty() {

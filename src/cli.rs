@@ -72,6 +72,30 @@ pub enum Command {
         #[command(subcommand)]
         command: AuthCommand,
     },
+    /// The database's replication group (database.servers).
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DbCommand {
+    /// Failover: promote the most advanced replica of database.servers to
+    /// primary and re-point the other replicas at it (docs/operations.md).
+    /// Refuses while a member is writable. Runs as a MariaDB administrator
+    /// (the casd user cannot change read_only).
+    Promote {
+        /// MariaDB user with REPLICATION SLAVE ADMIN and READ_ONLY ADMIN.
+        #[arg(long)]
+        admin_user: String,
+        /// File holding that user's password (one line).
+        #[arg(long)]
+        admin_password_file: PathBuf,
+        /// Seconds the replica may take to apply what it received.
+        #[arg(long, default_value_t = 60)]
+        wait_s: u64,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -275,44 +299,85 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
         Command::Keys { command } => keys_command(command, &cfg).await,
         Command::Jobs { command } => jobs_command(command, &cfg).await,
         Command::Plan(args) => plan_command(args, &cfg).await,
+        Command::Db { command } => db_command(command, &cfg).await,
         Command::Config {
             command: ConfigCommand::Check,
         } => {
-            println!("configuration OK");
-            println!(
-                "  roles: {}",
-                cfg.roles
-                    .iter()
-                    .map(|r| r.name())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
-            println!("  database: {}", cfg.database_display());
-            println!(
-                "  api: {} ({})",
-                cfg.api.listen,
-                if cfg.api.tls_cert.is_some() {
-                    "https"
-                } else {
-                    "plain http"
-                }
-            );
-            println!(
-                "  auth: issuer {}, audience {}, tokens {} s, {}",
-                cfg.auth.issuer,
-                cfg.auth.audience,
-                cfg.auth.token_lifetime_s,
-                if cfg.auth.token_endpoint {
-                    format!("issues tokens with {}", cfg.auth.signing_key_file.display())
-                } else {
-                    "verifies only".to_owned()
-                }
-            );
-            for o in &cfg.cycler.outputs {
-                println!(
-                    "  output {}: udp://{} pid 0x{:04X} {} bit/s",
-                    o.name, o.destination, o.pid, o.bitrate
-                );
+            print_config_summary(&cfg);
+            Ok(())
+        }
+    }
+}
+
+/// `casd config check`'s summary (no secrets).
+fn print_config_summary(cfg: &Config) {
+    println!("configuration OK");
+    println!(
+        "  roles: {}",
+        cfg.roles
+            .iter()
+            .map(|r| r.name())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    println!("  database: {}", cfg.database_display());
+    if !cfg.database.servers.is_empty() {
+        println!(
+            "  replication group: {} (writes to the member with read_only OFF)",
+            cfg.database.servers.join(", ")
+        );
+    }
+    println!(
+        "  api: {} ({})",
+        cfg.api.listen,
+        if cfg.api.tls_cert.is_some() {
+            "https"
+        } else {
+            "plain http"
+        }
+    );
+    println!(
+        "  auth: issuer {}, audience {}, tokens {} s, {}",
+        cfg.auth.issuer,
+        cfg.auth.audience,
+        cfg.auth.token_lifetime_s,
+        if cfg.auth.token_endpoint {
+            format!("issues tokens with {}", cfg.auth.signing_key_file.display())
+        } else {
+            "verifies only".to_owned()
+        }
+    );
+    for o in &cfg.cycler.outputs {
+        println!(
+            "  output {}: udp://{} pid 0x{:04X} {} bit/s",
+            o.name, o.destination, o.pid, o.bitrate
+        );
+    }
+}
+
+async fn db_command(command: DbCommand, cfg: &Config) -> anyhow::Result<()> {
+    match command {
+        DbCommand::Promote {
+            admin_user,
+            admin_password_file,
+            wait_s,
+        } => {
+            let password = std::fs::read_to_string(&admin_password_file).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: {e} (--admin-password-file)",
+                    admin_password_file.display()
+                )
+            })?;
+            let done = crate::db::promote::promote(
+                &cfg.database.servers,
+                &crate::db::DbTls::from_config(&cfg.database),
+                &admin_user,
+                password.trim_end_matches(['\r', '\n']),
+                std::time::Duration::from_secs(wait_s),
+            )
+            .await?;
+            for line in done {
+                println!("{line}");
             }
             Ok(())
         }

@@ -207,6 +207,11 @@ fn default_roles() -> Vec<Role> {
 pub struct DatabaseConfig {
     /// `mysql://user:password@host:port/database`. Secret: it holds the password.
     pub url: Secret,
+    /// The members of a replication group, `host:port` each: casd writes
+    /// to the one that is writable (`read_only = OFF`) and follows a
+    /// failover by itself. Empty: the url's own server, never checked.
+    #[serde(default)]
+    pub servers: Vec<String>,
     /// Largest number of pooled connections.
     #[serde(default = "default_pool_max")]
     pub pool_max: usize,
@@ -934,6 +939,17 @@ impl Config {
         if self.database.pool_max == 0 {
             return Err(key_err("database.pool_max", "must be at least 1"));
         }
+        if let Some(bad) = self
+            .database
+            .servers
+            .iter()
+            .find(|s| crate::db::parse_server(s).is_none())
+        {
+            return Err(key_err(
+                "database.servers",
+                format!("{bad:?} is not host:port"),
+            ));
+        }
         match (&self.database.tls, &self.database.tls_ca) {
             (DbTlsMode::Disabled, Some(_)) => Err(key_err(
                 "database.tls_ca",
@@ -1365,6 +1381,23 @@ mod tests {
         let err = parse(MIN, &[("CASD_EMMG__WORKRS", "7")]).unwrap_err();
         assert!(err.to_string().contains("emmg"), "{err}");
         assert!(err.to_string().contains("workrs"), "{err}");
+    }
+
+    #[test]
+    fn database_servers_are_host_port_pairs() {
+        let c = parse(
+            MIN,
+            &[(
+                "CASD_DATABASE__SERVERS",
+                r#"["db-a:3306", "10.0.0.2:3307"]"#,
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.database.servers, ["db-a:3306", "10.0.0.2:3307"]);
+        assert!(parse(MIN, &[]).unwrap().database.servers.is_empty());
+        let err = parse(MIN, &[("CASD_DATABASE__SERVERS", r#"["db-a"]"#)]).unwrap_err();
+        assert!(err.to_string().contains("database.servers"), "{err}");
+        assert!(err.to_string().contains("host:port"), "{err}");
     }
 
     #[test]

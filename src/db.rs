@@ -7,11 +7,18 @@
 //! never apply one twice, and each applied file is recorded with its checksum
 //! in `schema_migrations` — a file edited after it was applied stops start-up.
 
+pub mod promote;
+mod topology;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslOpts};
 use sha2::{Digest, Sha256};
+
+use topology::Topology;
+pub use topology::{parse_server, SemiSync, TOPOLOGY_CHECK};
 
 /// Errors at the database boundary. The URL (with its password) never
 /// appears in them.
@@ -41,7 +48,11 @@ impl DbError {
     pub fn kind(&self) -> DbErrorKind {
         match self {
             DbError::Unreachable(_) => DbErrorKind::Unavailable,
-            DbError::Query(e) => classify(e),
+            DbError::Query(e) => match classify(e) {
+                // Not there for writing: the same to callers.
+                DbErrorKind::ReadOnly => DbErrorKind::Unavailable,
+                k => k,
+            },
             DbError::Migration { .. } => DbErrorKind::Other,
         }
     }
@@ -62,6 +73,10 @@ pub enum DbErrorKind {
     Duplicate,
     /// 1146: no such table (or sequence engine table such as `seq_1_to_N`).
     NoSuchTable,
+    /// 1290 (ER_OPTION_PREVENTS_STATEMENT): the server runs read-only — it
+    /// was a primary and has been fenced, or turned replica. Handled like
+    /// `Unavailable` (503, retry): the writable server is found anew.
+    ReadOnly,
     Other,
 }
 
@@ -85,6 +100,7 @@ pub fn classify(e: &mysql_async::Error) -> DbErrorKind {
             1205 => DbErrorKind::LockWaitTimeout,
             1062 => DbErrorKind::Duplicate,
             1146 => DbErrorKind::NoSuchTable,
+            1290 => DbErrorKind::ReadOnly,
             _ => DbErrorKind::Other,
         },
         _ => DbErrorKind::Other,
@@ -154,7 +170,8 @@ impl DbTls {
         }
     }
 
-    fn apply(&self, builder: OptsBuilder) -> OptsBuilder {
+    /// These TLS settings on a connection's options.
+    pub fn apply(&self, builder: OptsBuilder) -> OptsBuilder {
         match self {
             DbTls::Disabled => builder,
             DbTls::Required { ca } => {
@@ -187,18 +204,21 @@ fn unreachable(e: mysql_async::Error) -> DbError {
 }
 
 /// A handle on the database: one pool, cloned into every role.
+///
+/// With `database.servers` (a replication group) the pool is the one of
+/// the group's writable member: [`Db::conn`] finds it before first use and
+/// again when a connection to it fails, and [`Db::watch`] checks it every
+/// [`TOPOLOGY_CHECK`], so that casd follows a failover by itself and never
+/// writes to a read-only member (see `db/topology.rs`).
 #[derive(Clone)]
 pub struct Db {
-    pool: Pool,
-    /// The pool's options, for connections outside the pool.
-    opts: Opts,
-    display: String,
+    topology: Arc<Topology>,
     connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Db").field("at", &self.display).finish()
+        f.debug_struct("Db").field("at", &self.display()).finish()
     }
 }
 
@@ -213,6 +233,19 @@ impl Db {
     pub fn with_tls(
         url: &str,
         tls: &DbTls,
+        pool_max: usize,
+        connect_timeout: Duration,
+    ) -> Result<Db, DbError> {
+        Db::with_servers(url, tls, &[], pool_max, connect_timeout)
+    }
+
+    /// [`Db::with_tls`] for a replication group: `servers` (`host:port`
+    /// each) replace the url's host; the url gives user, password and
+    /// database. No server: the url's own, never checked for `read_only`.
+    pub fn with_servers(
+        url: &str,
+        tls: &DbTls,
+        servers: &[String],
         pool_max: usize,
         connect_timeout: Duration,
     ) -> Result<Db, DbError> {
@@ -242,39 +275,42 @@ impl Db {
             .init(vec!["SET time_zone = '+00:00'"])
             .tcp_nodelay(true)
             .stmt_cache_size(256);
-        let opts = Opts::from(tls.apply(builder));
+        let topology = Topology::new(tls.apply(builder), url, servers)?;
         Ok(Db {
-            pool: Pool::new(opts.clone()),
-            opts,
-            display: crate::config::redact_url(url),
+            topology: Arc::new(topology),
             connect_timeout,
         })
     }
 
-    /// Where the database is, password removed.
-    pub fn display(&self) -> &str {
-        &self.display
+    /// Where the database is (the writable member of a group), password
+    /// removed.
+    pub fn display(&self) -> String {
+        self.topology.current().display
     }
 
     /// The database's name (tests tell their throwaway databases apart
     /// by it: see [`crate::failpoint`]).
     pub fn database_name(&self) -> Option<&str> {
-        self.opts.db_name()
+        self.topology.db_name()
     }
 
-    pub fn pool(&self) -> &Pool {
-        &self.pool
+    /// The pool of the current (writable) server.
+    pub fn pool(&self) -> Pool {
+        self.topology.current().pool
     }
 
     /// A pooled connection, or `Unreachable` after the connect timeout.
+    /// In a replication group: a connection to the writable member, found
+    /// anew when the one known fails.
     pub async fn conn(&self) -> Result<Conn, DbError> {
-        match tokio::time::timeout(self.connect_timeout, self.pool.get_conn()).await {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(unreachable(e)),
-            Err(_) => Err(DbError::Unreachable(format!(
-                "no connection within {} s",
-                self.connect_timeout.as_secs()
-            ))),
+        let at = self.topology.ensure_primary(self.connect_timeout).await?;
+        match self.within(at.pool.get_conn()).await {
+            Err(e) if self.topology.is_group() => {
+                tracing::debug!("database: {e}; looking for the writable server");
+                let now = self.topology.switch(at.epoch, self.connect_timeout).await?;
+                self.within(now.pool.get_conn()).await
+            }
+            other => other,
         }
     }
 
@@ -282,7 +318,22 @@ impl Db {
     /// for a task on another runtime (the SMS committer's thread), whose
     /// sockets must not end up in a pool shared with this one.
     pub async fn connect_own(&self) -> Result<Conn, DbError> {
-        match tokio::time::timeout(self.connect_timeout, Conn::new(self.opts.clone())).await {
+        let at = self.topology.ensure_primary(self.connect_timeout).await?;
+        match self.within(Conn::new(at.opts.clone())).await {
+            Err(e) if self.topology.is_group() => {
+                tracing::debug!("database: {e}; looking for the writable server");
+                let now = self.topology.switch(at.epoch, self.connect_timeout).await?;
+                self.within(Conn::new(now.opts)).await
+            }
+            other => other,
+        }
+    }
+
+    async fn within<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, mysql_async::Error>>,
+    ) -> Result<T, DbError> {
+        match tokio::time::timeout(self.connect_timeout, f).await {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(unreachable(e)),
             Err(_) => Err(DbError::Unreachable(format!(
@@ -300,6 +351,30 @@ impl Db {
             .await
             .map_err(|e| DbError::Unreachable(e.to_string()))?;
         Ok(())
+    }
+
+    /// The primary's semi-synchronous replication as last seen by
+    /// [`Db::watch`] (`None`: not enabled there, or not known yet).
+    pub fn semi_sync(&self) -> Option<SemiSync> {
+        self.topology.semi_sync()
+    }
+
+    /// Checks the writable server every [`TOPOLOGY_CHECK`] until
+    /// `shutdown`: a group follows a failover (or a member turned
+    /// read-only) within that time even while no role uses the database,
+    /// and a fall back of semi-synchronous replication to asynchronous is
+    /// logged (and read by the metrics).
+    pub fn watch(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let db = self.clone();
+        tokio::spawn(async move {
+            loop {
+                db.topology.check(db.connect_timeout).await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(TOPOLOGY_CHECK) => {}
+                }
+            }
+        });
     }
 
     /// Applies every pending migration; returns the versions applied now.
@@ -336,7 +411,7 @@ impl Db {
 
     /// Closes the pool, waiting for connections to be returned.
     pub async fn close(self) {
-        let _ = self.pool.disconnect().await;
+        self.topology.close().await;
     }
 }
 
@@ -476,6 +551,8 @@ mod tests {
         assert_eq!(classify(&server(1062)), DbErrorKind::Duplicate);
         assert_eq!(classify(&server(1146)), DbErrorKind::NoSuchTable);
         assert_eq!(classify(&server(2013)), DbErrorKind::Unavailable);
+        assert_eq!(classify(&server(1290)), DbErrorKind::ReadOnly);
+        assert!(DbError::Query(server(1290)).is_unavailable());
         assert_eq!(classify(&server(1064)), DbErrorKind::Other);
         assert!(DbErrorKind::Deadlock.is_conflict() && DbErrorKind::LockWaitTimeout.is_conflict());
         assert!(!DbErrorKind::Duplicate.is_conflict());

@@ -216,12 +216,24 @@ pub fn watch_database(m: &Metrics, db: Db, shutdown: CancellationToken) {
         "Connections of the pool lent out to a role at scrape time.",
         &[],
     );
-    let pool = db.pool().metrics();
+    let semi_sync = m.gauge(
+        "casd_database_semi_sync_active",
+        "1 while the primary's semi-synchronous replication is active, 0 once it fell back to asynchronous (rpl_semi_sync_master_timeout passed without a replica's ack); NaN where semi-sync is not enabled on the primary.",
+        &[],
+    );
+    let watched = db.clone();
     m.on_scrape(move || {
         use std::sync::atomic::Ordering::Relaxed;
+        // The pool of the server written to now (it changes at a failover).
+        let pool = watched.pool().metrics();
         let open = pool.connection_count.load(Relaxed);
         let idle = pool.connections_in_pool.load(Relaxed);
         in_use.set(open.saturating_sub(idle) as f64);
+        match watched.semi_sync() {
+            Some(crate::db::SemiSync::Active) => semi_sync.set(1.0),
+            Some(crate::db::SemiSync::FellBack) => semi_sync.set(0.0),
+            None => semi_sync.set(f64::NAN),
+        }
     });
     let up = m.gauge(
         "casd_database_up",

@@ -270,6 +270,9 @@ pub struct Capture {
     pub discontinuities: u64,
     /// Bytes of RTP header to skip at the start of each datagram.
     pub rtp_header: usize,
+    /// Largest time between two datagrams' arrivals, in microseconds
+    /// (measured by the receiving thread as they arrive).
+    largest_gap_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Capture {
@@ -282,12 +285,21 @@ impl Capture {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let st = stop.clone();
+        let largest_gap_us = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let gap = largest_gap_us.clone();
         std::thread::Builder::new()
             .name("capture".into())
             .spawn(move || {
                 let mut buf = vec![0u8; 2048];
+                let mut last: Option<std::time::Instant> = None;
                 while !st.load(std::sync::atomic::Ordering::Relaxed) {
                     if let Ok(n) = socket.recv(&mut buf) {
+                        let now = std::time::Instant::now();
+                        if let Some(l) = last {
+                            let us = now.duration_since(l).as_micros() as u64;
+                            gap.fetch_max(us, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        last = Some(now);
                         if tx.send(buf[..n].to_vec()).is_err() {
                             return;
                         }
@@ -305,7 +317,25 @@ impl Capture {
             errors: Vec::new(),
             discontinuities: 0,
             rtp_header: 0,
+            largest_gap_us,
         }
+    }
+
+    /// [`Capture::largest_gap`], and starts measuring anew from now.
+    pub fn take_largest_gap(&self) -> Duration {
+        Duration::from_micros(
+            self.largest_gap_us
+                .swap(0, std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// The largest time between two datagrams received so far (from the
+    /// first datagram on, or since [`Capture::take_largest_gap`]).
+    pub fn largest_gap(&self) -> Duration {
+        Duration::from_micros(
+            self.largest_gap_us
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     pub fn addr(&self) -> std::net::SocketAddr {
@@ -630,6 +660,149 @@ impl Drop for MariaDbInstance {
             if let Some(root) = self.dir.parent() {
                 let _ = std::fs::remove_dir_all(root);
             }
+        }
+    }
+}
+
+/// A private MariaDB replication group for tests that kill servers
+/// (never the shared test server): brought up by scripts/mariadb.sh's
+/// `casd_mariadb_pair_up` (so its server options are the scripts' own),
+/// in a temporary directory removed on drop, both servers stopped.
+pub mod mariadb {
+    use std::path::PathBuf;
+    use std::process::Command;
+    use std::time::Duration;
+
+    /// Primary `a` + semi-synchronous replica `b`.
+    pub struct Pair {
+        pub dir: PathBuf,
+        /// `mysql://casd:…@127.0.0.1:<a>/casd`
+        pub url: String,
+        /// `127.0.0.1:<a>`, `127.0.0.1:<b>`.
+        pub servers: Vec<String>,
+    }
+
+    fn bash(call: &str, args: &[&str]) {
+        super::run_script("mariadb.sh", Some(call), args);
+    }
+
+    impl Pair {
+        /// Brings the pair up; `semi_sync_timeout_ms` is the primary's
+        /// rpl_semi_sync_master_timeout.
+        pub fn up(semi_sync_timeout_ms: u32) -> Pair {
+            let dir = std::env::temp_dir().join(format!(
+                "casd-pair-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            let d = dir.to_str().expect("utf-8 temp dir").to_owned();
+            bash(
+                "casd_mariadb_pair_up",
+                &[&d, &semi_sync_timeout_ms.to_string()],
+            );
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.join(f))
+                    .unwrap_or_else(|e| panic!("{f}: {e}"))
+                    .trim()
+                    .to_owned()
+            };
+            let url = read("url");
+            let servers = read("servers").split(',').map(str::to_owned).collect();
+            Pair { dir, url, servers }
+        }
+
+        /// The CA both members' certificates chain to (`database.tls_ca`).
+        pub fn ca(&self) -> PathBuf {
+            self.dir.join("mariadb-secrets").join("ca.pem")
+        }
+
+        /// TLS to the members, verified against [`Pair::ca`].
+        pub fn tls(&self) -> crate::db::DbTls {
+            crate::db::DbTls::Required {
+                ca: Some(self.ca()),
+            }
+        }
+
+        /// The administrator's password file (for `casd db promote`).
+        pub fn admin_password_file(&self) -> PathBuf {
+            self.dir.join("admin.password")
+        }
+
+        /// SIGKILL to member `m` ("a" or "b"); returns once its port
+        /// refuses connections.
+        pub fn kill9(&self, m: &str) {
+            let pid: i32 = std::fs::read_to_string(self.dir.join(m).join("mysqld.pid"))
+                .expect("pid file")
+                .trim()
+                .parse()
+                .expect("pid");
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)
+                .expect("kill -9");
+            let port = self.port(m);
+            for _ in 0..1000 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10)); // polling a process's exit
+            }
+            panic!("member {m} still listens 10 s after SIGKILL");
+        }
+
+        /// Starts member `m` again on its data (read-only, as every start).
+        pub fn restart(&self, m: &str) {
+            let d = self.dir.join(m);
+            let id = if m == "a" { "1" } else { "2" };
+            bash("casd_mariadb_member_start", &[d.to_str().unwrap(), id]);
+        }
+
+        pub fn port(&self, m: &str) -> u16 {
+            std::fs::read_to_string(self.dir.join(m).join("port"))
+                .expect("port file")
+                .trim()
+                .parse()
+                .expect("port")
+        }
+
+        /// Runs `sql` on member `m` as its root (the socket), returns the
+        /// output (tab-separated, no headers).
+        pub fn sql(&self, m: &str, sql: &str) -> String {
+            let out = Command::new("mariadb")
+                .arg("--no-defaults")
+                .arg(format!(
+                    "--socket={}",
+                    self.dir.join(m).join("mysqld.sock").display()
+                ))
+                .args(["-uroot", "-N", "-B", "-e", sql])
+                .output()
+                .expect("run the mariadb client");
+            assert!(
+                out.status.success(),
+                "{sql} on {m}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        }
+
+        /// `mysql://casd:…@127.0.0.1:<m>/casd`: the casd user on one member.
+        pub fn url_of(&self, m: &str) -> String {
+            let at = self.url.rfind(':').expect("port in url");
+            format!("{}:{}/casd", &self.url[..at], self.port(m))
+        }
+    }
+
+    impl Drop for Pair {
+        fn drop(&mut self) {
+            for m in ["a", "b"] {
+                if let Ok(p) = std::fs::read_to_string(self.dir.join(m).join("mysqld.pid")) {
+                    if let Ok(pid) = p.trim().parse::<i32>() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }

@@ -21,6 +21,7 @@ const ALERTS: &[&str] = &[
     "CasdDown",
     "CasdOffAir",
     "CasdDatabaseDown",
+    "CasdReplicationAsync",
     "CasdEmmBacklog",
     "CasdCommandErrors",
     "CasdSchedulerJobFailing",

@@ -172,22 +172,7 @@ async fn sigkill_while_posting_loses_and_doubles_nothing() {
 
     // Exactly one device_enable and one entitlement_set per acknowledged
     // command: nothing doubled by the redo after the crash.
-    let per_request: Vec<(u64, String, u64)> = c
-        .query("SELECT request_id, purpose, COUNT(*) FROM emms WHERE request_id IS NOT NULL GROUP BY request_id, purpose")
-        .await
-        .unwrap();
-    let mut purposes: HashMap<u64, HashSet<String>> = HashMap::new();
-    for (rid, purpose, n) in per_request {
-        assert_eq!(n, 1, "request {rid} has {n} EMMs of purpose {purpose}");
-        purposes.entry(rid).or_default().insert(purpose);
-    }
-    for rid in accepted.keys() {
-        let p = purposes.get(rid).cloned().unwrap_or_default();
-        assert!(
-            p.contains("device_enable") && p.contains("entitlement_set"),
-            "request {rid}: {p:?}"
-        );
-    }
+    common::assert_emms_once(&mut c, accepted.keys()).await;
     let devices: Option<u64> = c.query_first("SELECT COUNT(*) FROM devices").await.unwrap();
     let work_pending: Option<u64> = c
         .query_first("SELECT COUNT(*) FROM work_items WHERE state <> 'done'")

@@ -19,6 +19,7 @@ mod cycler;
 mod cycler_redundancy;
 mod db_backup;
 mod db_encryption;
+mod db_failover;
 mod db_tls;
 mod deploy;
 mod e2e_sms_to_air;

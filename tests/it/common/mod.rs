@@ -122,6 +122,7 @@ pub const METRICS: &[&str] = &[
     "casd_plan_import_seconds_per_1000_devices",
     "casd_database_up",
     "casd_database_pool_connections_in_use",
+    "casd_database_semi_sync_active",
     "casd_build_info",
     "casd_tls_certificate_expiry_timestamp_seconds",
     "process_cpu_seconds_total",
@@ -130,3 +131,30 @@ pub const METRICS: &[&str] = &[
     "process_max_fds",
     "process_start_time_seconds",
 ];
+
+/// Exactly one `device_enable` and one `entitlement_set` EMM for each of
+/// `requests` (accepted `/adddevice` commands), and no request with two
+/// EMMs of one purpose: nothing lost, nothing doubled by a redo.
+pub async fn assert_emms_once<'a>(
+    c: &mut mysql_async::Conn,
+    requests: impl Iterator<Item = &'a u64>,
+) {
+    use mysql_async::prelude::Queryable;
+    let per_request: Vec<(u64, String, u64)> = c
+        .query("SELECT request_id, purpose, COUNT(*) FROM emms WHERE request_id IS NOT NULL GROUP BY request_id, purpose")
+        .await
+        .unwrap();
+    let mut purposes: std::collections::HashMap<u64, std::collections::HashSet<String>> =
+        Default::default();
+    for (rid, purpose, n) in per_request {
+        assert_eq!(n, 1, "request {rid} has {n} EMMs of purpose {purpose}");
+        purposes.entry(rid).or_default().insert(purpose);
+    }
+    for rid in requests {
+        let p = purposes.get(rid).cloned().unwrap_or_default();
+        assert!(
+            p.contains("device_enable") && p.contains("entitlement_set"),
+            "request {rid}: {p:?}"
+        );
+    }
+}
