@@ -117,6 +117,11 @@ casd_mariadb_options() {
     || casd_die "usage: casd_mariadb_options DIR PORT SERVER_ID"
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
+  # A temporary directory of its own: in the shared /tmp, two servers'
+  # temporary files can collide by name (#sql-temptable-<pid>-…: the same
+  # pid in two PID namespaces), and one server deleted another's during
+  # mariadb-install-db ("Error on delete of '/tmp/#sql-temptable-…'").
+  (umask 077; mkdir -p "$dir/tmp")
   local s; s=$(casd_mariadb_secrets_dir "$dir")
   (umask 077; mkdir -p "$s"); chmod 700 "$s"
   casd_mariadb_keyfile "$s"
@@ -130,6 +135,7 @@ casd_mariadb_options() {
   printf -- '--%s\n' \
     "datadir=$dir/data" "socket=$dir/mysqld.sock" "port=$port" bind-address=127.0.0.1 \
     "pid-file=$dir/mysqld.pid" "log-error=$dir/error.log" "server-id=$server_id" \
+    "tmpdir=$dir/tmp" \
     skip-name-resolve max-connections=1000 innodb-buffer-pool-size=256M \
     innodb-flush-log-at-trx-commit=1 innodb-lock-wait-timeout=10 \
     character-set-server=utf8mb4 collation-server=utf8mb4_general_ci \
