@@ -17,6 +17,7 @@
 //! - [`pacing`] — bytes due from a monotonic clock and a bitrate.
 //! - [`mux`] — EMM packets + CAT + null packets → datagrams (optional RTP).
 //! - [`output`] — where datagrams go (memory for tests, UDP).
+//! - [`simulcrypt`] — DVB SimulCrypt EMMG⇔MUX messages (TS 103 197).
 //! - [`player`] — the tokio play-out runner, one per output (the default
 //!   cargo feature `player`; without it the crate has no tokio).
 //!
@@ -31,6 +32,7 @@ pub mod pacing;
 pub mod player;
 pub mod schedule;
 pub mod section;
+pub mod simulcrypt;
 pub mod ts;
 
 pub use cat::{build_cat, CaDescriptor, Cat};
