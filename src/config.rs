@@ -565,6 +565,152 @@ pub struct OutputConfig {
     /// Loop multicast back to this host.
     #[serde(default)]
     pub multicast_loop: bool,
+    /// `udp` (the default) or `simulcrypt` (an EMMG client to a MUX, the
+    /// settings in `simulcrypt`).
+    #[serde(default)]
+    pub kind: OutputKind,
+    /// The SimulCrypt link of a `kind = "simulcrypt"` output.
+    #[serde(default)]
+    pub simulcrypt: Option<SimulcryptConfig>,
+}
+
+/// How an output leaves the box.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputKind {
+    /// MPEG-TS over UDP (`destination`).
+    #[default]
+    Udp,
+    /// DVB SimulCrypt EMMG⇔MUX (ETSI TS 103 197) to `simulcrypt.mux`.
+    Simulcrypt,
+}
+
+/// Payload of data_provision messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SimulcryptPayload {
+    /// 188-byte TS packets on `pid` (section_TSpkt_flag = 1).
+    #[default]
+    TsPackets,
+    /// Whole sections (section_TSpkt_flag = 0): the MUX packetizes.
+    Sections,
+}
+
+/// `[cycler.outputs.simulcrypt]`: one EMMG channel with one stream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulcryptConfig {
+    /// The MUX's TCP address, `host:port`.
+    pub mux: SocketAddr,
+    /// data_provision over UDP to this address instead of the TCP
+    /// connection (TS 103 197 allows either).
+    #[serde(default)]
+    pub data_udp: Option<SocketAddr>,
+    /// client_id; default: `cas.ca_system_id` in the top 16 bits, 0 below.
+    #[serde(default)]
+    pub client_id: Option<u32>,
+    #[serde(default = "one_u16")]
+    pub data_channel_id: u16,
+    #[serde(default = "one_u16")]
+    pub data_stream_id: u16,
+    #[serde(default = "one_u16")]
+    pub data_id: u16,
+    /// 2 (default) or 3.
+    #[serde(default = "default_simulcrypt_version")]
+    pub protocol_version: u8,
+    #[serde(default)]
+    pub payload: SimulcryptPayload,
+    /// Milliseconds between channel_test + stream_test keep-alives.
+    #[serde(default = "default_keepalive_ms")]
+    pub keepalive_ms: u64,
+    /// Milliseconds a MUX has to answer (connect, setup, test).
+    #[serde(default = "default_response_timeout_ms")]
+    pub response_timeout_ms: u64,
+    /// First and longest wait before reconnecting (doubling in between).
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+}
+
+fn one_u16() -> u16 {
+    1
+}
+fn default_simulcrypt_version() -> u8 {
+    2
+}
+fn default_keepalive_ms() -> u64 {
+    10_000
+}
+fn default_response_timeout_ms() -> u64 {
+    5_000
+}
+fn default_reconnect_min_ms() -> u64 {
+    500
+}
+fn default_reconnect_max_ms() -> u64 {
+    30_000
+}
+
+impl OutputConfig {
+    /// The checks of a SimulCrypt output (`k` names a key of this output).
+    fn validate_simulcrypt(&self, k: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        let sc = match (self.kind, &self.simulcrypt) {
+            (OutputKind::Udp, None) => return Ok(()),
+            (OutputKind::Udp, Some(_)) => {
+                return Err(key_err(k("simulcrypt"), "only for kind = \"simulcrypt\""))
+            }
+            (OutputKind::Simulcrypt, None) => {
+                return Err(key_err(
+                    k("simulcrypt"),
+                    "kind = \"simulcrypt\" needs [cycler.outputs.simulcrypt] with `mux`",
+                ))
+            }
+            (OutputKind::Simulcrypt, Some(sc)) => sc,
+        };
+        if self.rtp || self.cbr {
+            return Err(key_err(
+                k(if self.rtp { "rtp" } else { "cbr" }),
+                "UDP only: a MUX takes no RTP and fills with its own null packets",
+            ));
+        }
+        if self.bitrate > 65_535_000 {
+            return Err(key_err(
+                k("bitrate"),
+                "a SimulCrypt bandwidth is at most 65535 kbit/s",
+            ));
+        }
+        let k = |f: &str| k(&format!("simulcrypt.{f}"));
+        if !carousel::simulcrypt::VERSIONS.contains(&sc.protocol_version) {
+            return Err(key_err(k("protocol_version"), "must be 2 or 3"));
+        }
+        if sc.mux.port() == 0 || sc.data_udp.is_some_and(|a| a.port() == 0) {
+            return Err(key_err(
+                k(if sc.mux.port() == 0 {
+                    "mux"
+                } else {
+                    "data_udp"
+                }),
+                "port 0 is not a destination",
+            ));
+        }
+        let ms = [
+            ("keepalive_ms", sc.keepalive_ms),
+            ("response_timeout_ms", sc.response_timeout_ms),
+            ("reconnect_min_ms", sc.reconnect_min_ms),
+            ("reconnect_max_ms", sc.reconnect_max_ms),
+        ];
+        if let Some((name, _)) = ms.iter().find(|(_, v)| *v == 0 || *v > 3_600_000) {
+            return Err(key_err(k(name), "must be 1..=3600000 ms"));
+        }
+        if sc.reconnect_max_ms < sc.reconnect_min_ms {
+            return Err(key_err(
+                k("reconnect_max_ms"),
+                "must be at least reconnect_min_ms",
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_output_name() -> String {
@@ -602,6 +748,8 @@ impl Default for OutputConfig {
             dscp: 0,
             interface: None,
             multicast_loop: false,
+            kind: OutputKind::Udp,
+            simulcrypt: None,
         }
     }
 }
@@ -1070,6 +1218,7 @@ impl Config {
             if o.destination.port() == 0 {
                 return Err(key_err(k("destination"), "port 0 is not a destination"));
             }
+            o.validate_simulcrypt(&k)?;
         }
         Ok(())
     }

@@ -85,7 +85,8 @@ pub fn player_config(
         packets_per_datagram: usize::from(o.packets_per_datagram),
         bitrate: o.bitrate,
         cbr: o.cbr,
-        cat: o.cat.then(|| CatConfig {
+        // A MUX carries its own CAT: a SimulCrypt output sends EMMs only.
+        cat: (o.cat && o.simulcrypt.is_none()).then(|| CatConfig {
             ca_system_id,
             ..CatConfig::default()
         }),
@@ -137,13 +138,22 @@ pub async fn run(shared: Shared) -> anyhow::Result<()> {
     let players_stop = tokio_util::sync::CancellationToken::new();
     let mut players: Vec<PlayerHandle> = Vec::new();
     for o in &cfg.outputs {
-        let output = open_output(o)?;
         let pc = player_config(&cfg, shared.cfg.cas.ca_system_id, o)?;
-        players.push(
-            carousel
-                .spawn_player(pc, output, Some(rec_tx.clone()), players_stop.clone())
-                .map_err(|e| anyhow::anyhow!("output {}: {e}", o.name))?,
-        );
+        let records = Some(rec_tx.clone());
+        let player = match &o.simulcrypt {
+            None => carousel.spawn_player(pc, open_output(o)?, records, players_stop.clone()),
+            Some(sc) => {
+                let link = crate::simulcrypt::LinkConfig::new(o, sc, shared.cfg.cas.ca_system_id);
+                let (out, stats) =
+                    crate::simulcrypt::spawn(link.clone(), pc.mux.emm_pid, players_stop.clone());
+                let p = carousel.spawn_player(pc, out, records, players_stop.clone());
+                if let Ok(p) = &p {
+                    crate::simulcrypt::watch(&shared, &link, stats, p.stats_reader());
+                }
+                p
+            }
+        };
+        players.push(player.map_err(|e| anyhow::anyhow!("output {}: {e}", o.name))?);
     }
     drop(rec_tx);
     log_scheduling();

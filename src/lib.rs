@@ -25,6 +25,7 @@ pub mod queue;
 pub mod reqlog;
 pub mod scheduler;
 pub mod shutdown;
+pub mod simulcrypt;
 pub mod sms;
 pub mod sqltext;
 #[cfg(any(test, feature = "testing"))]

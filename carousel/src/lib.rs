@@ -45,7 +45,7 @@ pub use player::thread_scheduling;
 #[cfg(feature = "player")]
 pub use player::{
     AsyncOutput, AsyncUdpOutput, BlockingOutput, Carousel, PlayRecord, PlayerConfig, PlayerHandle,
-    PlayerStats, RealTime, Scheduling, SpawnError, StatsReader, DEFAULT_SPIN,
+    PlayerStats, Ready, RealTime, Scheduling, SpawnError, StatsReader, DEFAULT_SPIN,
 };
 pub use schedule::{Class, Emm, InsertError, Lane, Played, Schedule, ScheduleConfig};
 pub use section::{LongHeader, Section, SectionError, TableId};

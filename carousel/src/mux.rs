@@ -260,6 +260,28 @@ impl Mux {
         self.pacer.forfeit(now, 0);
     }
 
+    /// Paces from `now` on at `bitrate` (bit/s), owing nothing for the
+    /// time before: a link that came back, or a new bandwidth allocation.
+    /// Refused (the old rate kept) for a zero bitrate or one too low for
+    /// the CAT interval.
+    pub fn restart_pacing(&mut self, now: Duration, bitrate: u64) -> Result<(), MuxConfigError> {
+        let mut pacer = Pacer::new(bitrate).ok_or(MuxConfigError::ZeroBitrate)?;
+        let period = pacer.due_at((self.config.packets_per_datagram * PACKET_LEN) as u64);
+        if let Some(c) = &self.cat {
+            if period > c.interval {
+                return Err(MuxConfigError::CatUnreachable {
+                    period,
+                    interval: c.interval,
+                });
+            }
+        }
+        pacer.forfeit(now, 0);
+        self.pacer = pacer;
+        self.period = period;
+        self.config.bitrate = bitrate;
+        Ok(())
+    }
+
     fn cat_due(&self, now: Duration) -> bool {
         self.cat
             .as_ref()
@@ -438,6 +460,34 @@ mod tests {
             .next_datagram(Duration::from_millis(20), || q.pop_front())
             .unwrap();
         assert_eq!(d.len(), 3 * PACKET_LEN);
+    }
+
+    #[test]
+    fn restart_pacing_owes_nothing_for_the_past() {
+        let mut mux = Mux::new(MuxConfig {
+            cat: None,
+            packets_per_datagram: 1,
+            bitrate: 188 * 8 * 100, // 100 packets/s
+            ..MuxConfig::default()
+        })
+        .unwrap();
+        let s = emm_section(1000);
+        let mut src = || Some(s.clone());
+        let t = Duration::from_secs(10);
+        // Ten seconds of unused budget, then a new link at half the rate:
+        // one packet at once, the next only 20 ms later.
+        mux.restart_pacing(t, 188 * 8 * 50).unwrap();
+        assert!(mux.next_datagram(t, &mut src).is_some());
+        assert!(mux.next_datagram(t, &mut src).is_none());
+        assert!(mux
+            .next_datagram(t + Duration::from_millis(19), &mut src)
+            .is_none());
+        assert!(mux
+            .next_datagram(t + Duration::from_millis(20), &mut src)
+            .is_some());
+        assert_eq!(mux.config().bitrate, 188 * 8 * 50);
+        assert_eq!(mux.restart_pacing(t, 0), Err(MuxConfigError::ZeroBitrate));
+        assert_eq!(mux.config().bitrate, 188 * 8 * 50);
     }
 
     #[test]

@@ -72,6 +72,26 @@ pub trait AsyncOutput: Send + 'static {
     {
         Err(self)
     }
+
+    /// Waits until the output can take datagrams (task driver only; must
+    /// be cancel-safe). A connection-oriented output (DVB SimulCrypt)
+    /// waits here while its link is down: the player keeps applying
+    /// commands but takes nothing from the schedule, so the carousel goes
+    /// on where it stopped. The default is always ready at the configured
+    /// bitrate.
+    fn ready(&mut self) -> impl Future<Output = Ready> + Send {
+        std::future::ready(Ready::default())
+    }
+}
+
+/// What [`AsyncOutput::ready`] says: the bitrate to play at (`None`: the
+/// configured one) and the link's epoch. A new epoch (a new connection)
+/// or another bitrate restarts the pacing: nothing is owed for the time
+/// the output was not taking datagrams, so nothing bursts out after it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ready {
+    pub bitrate: Option<u64>,
+    pub epoch: u64,
 }
 
 impl AsyncOutput for MemoryOutput {
@@ -552,6 +572,8 @@ impl Carousel {
             on_air: self.is_on_air(),
             anchor_ms: anchor,
             pass: (0, 0),
+            bitrate: config.mux.bitrate,
+            epoch: None,
             rec: Recorder {
                 name: name.clone(),
                 records,
@@ -676,6 +698,10 @@ struct Core {
     /// start was not seen), for the last full pass's duration.
     pass: (u64, u64),
     rec: Recorder,
+    /// The configured bitrate, and the output's epoch last seen
+    /// ([`Core::gate`]).
+    bitrate: u64,
+    epoch: Option<u64>,
 }
 
 impl Core {
@@ -796,6 +822,17 @@ impl Core {
     fn stats(&self) -> PlayerStats {
         self.rec.counters.snapshot()
     }
+
+    /// Follows the output's [`Ready`]: a new epoch or bitrate restarts the
+    /// pacing at `elapsed` (a bitrate the mux refuses keeps the old one).
+    fn gate(&mut self, ready: Ready, elapsed: Duration) {
+        let bitrate = ready.bitrate.unwrap_or(self.bitrate);
+        let new_link = self.epoch != Some(ready.epoch);
+        self.epoch = Some(ready.epoch);
+        if new_link || bitrate != self.mux.config().bitrate {
+            let _ = self.mux.restart_pacing(elapsed, bitrate);
+        }
+    }
 }
 
 /// The tokio task driver: tokio timers (1 ms), tokio time (paused in tests).
@@ -810,6 +847,19 @@ async fn run_task<O: AsyncOutput>(
     let mut commands_open = true;
     loop {
         core.apply_queued(&mut rx, &clock, None);
+        let ready = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            r = output.ready() => r,
+            cmd = rx.recv(), if commands_open => {
+                match cmd {
+                    Some(cmd) => core.apply(cmd, clock()),
+                    None => commands_open = false,
+                }
+                continue;
+            }
+        };
+        core.gate(ready, clock());
         for _ in 0..MAX_DATAGRAMS_PER_WAKE {
             let Some(datagram) = core.next_datagram(clock()) else {
                 break;

@@ -36,6 +36,9 @@ pub enum Cmd {
     Capture(CaptureArgs),
     /// Compare what is on air with the `emms` table; exit 1 when they differ.
     Audit(crate::audit::AuditArgs),
+    /// Simulate a DVB SimulCrypt MUX (EMMG/PDG<=>MUX, ETSI TS 103 197) and
+    /// decode what casd sends it.
+    SimulcryptMux(crate::mux::MuxArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -306,6 +309,7 @@ pub fn main() -> ExitCode {
         Some(Cmd::Capture(a)) => run_capture(a),
         None => run_capture(cli.capture),
         Some(Cmd::Audit(a)) => crate::audit::run(a),
+        Some(Cmd::SimulcryptMux(a)) => crate::mux::run(a),
     };
     match r {
         Ok(code) => code,

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod decode;
 pub mod input;
 pub mod keys;
+pub mod mux;
 pub mod net;
 pub mod record;
 pub mod report;
