@@ -282,6 +282,15 @@ impl Mux {
         Ok(())
     }
 
+    /// Forfeits the budget beyond `max_backlog` at `now`: a stall longer
+    /// than that is not caught up (done before every datagram with CBR,
+    /// and by the player for outputs paced to an allocation).
+    pub fn forfeit_backlog(&mut self, now: Duration) {
+        let keep =
+            u64::try_from(self.pacer.bytes_due_in(self.config.max_backlog)).unwrap_or(u64::MAX);
+        self.pacer.forfeit(now, keep);
+    }
+
     fn cat_due(&self, now: Duration) -> bool {
         self.cat
             .as_ref()
@@ -322,9 +331,7 @@ impl Mux {
         mut source: impl FnMut() -> Option<Bytes>,
     ) -> Option<&[u8]> {
         if self.config.cbr {
-            let keep =
-                u64::try_from(self.pacer.bytes_due_in(self.config.max_backlog)).unwrap_or(u64::MAX);
-            self.pacer.forfeit(now, keep);
+            self.forfeit_backlog(now);
         }
         if !self.pacer.is_due(now, 0) {
             return None;

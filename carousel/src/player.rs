@@ -88,6 +88,8 @@ pub trait AsyncOutput: Send + 'static {
 /// configured one) and the link's epoch. A new epoch (a new connection)
 /// or another bitrate restarts the pacing: nothing is owed for the time
 /// the output was not taking datagrams, so nothing bursts out after it.
+/// With a bitrate (an allocation the far end polices), a late wake-up is
+/// caught up by at most `max_backlog`, as with CBR.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ready {
     pub bitrate: Option<u64>,
@@ -831,6 +833,8 @@ impl Core {
         self.epoch = Some(ready.epoch);
         if new_link || bitrate != self.mux.config().bitrate {
             let _ = self.mux.restart_pacing(elapsed, bitrate);
+        } else if ready.bitrate.is_some() {
+            self.mux.forfeit_backlog(elapsed);
         }
     }
 }

@@ -38,6 +38,7 @@ mod scheduler_purge;
 mod scheduler_root_rotation;
 mod scheduler_rotation;
 mod scheduler_scale;
+mod simulcrypt;
 mod sms_api;
 mod sms_bench;
 mod sms_group_commit;

@@ -122,6 +122,8 @@ struct Shared {
     changed: Notify,
     control: broadcast::Sender<Control>,
     start: Instant,
+    /// section_TSpkt_flag of the last channel set up (for the UDP path).
+    ts_mode: Mutex<Option<bool>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -164,6 +166,7 @@ impl MuxSim {
             changed: Notify::new(),
             control: broadcast::channel(64).0,
             start: Instant::now(),
+            ts_mode: Mutex::new(None),
         });
         let stop = CancellationToken::new();
         tokio::spawn(accept(listener, shared.clone(), stop.child_token()));
@@ -290,8 +293,9 @@ struct Session {
     channel: Option<(Channel, bool)>,
     stream: Option<(Stream, u16)>,
     allocated_kbps: Option<u16>,
-    /// (when, bytes) of data in the last second, for the rate check.
-    window: VecDeque<(Instant, usize)>,
+    /// The rate check's token bucket (bits, when) and last report.
+    bucket: Option<(f64, Instant)>,
+    reported: Option<Instant>,
     packetizer: Packetizer,
     out: Vec<Vec<u8>>,
 }
@@ -305,7 +309,8 @@ impl Session {
             channel: None,
             stream: None,
             allocated_kbps: None,
-            window: VecDeque::new(),
+            bucket: None,
+            reported: None,
             packetizer: Packetizer::new(pid, true),
             out: Vec::new(),
         }
@@ -439,6 +444,7 @@ impl Session {
 
     fn allocate(&mut self, kbps: u16) {
         self.allocated_kbps = Some(kbps);
+        self.bucket = None;
         self.shared.event(self.conn, EventKind::Allocated(kbps));
         let stream = self.stream_ids();
         self.reply(&Message::StreamBwAllocation {
@@ -561,6 +567,7 @@ impl Session {
                 ts_packets,
             } => {
                 self.channel = Some((channel, ts_packets));
+                *lock(&self.shared.ts_mode) = Some(ts_packets);
                 self.reply(&Message::ChannelStatus {
                     channel,
                     ts_packets,
@@ -624,43 +631,45 @@ impl Session {
         }
     }
 
+    /// The allocation as a token bucket: tokens (TS bits) accrue at the
+    /// allocated rate up to 200 ms' worth plus one datagram; a datagram
+    /// that finds too few is a violation (reported once per second at most).
+    fn police(&mut self, now: Instant, kbps: u16, len: usize, ts: bool) {
+        let rate = f64::from(kbps) * 1000.0;
+        let bits = if ts { len * 8 } else { len * 8 * 188 / 184 } as f64;
+        let depth = rate * 0.2 + bits;
+        let (mut tokens, last) = self.bucket.unwrap_or((depth, now));
+        tokens = (tokens + rate * now.duration_since(last).as_secs_f64()).min(depth) - bits;
+        self.bucket = Some((tokens.max(0.0), now));
+        if tokens < 0.0
+            && self
+                .reported
+                .is_none_or(|r| now.duration_since(r) > Duration::from_secs(1))
+        {
+            self.reported = Some(now);
+            let detail = format!("data above the {kbps} kbit/s allocated (token bucket of 200 ms)");
+            self.violation(None, detail);
+        }
+    }
+
     /// One datagram: format check, rate check, then the probe.
     fn data(&mut self, d: &[u8]) {
         if lock(&self.shared.cfg).keep_data {
             lock(&self.shared.data).push((self.conn, bytes::Bytes::copy_from_slice(d)));
         }
         self.shared.event(self.conn, EventKind::Data(d.len()));
-        let ts = self.channel.is_none_or(|c| c.1);
+        let ts = match self.channel {
+            Some(c) => c.1,
+            None => lock(&self.shared.ts_mode).unwrap_or(true),
+        };
         let now = Instant::now();
-        self.window.push_back((now, d.len()));
-        while self
-            .window
-            .front()
-            .is_some_and(|w| now.duration_since(w.0) > Duration::from_secs(1))
-        {
-            self.window.pop_front();
-        }
         if let Some(k) = self.allocated_kbps {
-            // TS bytes of the last second against the allocation, with one
-            // datagram of slack (a second's budget may start with one).
-            let bytes: usize = self.window.iter().map(|w| w.1).sum();
-            let mut bits = bytes as u64 * 8;
-            if !ts {
-                bits = bits * 188 / 184;
-            }
-            if bits > u64::from(k) * 1000 + (d.len() as u64 + 2 * PACKET_LEN as u64) * 8
-                && self.window.len() > 2
-            {
-                self.violation(
-                    None,
-                    format!("{bits} bit in the last second, {k} kbit/s allocated"),
-                );
-                self.window.clear();
-            }
+            self.police(now, k, d.len(), ts);
         }
         let mut packets = Vec::new();
         if ts {
-            if !d.len().is_multiple_of(PACKET_LEN) || d.chunks(PACKET_LEN).any(|p| p[0] != 0x47) {
+            let whole = d.len().is_multiple_of(PACKET_LEN);
+            if !whole || d.chunks(PACKET_LEN).any(|p| p[0] != 0x47) {
                 return self.violation(
                     Some(ErrorStatus::InvalidValue),
                     format!("datagram of {} bytes is not whole TS packets", d.len()),
