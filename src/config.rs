@@ -1636,6 +1636,57 @@ mod tests {
     }
 
     #[test]
+    fn simulcrypt_outputs() {
+        let out = "[[cycler.outputs]]\nname = \"m\"\nkind = \"simulcrypt\"\nbitrate = 300000\n";
+        let c = parse(
+            &format!("{MIN}{out}[cycler.outputs.simulcrypt]\nmux = \"127.0.0.1:2000\"\npayload = \"sections\"\nprotocol_version = 3\n"),
+            &[],
+        )
+        .unwrap();
+        let o = &c.cycler.outputs[0];
+        assert_eq!(o.kind, OutputKind::Simulcrypt);
+        let sc = o.simulcrypt.as_ref().unwrap();
+        assert_eq!(
+            (sc.payload, sc.protocol_version, sc.data_id, sc.keepalive_ms),
+            (SimulcryptPayload::Sections, 3, 1, 10_000)
+        );
+        let bad = [
+            ("", "simulcrypt` : kind"),
+            (
+                "[cycler.outputs.simulcrypt]\nmux = \"127.0.0.1:2000\"\nprotocol_version = 1\n",
+                "simulcrypt.protocol_version",
+            ),
+            (
+                "[cycler.outputs.simulcrypt]\nmux = \"127.0.0.1:0\"\n",
+                "simulcrypt.mux",
+            ),
+            (
+                "[cycler.outputs.simulcrypt]\nmux = \"127.0.0.1:1\"\nreconnect_max_ms = 10\n",
+                "simulcrypt.reconnect_max_ms",
+            ),
+            (
+                "[cycler.outputs.simulcrypt]\nmux = \"127.0.0.1:1\"\nhost = 1\n",
+                "host",
+            ),
+        ];
+        for (extra, key) in bad {
+            let err = parse(&format!("{MIN}{out}{extra}"), &[])
+                .unwrap_err()
+                .to_string();
+            let key = key.split(" :").next().unwrap();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+        let udp_with = "[[cycler.outputs]]\nname = \"u\"\n[cycler.outputs.simulcrypt]\nmux = \"127.0.0.1:1\"\n";
+        let err = parse(&format!("{MIN}{udp_with}"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only for kind"), "{err}");
+        let rtp =
+            format!("{MIN}{out}rtp = true\n[cycler.outputs.simulcrypt]\nmux = \"127.0.0.1:1\"\n");
+        assert!(parse(&rtp, &[]).unwrap_err().to_string().contains(".rtp"));
+    }
+
+    #[test]
     fn metrics_listen_default_off_and_bad() {
         let c = parse(MIN, &[]).unwrap();
         assert_eq!(

@@ -207,3 +207,78 @@ async fn a_transaction_open_across_the_start_is_not_missed() {
     );
     casd.shutdown().await.unwrap();
 }
+
+/// Two SimulCrypt outputs (versions 2 and 3, TS packets and sections) and
+/// the UDP output at once, from one headend: the same EMM reaches all
+/// three; on shutdown each MUX gets the orderly close.
+#[tokio::test]
+async fn two_simulcrypt_muxes_and_udp_at_once() {
+    use carousel::simulcrypt::MessageType;
+    use casd::config::{OutputConfig, OutputKind, SimulcryptConfig, SimulcryptPayload};
+    use casd_tools::mux::{EventKind, MuxSim, MuxSimConfig};
+    let t = TestDb::new().await;
+    let enc = encryptor(&t.db).await;
+    let mut c = t.db.conn().await.unwrap();
+    let mut cap = Capture::bind(0x0101).await;
+    let mut cfg = casd::testing::config(&t.url, cap.addr());
+    let mut sims = Vec::new();
+    for (i, version) in [2u8, 3].into_iter().enumerate() {
+        let mut sc = MuxSimConfig::new("127.0.0.1:0".parse().unwrap());
+        sc.version = version;
+        let sim = MuxSim::start(sc).await.unwrap();
+        cfg.cycler.outputs.push(OutputConfig {
+            name: format!("mux{i}"),
+            kind: OutputKind::Simulcrypt,
+            bitrate: 500_000,
+            simulcrypt: Some(SimulcryptConfig {
+                mux: sim.addr(),
+                data_udp: None,
+                client_id: None,
+                data_channel_id: 1,
+                data_stream_id: 1,
+                data_id: 1,
+                protocol_version: version,
+                payload: [SimulcryptPayload::TsPackets, SimulcryptPayload::Sections][i],
+                keepalive_ms: 1000,
+                response_timeout_ms: 2000,
+                reconnect_min_ms: 100,
+                reconnect_max_ms: 1000,
+            }),
+            ..OutputConfig::default()
+        });
+        sims.push(sim);
+    }
+    let casd = Running::start(cfg, vec![Role::Cycler]).await;
+    let (a, sec_a) = seal(&mut c, &enc, "to every output").await;
+    store(&mut c, a, &sec_a, "2033-01-01 00:00:00").await;
+    assert!(cap.until(LIMIT, |s| s == &sec_a[..]).await.is_some());
+    for sim in &sims {
+        let key = bytes::Bytes::from(sec_a.clone());
+        let mut seen = false;
+        for _ in 0..100 {
+            seen = sim.with_probe(|p| p.sections().contains_key(&key));
+            if seen {
+                break;
+            }
+            sim.wait_for(Duration::from_millis(100), |_| false).await;
+        }
+        assert!(seen, "the EMM never reached {}", sim.addr());
+        let bad: Vec<_> = sim
+            .events()
+            .into_iter()
+            .filter(|e| matches!(e.kind, EventKind::Violation(..)))
+            .collect();
+        assert!(bad.is_empty(), "{bad:?}");
+    }
+    casd.shutdown().await.unwrap();
+    for sim in &sims {
+        let closed = sim
+            .wait_for(LIMIT, |e| {
+                [MessageType::StreamCloseRequest, MessageType::ChannelClose]
+                    .iter()
+                    .all(|t| e.iter().any(|x| x.kind == EventKind::Received(*t)))
+            })
+            .await;
+        assert!(closed, "no orderly close: {:?}", sim.events());
+    }
+}
