@@ -579,3 +579,162 @@ async fn hostile_mux_messages_get_errors_and_reconnects() {
     stop.cancel();
     player.join().await;
 }
+
+#[path = "../../carousel/tests/it/common/tshark.rs"]
+mod tshark_run;
+
+/// dumpcap on the loopback interface, for one TCP port; stopped (SIGINT,
+/// so it finishes the file) by [`LoopbackCapture::finish`].
+struct LoopbackCapture {
+    child: std::process::Child,
+    file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopbackCapture {
+    fn start(port: u16) -> LoopbackCapture {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("simulcrypt.pcapng");
+        let mut child = std::process::Command::new("dumpcap")
+            .args(["-i", "lo", "-f", &format!("tcp port {port}"), "-w"])
+            .arg(&file)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("dumpcap (Debian package tshark) is needed by this test: {e}")
+            });
+        // It says so on stderr once the capture runs.
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("Capturing on") {
+            line.clear();
+            assert!(
+                err.read_line(&mut line).unwrap() > 0,
+                "dumpcap stopped before capturing"
+            );
+        }
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        // "Capturing on" comes before the filter sees packets on a loaded
+        // machine: knock on the (closed) port until the file grows.
+        let len = |f: &std::path::Path| std::fs::metadata(f).map_or(0, |m| m.len());
+        let empty = len(&file);
+        let deadline = Instant::now() + LIMIT;
+        while len(&file) <= empty {
+            assert!(Instant::now() < deadline, "dumpcap captured nothing");
+            let _ = std::net::TcpStream::connect(("127.0.0.1", port));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        LoopbackCapture {
+            child,
+            file,
+            _dir: dir,
+        }
+    }
+
+    /// Stops once tshark finds a packet matching `last` in the file (what
+    /// was sent last has been captured).
+    fn finish(mut self, decode: &str, last: &str) -> (std::path::PathBuf, tempfile::TempDir) {
+        let f = self.file.to_str().unwrap().to_owned();
+        let deadline = Instant::now() + LIMIT;
+        while tshark_run::tshark(&["-r", &f, "-d", decode, "-Y", last])
+            .trim()
+            .is_empty()
+        {
+            assert!(Instant::now() < deadline, "{last} never captured");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        assert!(self.child.wait().unwrap().success(), "dumpcap failed");
+        (self.file, self._dir)
+    }
+}
+
+/// Wireshark's SimulCrypt dissector on a live capture of the link: every
+/// message of a session (setup, keep-alive both ways, data, orderly close)
+/// decodes as the EMMG interface, none malformed.
+#[tokio::test]
+async fn tshark_decodes_the_tcp_stream() {
+    let mut sc = MuxSimConfig::new(localhost());
+    sc.test_interval = Some(Duration::from_millis(150));
+    let probe_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    sc.listen = probe_port.local_addr().unwrap();
+    drop(probe_port);
+    let port = sc.listen.port();
+    let cap = LoopbackCapture::start(port);
+    let r = rig(sc, 5, |_| {}).await;
+    assert!(r.wait_all_on(1).await);
+    let tests = |e: &[MuxEvent]| {
+        received(e, 1, MessageType::ChannelTest) >= 2
+            && received(e, 1, MessageType::ChannelStatus) >= 2
+    };
+    assert!(r.sim.wait_for(LIMIT, tests).await);
+    let sim_events = r.sim.events();
+    let stop = r.stop.clone();
+    stop.cancel();
+    assert!(
+        r.sim
+            .wait_for(LIMIT, |e| received(e, 1, MessageType::ChannelClose) == 1)
+            .await
+    );
+    drop(sim_events);
+    let decode = format!("tcp.port=={port},simulcrypt");
+    let (file, _dir) = cap.finish(&decode, "simulcrypt.message.type == 0x0014");
+    let f = file.to_str().unwrap();
+    let types = tshark_run::tshark(&[
+        "-r",
+        f,
+        "-d",
+        &decode,
+        "-T",
+        "fields",
+        "-E",
+        "occurrence=a",
+        "-e",
+        "simulcrypt.message.type",
+    ]);
+    let seen: HashSet<u16> = types
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+        .map(|t| u16::from_str_radix(t.trim_start_matches("0x"), 16).unwrap())
+        .collect();
+    let expected = [
+        MessageType::ChannelSetup,
+        MessageType::ChannelStatus,
+        MessageType::ChannelTest,
+        MessageType::ChannelClose,
+        MessageType::StreamSetup,
+        MessageType::StreamStatus,
+        MessageType::StreamTest,
+        MessageType::StreamCloseRequest,
+        MessageType::StreamCloseResponse,
+        MessageType::StreamBwRequest,
+        MessageType::StreamBwAllocation,
+        MessageType::DataProvision,
+    ];
+    let want: HashSet<u16> = expected.iter().map(|t| t.code()).collect();
+    let all = tshark_run::tshark(&["-r", f, "-d", &decode]);
+    assert_eq!(seen, want, "tshark saw:\n{all}");
+    let malformed = tshark_run::tshark(&["-r", f, "-d", &decode, "-Y", "_ws.malformed"]);
+    assert!(malformed.trim().is_empty(), "malformed:\n{malformed}");
+    // The dissector took them for the EMMG/PDG<=>MUX interface.
+    let iface = tshark_run::tshark(&[
+        "-r",
+        f,
+        "-d",
+        &decode,
+        "-T",
+        "fields",
+        "-E",
+        "occurrence=a",
+        "-e",
+        "simulcrypt.message.interface",
+    ]);
+    let ifaces: HashSet<&str> = iface
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+        .collect();
+    assert_eq!(ifaces.len(), 1, "{iface}");
+    r.player.join().await;
+}
