@@ -595,24 +595,33 @@ impl<'a> Message<'a> {
                 st(w, stream)?;
                 bandwidth.map_or(Ok(()), |b| w.put(P::Bandwidth, &b.to_be_bytes()))
             }
-            Message::DataProvision {
-                client_id,
-                data_channel_id,
-                data_stream_id,
-                data_id,
-                datagrams,
-            } => {
-                w.put(P::ClientId, &client_id.to_be_bytes())?;
-                if let Some(c) = data_channel_id {
-                    w.put(P::DataChannelId, &c.to_be_bytes())?;
-                }
-                if let Some(s) = data_stream_id {
-                    w.put(P::DataStreamId, &s.to_be_bytes())?;
-                }
-                w.put(P::DataId, &data_id.to_be_bytes())?;
-                datagrams.iter().try_for_each(|d| w.put(P::Datagram, d))
-            }
+            Message::DataProvision { .. } => self.write_data_provision(w),
         }
+    }
+}
+
+impl Message<'_> {
+    fn write_data_provision(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        use ParamType as P;
+        let Message::DataProvision {
+            client_id,
+            data_channel_id,
+            data_stream_id,
+            data_id,
+            datagrams,
+        } = self
+        else {
+            return Ok(());
+        };
+        w.put(P::ClientId, &client_id.to_be_bytes())?;
+        if let Some(c) = data_channel_id {
+            w.put(P::DataChannelId, &c.to_be_bytes())?;
+        }
+        if let Some(s) = data_stream_id {
+            w.put(P::DataStreamId, &s.to_be_bytes())?;
+        }
+        w.put(P::DataId, &data_id.to_be_bytes())?;
+        datagrams.iter().try_for_each(|d| w.put(P::Datagram, d))
     }
 }
 

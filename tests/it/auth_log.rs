@@ -19,18 +19,7 @@ fn basic(id: &str, secret: &str) -> String {
     )
 }
 
-#[derive(Clone, Default)]
-struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use common::LogBuf;
 
 #[test]
 fn secrets_and_tokens_never_reach_the_log() {

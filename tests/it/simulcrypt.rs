@@ -357,24 +357,7 @@ fn error_status_from_the_mux_is_logged_by_name_then_reconnects() {
     crate::common::run_alone("simulcrypt::error_status_from_the_mux_alone");
 }
 
-#[derive(Clone, Default)]
-struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogBuf {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
+use crate::common::LogBuf;
 
 fn capture_log() -> (LogBuf, tracing::subscriber::DefaultGuard) {
     let buf = LogBuf::default();
@@ -580,6 +563,8 @@ async fn hostile_mux_messages_get_errors_and_reconnects() {
     player.join().await;
 }
 
+// The one tshark runner of the workspace; only `tshark` is used here.
+#[allow(dead_code)]
 #[path = "../../carousel/tests/it/common/tshark.rs"]
 mod tshark_run;
 
@@ -682,21 +667,8 @@ async fn tshark_decodes_the_tcp_stream() {
     let decode = format!("tcp.port=={port},simulcrypt");
     let (file, _dir) = cap.finish(&decode, "simulcrypt.message.type == 0x0014");
     let f = file.to_str().unwrap();
-    let types = tshark_run::tshark(&[
-        "-r",
-        f,
-        "-d",
-        &decode,
-        "-T",
-        "fields",
-        "-E",
-        "occurrence=a",
-        "-e",
-        "simulcrypt.message.type",
-    ]);
-    let seen: HashSet<u16> = types
-        .split(|c: char| c == ',' || c.is_whitespace())
-        .filter(|t| !t.is_empty())
+    let seen: HashSet<u16> = fields(f, &decode, "simulcrypt.message.type")
+        .iter()
         .map(|t| u16::from_str_radix(t.trim_start_matches("0x"), 16).unwrap())
         .collect();
     let expected = [
@@ -718,23 +690,28 @@ async fn tshark_decodes_the_tcp_stream() {
     assert_eq!(seen, want, "tshark saw:\n{all}");
     let malformed = tshark_run::tshark(&["-r", f, "-d", &decode, "-Y", "_ws.malformed"]);
     assert!(malformed.trim().is_empty(), "malformed:\n{malformed}");
-    // The dissector took them for the EMMG/PDG<=>MUX interface.
-    let iface = tshark_run::tshark(&[
+    // The dissector took them all for one interface (EMMG/PDG<=>MUX).
+    let ifaces = fields(f, &decode, "simulcrypt.message.interface");
+    assert_eq!(ifaces.len(), 1, "{ifaces:?}");
+    r.player.join().await;
+}
+
+/// The distinct values of one field over a capture.
+fn fields(file: &str, decode: &str, field: &str) -> HashSet<String> {
+    let out = tshark_run::tshark(&[
         "-r",
-        f,
+        file,
         "-d",
-        &decode,
+        decode,
         "-T",
         "fields",
         "-E",
         "occurrence=a",
         "-e",
-        "simulcrypt.message.interface",
+        field,
     ]);
-    let ifaces: HashSet<&str> = iface
-        .split(|c: char| c == ',' || c.is_whitespace())
+    out.split(|c: char| c == ',' || c.is_whitespace())
         .filter(|t| !t.is_empty())
-        .collect();
-    assert_eq!(ifaces.len(), 1, "{iface}");
-    r.player.join().await;
+        .map(str::to_owned)
+        .collect()
 }

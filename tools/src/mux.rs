@@ -513,6 +513,13 @@ impl Session {
                 format!("{t} for data_channel_id {}", channel.data_channel_id),
             ));
         }
+        self.check_stream(m)
+    }
+
+    /// The stream part of [`Session::check`] (the channel is known).
+    fn check_stream(&self, m: &Message<'_>) -> Result<(), (ErrorStatus, String)> {
+        use ErrorStatus as E;
+        let t = m.message_type();
         let stream_id = match m {
             Message::StreamSetup { .. } => {
                 return match self.stream {
