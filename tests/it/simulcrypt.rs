@@ -81,7 +81,12 @@ async fn rig(mut sim_cfg: MuxSimConfig, n: u32, tweak: impl FnOnce(&mut LinkConf
             cat: None,
             ..MuxConfig::default()
         },
-        schedule: ScheduleConfig::default(),
+        // No fast lane: the carousel is a steady cycle from the start, so
+        // the data rate is the pacing's alone.
+        schedule: ScheduleConfig {
+            burst_count: 0,
+            ..ScheduleConfig::default()
+        },
         clock_anchor_unix_ms: None,
     };
     let player = carousel.spawn_player(pc, out, None, stop.clone()).unwrap();
@@ -275,10 +280,10 @@ async fn allocation_below_the_request_sets_the_rate() {
     let secs = d[d.len() - 1].0.duration_since(d[0].0).as_secs_f64();
     let rate = bytes as f64 * 8.0 / secs;
     // At most the allocation (the simulator polices it too, below), and
-    // far from the 1 Mbit/s asked; a loaded machine's late wake-ups lose
+    // far from the 1 Mbit/s asked; a loaded machine's late wake-ups may lose
     // some budget (at most 100 ms of it is caught up).
     assert!(
-        (60_000.0..=105_000.0).contains(&rate),
+        (85_000.0..=101_000.0).contains(&rate),
         "{rate:.0} bit/s at a 100 kbit/s allocation"
     );
     eprintln!("simulcrypt: {rate:.0} bit/s measured at a 100 kbit/s allocation");
