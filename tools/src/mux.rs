@@ -767,9 +767,6 @@ pub struct MuxArgs {
     /// Send channel_test and stream_test every MS milliseconds.
     #[arg(long, value_name = "MS")]
     pub test_interval_ms: Option<u64>,
-    /// EMM PID to packetize received sections on (section mode).
-    #[arg(long, value_name = "PID", default_value_t = 0x0101)]
-    pub pid: u16,
     /// Stop after S seconds.
     #[arg(long, value_name = "S")]
     pub duration: Option<f64>,
@@ -788,9 +785,11 @@ pub fn run(a: MuxArgs) -> anyhow::Result<std::process::ExitCode> {
     cfg.cap_kbps = a.cap_kbps;
     cfg.refuse = a.refuse;
     cfg.test_interval = a.test_interval_ms.map(Duration::from_millis);
-    cfg.pid = Pid::new(a.pid).ok_or_else(|| anyhow::anyhow!("--pid {} is not a PID", a.pid))?;
+    // The first --pid (default 0x0101): where sections are packetized.
+    let pid = a.decode.pids.first().copied().unwrap_or(0x0101);
+    cfg.pid = Pid::new(pid).ok_or_else(|| anyhow::anyhow!("--pid {pid} is not an EMM PID"))?;
     cfg.probe.keys = a.decode.keys()?;
-    cfg.probe.section_pids = vec![a.pid];
+    cfg.probe.section_pids = vec![pid];
     anyhow::ensure!(
         carousel::simulcrypt::VERSIONS.contains(&a.version),
         "--version must be 2 or 3"
@@ -880,4 +879,32 @@ async fn command_line(sim: &mut MuxSim, line: &str) -> bool {
         eprintln!("casd-probe: unknown or failed command {line:?} (close, restart [MS], error CODE [stream], allocate KBPS, stall, quit)");
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn command_line() {
+        crate::cli::Cli::command().debug_assert();
+        let cli = crate::cli::Cli::try_parse_from([
+            "casd-probe",
+            "simulcrypt-mux",
+            "--listen",
+            "127.0.0.1:0",
+            "--cap-kbps",
+            "100",
+            "--pid",
+            "0x0200",
+        ])
+        .unwrap();
+        let Some(crate::cli::Cmd::SimulcryptMux(a)) = cli.command else {
+            panic!("not simulcrypt-mux");
+        };
+        assert_eq!(
+            (a.cap_kbps, a.decode.pids.as_slice()),
+            (Some(100), &[0x0200][..])
+        );
+    }
 }
