@@ -88,6 +88,7 @@ async fn rig(mut sim_cfg: MuxSimConfig, n: u32, tweak: impl FnOnce(&mut LinkConf
             ..ScheduleConfig::default()
         },
         clock_anchor_unix_ms: None,
+        spin: Duration::ZERO,
     };
     let player = carousel.spawn_player(pc, out, None, stop.clone()).unwrap();
     let sections: Vec<Bytes> = (0..n).map(|i| section(i, 150)).collect();
@@ -493,6 +494,7 @@ async fn hostile_mux_messages_get_errors_and_reconnects() {
         },
         schedule: ScheduleConfig::default(),
         clock_anchor_unix_ms: None,
+        spin: Duration::ZERO,
     };
     let player = carousel.spawn_player(pc, out, None, stop.clone()).unwrap();
     let mut s = mux.accept_and_setup().await;
