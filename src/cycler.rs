@@ -123,6 +123,31 @@ fn rfc3339_ms(unix_ms: u64) -> String {
     t.format(&f).unwrap_or_default()
 }
 
+/// The player of one output: UDP, or SimulCrypt with its link and metrics.
+fn spawn_output(
+    shared: &Shared,
+    carousel: &carousel::Carousel,
+    o: &OutputConfig,
+    records: Option<mpsc::Sender<PlayRecord>>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<PlayerHandle> {
+    let cfg = &shared.cfg.cycler;
+    let pc = player_config(cfg, shared.cfg.cas.ca_system_id, o)?;
+    let player = match &o.simulcrypt {
+        None => carousel.spawn_player(pc, open_output(o)?, records, stop.clone()),
+        Some(sc) => {
+            let link = crate::simulcrypt::LinkConfig::new(o, sc, shared.cfg.cas.ca_system_id);
+            let (out, stats) = crate::simulcrypt::spawn(link.clone(), pc.mux.emm_pid, stop.clone());
+            let p = carousel.spawn_player(pc, out, records, stop.clone());
+            if let Ok(p) = &p {
+                crate::simulcrypt::watch(shared, &link, stats, p.stats_reader());
+            }
+            p
+        }
+    };
+    player.map_err(|e| anyhow::anyhow!("output {}: {e}", o.name))
+}
+
 /// Runs the Cycler until `shared.shutdown`.
 pub async fn run(shared: Shared) -> anyhow::Result<()> {
     let cfg = shared.cfg.cycler.clone();
@@ -138,22 +163,8 @@ pub async fn run(shared: Shared) -> anyhow::Result<()> {
     let players_stop = tokio_util::sync::CancellationToken::new();
     let mut players: Vec<PlayerHandle> = Vec::new();
     for o in &cfg.outputs {
-        let pc = player_config(&cfg, shared.cfg.cas.ca_system_id, o)?;
         let records = Some(rec_tx.clone());
-        let player = match &o.simulcrypt {
-            None => carousel.spawn_player(pc, open_output(o)?, records, players_stop.clone()),
-            Some(sc) => {
-                let link = crate::simulcrypt::LinkConfig::new(o, sc, shared.cfg.cas.ca_system_id);
-                let (out, stats) =
-                    crate::simulcrypt::spawn(link.clone(), pc.mux.emm_pid, players_stop.clone());
-                let p = carousel.spawn_player(pc, out, records, players_stop.clone());
-                if let Ok(p) = &p {
-                    crate::simulcrypt::watch(&shared, &link, stats, p.stats_reader());
-                }
-                p
-            }
-        };
-        players.push(player.map_err(|e| anyhow::anyhow!("output {}: {e}", o.name))?);
+        players.push(spawn_output(&shared, &carousel, o, records, &players_stop)?);
     }
     drop(rec_tx);
     log_scheduling();
