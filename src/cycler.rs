@@ -137,7 +137,12 @@ fn spawn_output(
         None => carousel.spawn_player(pc, open_output(o)?, records, stop.clone()),
         Some(sc) => {
             let link = crate::simulcrypt::LinkConfig::new(o, sc, shared.cfg.cas.ca_system_id);
-            let (out, stats) = crate::simulcrypt::spawn(link.clone(), pc.mux.emm_pid, stop.clone());
+            let (out, stats) = crate::simulcrypt::spawn(
+                link.clone(),
+                pc.mux.emm_pid,
+                carousel.on_air_watch(),
+                stop.clone(),
+            );
             let p = carousel.spawn_player(pc, out, records, stop.clone());
             if let Ok(p) = &p {
                 crate::simulcrypt::watch(shared, &link, stats, p.stats_reader());

@@ -144,10 +144,13 @@ pub struct SimulcryptOutput {
 }
 
 /// Starts the link task of one output and returns the output for its
-/// player and the link's counters.
+/// player and the link's counters. The link is set up only while `on_air`
+/// is true (a redundant Cycler's standby holds no channel to the MUX, and
+/// sets one up on takeover: docs/operations.md).
 pub fn spawn(
     cfg: LinkConfig,
     pid: Pid,
+    on_air: watch::Receiver<bool>,
     cancel: CancellationToken,
 ) -> (SimulcryptOutput, Arc<LinkStats>) {
     let (state_tx, state) = watch::channel(LinkState::default());
@@ -165,6 +168,7 @@ pub fn spawn(
         rx,
         pending: VecDeque::new(),
         stats: stats.clone(),
+        on_air,
         cancel,
     };
     tokio::spawn(link.run());
@@ -266,6 +270,8 @@ struct Link {
     /// Units taken from the queue and not yet written whole.
     pending: VecDeque<Bytes>,
     stats: Arc<LinkStats>,
+    /// The Cycler's on-air flag (`carousel::Carousel::on_air_watch`).
+    on_air: watch::Receiver<bool>,
     cancel: CancellationToken,
 }
 
@@ -282,8 +288,22 @@ impl Link {
         let mut backoff = self.cfg.reconnect_min;
         let mut epoch = 0;
         while !self.cancel.is_cancelled() {
+            if !self.wait_on_air().await {
+                break;
+            }
             epoch += 1;
-            let result = self.session(epoch).await;
+            let mut standby = self.on_air.clone();
+            let result = tokio::select! {
+                r = self.session(epoch) => r,
+                // Gone to standby (its lease was taken over): the channel
+                // is dropped (TCP closed); the new active one sets up its own.
+                _ = standby.wait_for(|on| !*on) => {
+                    tracing::info!(output = %self.cfg.name, mux = %self.cfg.mux, "standby: SimulCrypt channel closed");
+                    self.set_down();
+                    backoff = self.cfg.reconnect_min;
+                    continue;
+                }
+            };
             let was_up = self.state.borrow().up;
             self.set_down();
             match result {
@@ -301,6 +321,15 @@ impl Link {
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(self.cfg.reconnect_max);
+        }
+    }
+
+    /// Waits until this Cycler is on air; false on shutdown.
+    async fn wait_on_air(&mut self) -> bool {
+        let mut on_air = self.on_air.clone();
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            r = on_air.wait_for(|on| *on) => r.is_ok(),
         }
     }
 

@@ -72,8 +72,13 @@ async fn rig(mut sim_cfg: MuxSimConfig, n: u32, tweak: impl FnOnce(&mut LinkConf
     tweak(&mut cfg);
     let stop = CancellationToken::new();
     let ts = cfg.ts_packets;
-    let (out, stats) = casd::simulcrypt::spawn(cfg.clone(), Pid::DEFAULT_EMM, stop.clone());
     let carousel = Carousel::new();
+    let (out, stats) = casd::simulcrypt::spawn(
+        cfg.clone(),
+        Pid::DEFAULT_EMM,
+        carousel.on_air_watch(),
+        stop.clone(),
+    );
     let pc = PlayerConfig {
         name: "sc".into(),
         mux: MuxConfig {
@@ -484,8 +489,9 @@ async fn hostile_mux_messages_get_errors_and_reconnects() {
     };
     let stop = CancellationToken::new();
     let cfg = link(mux.listener.local_addr().unwrap(), 1_000_000);
-    let (out, stats) = casd::simulcrypt::spawn(cfg, Pid::DEFAULT_EMM, stop.clone());
     let carousel = Carousel::new();
+    let (out, stats) =
+        casd::simulcrypt::spawn(cfg, Pid::DEFAULT_EMM, carousel.on_air_watch(), stop.clone());
     let pc = PlayerConfig {
         name: "sc".into(),
         mux: MuxConfig {
@@ -721,4 +727,41 @@ fn fields(file: &str, decode: &str, field: &str) -> HashSet<String> {
         .filter(|t| !t.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+/// A redundant Cycler's standby holds no channel to the MUX: its link sets
+/// one up only once the Cycler is on air (docs/operations.md). The
+/// standby's link starts first; an on-air link started after it connects
+/// while the standby's has set nothing up.
+#[tokio::test]
+async fn a_standby_sets_up_its_channel_only_on_takeover() {
+    let sim = MuxSim::start(MuxSimConfig::new(localhost())).await.unwrap();
+    let stop = CancellationToken::new();
+    let standby = Carousel::standby();
+    let (_out_a, stats_a) = casd::simulcrypt::spawn(
+        link(sim.addr(), 1_000_000),
+        Pid::DEFAULT_EMM,
+        standby.on_air_watch(),
+        stop.clone(),
+    );
+    let on_air = Carousel::new();
+    let (_out_b, stats_b) = casd::simulcrypt::spawn(
+        link(sim.addr(), 1_000_000),
+        Pid::DEFAULT_EMM,
+        on_air.on_air_watch(),
+        stop.clone(),
+    );
+    assert!(sim.wait_for(LIMIT, |e| connected(e) >= 1).await);
+    assert!(
+        sim.wait_for(LIMIT, |_| stats_b
+            .setups
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1)
+            .await
+    );
+    assert_eq!(connected(&sim.events()), 1, "{:?}", sim.events());
+    assert_eq!(stats_a.setups.load(std::sync::atomic::Ordering::Relaxed), 0);
+    standby.set_on_air(true).await;
+    assert!(sim.wait_for(LIMIT, |e| connected(e) >= 2).await);
+    stop.cancel();
 }
