@@ -11,7 +11,10 @@
 //!   [`emm::open_emm`] and the review rendering.
 //! - [`receiver`] — a reference receiver: what a device does with the
 //!   sections it filters from the air.
+//! - [`personalization`] — the personalization file: DUKs wrapped for the
+//!   card vendor (AES-KW, RFC 3394).
 
 pub mod crypto;
 pub mod emm;
+pub mod personalization;
 pub mod receiver;

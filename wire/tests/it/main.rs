@@ -6,3 +6,4 @@ mod crypto_kat;
 mod crypto_props;
 mod crypto_vectors;
 mod deps;
+mod personalization_vectors;
