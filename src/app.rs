@@ -118,7 +118,21 @@ async fn open_local_encryptor(
     let ks = open_keystore(cfg, db).await?;
     Ok(LocalEncryptor::new(ks, cfg.cas.max_section_bytes)
         .with_next_root_file(cfg.keys.next_root_key_file.clone())
+        .with_transport_key(load_transport_key(cfg.keys.transport_key_file.as_deref())?)
         .with_metrics(metrics))
+}
+
+/// The vendor transport key of personalization exports, from a file in
+/// the root key file's format (docs/format.md §6, §9); `None` when unset.
+pub fn load_transport_key(
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<Option<casd_wire::crypto::Key128>> {
+    use hw::key_source::{FileKeySource, KeySource};
+    let Some(path) = path else { return Ok(None) };
+    let key = FileKeySource::load(path)
+        .and_then(|s| s.root_key())
+        .map_err(|e| anyhow::anyhow!("{e} (keys.transport_key_file)"))?;
+    Ok(Some(casd_wire::crypto::Key128::from_bytes(*key)))
 }
 
 /// Runs `roles` until `shutdown` is cancelled, with the metrics endpoint

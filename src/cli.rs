@@ -223,6 +223,29 @@ pub enum KeysCommand {
         #[arg(long)]
         new_key_file: PathBuf,
     },
+    /// Personalization file for a card vendor (docs/format.md §9): each
+    /// device's DUK wrapped (AES-KW) under the transport key agreed with
+    /// the vendor, never in clear. Needs the root key file; every export is
+    /// recorded in `duk_exports` and the log (`casd keys exports` lists them).
+    Export {
+        /// Devices as ids and ranges: 1-1000,5000,7000-7010.
+        #[arg(long, required_unless_present = "device_file")]
+        devices: Option<crate::export::DeviceSet>,
+        /// A file of device ids and ranges, one or more per line.
+        #[arg(long, conflicts_with = "devices")]
+        device_file: Option<PathBuf>,
+        /// Transport key file (root key file format); default keys.transport_key_file.
+        #[arg(long)]
+        transport_key: Option<PathBuf>,
+        /// Output file (must not exist yet; written mode 0600).
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Recorded personalization exports, newest first (no key material).
+    Exports {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -583,6 +606,24 @@ async fn keys_command(command: KeysCommand, cfg: &Config) -> anyhow::Result<()> 
             db.close().await;
             Ok(())
         }
+        KeysCommand::Export {
+            devices,
+            device_file,
+            transport_key,
+            out,
+        } => export_command(cfg, devices, device_file, transport_key, out).await,
+        KeysCommand::Exports { limit } => {
+            let db = crate::app::open_db(cfg).await?;
+            println!(
+                "{:>6}  {:<20}  {:<4}  {:<27}  {:>9}  devices",
+                "id", "by", "via", "at", "count"
+            );
+            for (id, by, via, at, n, devices) in crate::export::list(&db, limit).await? {
+                println!("{id:>6}  {by:<20}  {via:<4}  {at:<27}  {n:>9}  {devices}");
+            }
+            db.close().await;
+            Ok(())
+        }
         KeysCommand::RotateRoot { new_key_file } => {
             let db = crate::app::open_db(cfg).await?;
             let ks = crate::app::open_keystore(cfg, &db).await?;
@@ -603,6 +644,73 @@ async fn keys_command(command: KeysCommand, cfg: &Config) -> anyhow::Result<()> 
             db.close().await;
             Ok(())
         }
+    }
+}
+
+/// `casd keys export`: the Encryptor's export, run here with the root key,
+/// written to a new 0600 file.
+async fn export_command(
+    cfg: &Config,
+    devices: Option<crate::export::DeviceSet>,
+    device_file: Option<PathBuf>,
+    transport_key: Option<PathBuf>,
+    out: PathBuf,
+) -> anyhow::Result<()> {
+    use crate::encryptor::{Encryptor, ExportRequest, LocalEncryptor};
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let devices = match (devices, device_file) {
+        (Some(d), _) => d,
+        (None, Some(f)) => std::fs::read_to_string(&f)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?,
+        (None, None) => anyhow::bail!("give --devices or --device-file"),
+    };
+    let ktk_path = transport_key.or_else(|| cfg.keys.transport_key_file.clone());
+    let ktk = crate::app::load_transport_key(ktk_path.as_deref())?.ok_or_else(|| {
+        anyhow::anyhow!("no transport key: give --transport-key or set keys.transport_key_file")
+    })?;
+    // Created before the export, so that a bad path costs no record.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&out)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    let db = crate::app::open_db(cfg).await?;
+    let ks = crate::app::open_keystore(cfg, &db).await?;
+    let enc = LocalEncryptor::new(ks, cfg.cas.max_section_bytes).with_transport_key(Some(ktk));
+    let req = ExportRequest {
+        devices,
+        exported_by: os_user(),
+        via: crate::export::Via::Cli,
+    };
+    let export = enc.export_duks(req).await?;
+    file.write_all(export.to_jsonl().as_bytes())?;
+    file.sync_all()?;
+    eprintln!(
+        "export {}: {} devices written to {} (transport key {})",
+        export.header.export_id,
+        export.header.devices,
+        out.display(),
+        export.header.transport_key_id
+    );
+    db.close().await;
+    Ok(())
+}
+
+/// Who runs the command: the login name behind sudo, else the user.
+fn os_user() -> String {
+    let uid = nix::unistd::getuid();
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| format!("uid {uid}"));
+    match std::env::var("SUDO_USER") {
+        Ok(s) if !s.is_empty() => format!("{s} (as {name})"),
+        _ => name,
     }
 }
 

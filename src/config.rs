@@ -356,6 +356,12 @@ pub struct KeysConfig {
     /// longer opens under `root_key_file`.
     #[serde(default)]
     pub next_root_key_file: Option<PathBuf>,
+    /// Personalization export (`casd keys export`, `POST
+    /// /encryptor/v1/export`): the transport key agreed with the card
+    /// vendor, in the root key file's format. Unset: exports are refused
+    /// (the CLI may name one with --transport-key).
+    #[serde(default)]
+    pub transport_key_file: Option<PathBuf>,
 }
 
 fn default_root_key_file() -> PathBuf {
@@ -367,6 +373,7 @@ impl Default for KeysConfig {
         KeysConfig {
             root_key_file: default_root_key_file(),
             next_root_key_file: None,
+            transport_key_file: None,
         }
     }
 }

@@ -146,6 +146,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "revocations",
         sql: include_str!("../migrations/0007_revocations.sql"),
     },
+    Migration {
+        version: 8,
+        name: "imports",
+        sql: include_str!("../migrations/0008_imports.sql"),
+    },
 ];
 
 /// TLS to the server, from `database.tls` and `database.tls_ca`.

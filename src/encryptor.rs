@@ -19,7 +19,10 @@
 //! - `POST /encryptor/v1/key-state` `{"key": …, "version": 2, "state":
 //!   "retired"}` → 204;
 //! - `POST /encryptor/v1/rotate-root` (scope `admin`) → [`RootRotation`]:
-//!   re-seals every key row under `keys.next_root_key_file`.
+//!   re-seals every key row under `keys.next_root_key_file`;
+//! - `POST /encryptor/v1/export` (scope `admin`) `{"devices": "1-1000,5000"}`
+//!   → the personalization file's [`Export`]: each device's DUK wrapped
+//!   under `keys.transport_key_file` (docs/format.md §9), recorded first.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,6 +40,7 @@ use crate::auth::{Caller, Scope};
 use crate::keystore::{KeyKind, KeyMeta, KeyStore, KeyStoreError};
 use casd_wire::crypto::{self, Key128};
 use casd_wire::emm::{self, Address, CommandSpec, EmmId, KeyRef, SealInput};
+use casd_wire::personalization;
 
 /// Largest batch one call may carry.
 pub const MAX_BATCH: usize = 1000;
@@ -136,6 +140,13 @@ pub trait Encryptor: Send + Sync {
             ))
         })
     }
+    /// Personalization export: every device's DUK (current PMK) wrapped
+    /// for the vendor, never in clear; recorded in `duk_exports` and the
+    /// log before it is handed out.
+    fn export_duks(&self, req: ExportRequest) -> BoxFuture<'_, Result<Export, EncryptorError>> {
+        let _ = req;
+        Box::pin(async { Err(EncryptorError::Refused("export not supported".into())) })
+    }
     /// Root key rotation: re-seals every key row under the configured next
     /// root key (`keys.next_root_key_file`) and switches to it.
     fn rotate_root(&self) -> BoxFuture<'_, Result<RootRotation, EncryptorError>> {
@@ -144,6 +155,35 @@ pub trait Encryptor: Send + Sync {
                 "root rotation not supported".into(),
             ))
         })
+    }
+}
+
+/// What to export and who asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportRequest {
+    pub devices: crate::export::DeviceSet,
+    pub exported_by: String,
+    pub via: crate::export::Via,
+}
+
+/// A personalization file: its header and one line per device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Export {
+    pub header: personalization::Header,
+    pub lines: Vec<personalization::Line>,
+}
+
+impl Export {
+    /// The file's text (JSON lines, docs/format.md §9).
+    pub fn to_jsonl(&self) -> String {
+        // Plain structs of strings and integers: serializing cannot fail.
+        fn line<T: Serialize>(v: &T) -> String {
+            serde_json::to_string(v).unwrap_or_default() + "\n"
+        }
+        let mut out = line(&self.header);
+        out.reserve(80 * self.lines.len());
+        self.lines.iter().for_each(|l| out += &line(l));
+        out
     }
 }
 
@@ -241,6 +281,9 @@ pub struct LocalEncryptor {
     root_gate: Arc<tokio::sync::RwLock<()>>,
     /// `keys.next_root_key_file`: the root key a rotation moves to.
     next_root_file: Option<std::path::PathBuf>,
+    /// `keys.transport_key_file`: the key personalization exports are
+    /// wrapped under (none: exports refused).
+    transport_key: Option<Arc<Key128>>,
     max_section_bytes: usize,
     seals: SealMetrics,
 }
@@ -288,6 +331,7 @@ impl LocalEncryptor {
             keys: Arc::new(std::sync::RwLock::new(keys)),
             root_gate: Default::default(),
             next_root_file: None,
+            transport_key: None,
             max_section_bytes,
             seals: SealMetrics::new(&crate::metrics::Metrics::off()),
         }
@@ -302,6 +346,12 @@ impl LocalEncryptor {
     /// With the root key file a root rotation moves to.
     pub fn with_next_root_file(mut self, path: Option<std::path::PathBuf>) -> Self {
         self.next_root_file = path;
+        self
+    }
+
+    /// With the vendor transport key personalization exports are wrapped under.
+    pub fn with_transport_key(mut self, key: Option<Key128>) -> Self {
+        self.transport_key = key.map(Arc::new);
         self
     }
 
@@ -495,6 +545,47 @@ impl Encryptor for LocalEncryptor {
         })
     }
 
+    fn export_duks(&self, req: ExportRequest) -> BoxFuture<'_, Result<Export, EncryptorError>> {
+        Box::pin(async move {
+            let ktk = self.transport_key.clone().ok_or_else(|| {
+                EncryptorError::Refused("no transport key: set keys.transport_key_file".into())
+            })?;
+            let _gate = self.root_gate.read().await;
+            let keys = self.keystore();
+            let pmk_version = keys.current(KeyKind::Pmk).await?.version;
+            let pmk = keys.key(KeyKind::Pmk, pmk_version).await?;
+            let now = time::OffsetDateTime::now_utc();
+            let record = crate::export::Record {
+                exported_by: req.exported_by,
+                via: req.via,
+                pmk_version,
+                transport_key_id: personalization::transport_key_id(&ktk),
+                devices: req.devices,
+            };
+            // Recorded before anything leaves: an unrecorded export is none.
+            let export_id = crate::export::record(keys.db(), &record, now)
+                .await
+                .map_err(|e| EncryptorError::Unavailable(e.to_string()))?;
+            let lines = record
+                .devices
+                .iter()
+                .map(|d| personalization::line(&ktk, d, &crypto::derive_duk(&pmk, d.get())))
+                .collect();
+            let header = personalization::Header {
+                format: personalization::FORMAT.into(),
+                wrap: personalization::WRAP.into(),
+                export_id,
+                created_at: now
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+                pmk_version,
+                transport_key_id: record.transport_key_id,
+                devices: record.devices.len(),
+            };
+            Ok(Export { header, lines })
+        })
+    }
+
     fn rotate_root(&self) -> BoxFuture<'_, Result<RootRotation, EncryptorError>> {
         Box::pin(async move {
             use hw::key_source::{FileKeySource, KeySource};
@@ -589,6 +680,7 @@ pub fn routes(enc: Arc<dyn Encryptor>) -> Router {
         .route("/encryptor/v1/create-key", post(create_key_handler))
         .route("/encryptor/v1/key-state", post(key_state_handler))
         .route("/encryptor/v1/rotate-root", post(rotate_root_handler))
+        .route("/encryptor/v1/export", post(export_handler))
         .with_state(enc)
 }
 
@@ -640,6 +732,39 @@ async fn rotate_root_handler(
 ) -> Result<Json<RootRotation>, ApiError> {
     caller.require(Scope::Admin)?;
     Ok(Json(enc.rotate_root().await?))
+}
+
+/// `POST /encryptor/v1/export` body.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportBody {
+    pub devices: crate::export::DeviceSet,
+}
+
+/// Most devices one API export may hold (its reply is held in memory).
+pub const MAX_API_EXPORT: u64 = 100_000;
+
+async fn export_handler(
+    State(enc): State<Arc<dyn Encryptor>>,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> Result<Json<Export>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let req: ExportBody = parse_json(&body)?;
+    if req.devices.len() > MAX_API_EXPORT {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("at most {MAX_API_EXPORT} devices per call"),
+        )
+        .field("devices"));
+    }
+    let req = ExportRequest {
+        devices: req.devices,
+        exported_by: caller.client_id,
+        via: crate::export::Via::Api,
+    };
+    Ok(Json(enc.export_duks(req).await?))
 }
 
 async fn seal_handler(

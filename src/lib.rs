@@ -12,6 +12,7 @@ pub mod db;
 pub mod emm_store;
 pub mod emmg;
 pub mod encryptor;
+pub mod export;
 pub mod failpoint;
 pub mod http;
 pub mod jsonlog;

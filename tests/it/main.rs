@@ -26,6 +26,7 @@ mod e2e_sms_to_air;
 mod emmg_worker;
 mod encryptor;
 mod ground;
+mod keys_export;
 mod keystore;
 mod metrics;
 mod metrics_bench;

@@ -178,3 +178,42 @@ impl LogBuf {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 }
+
+/// A minimal configuration file for the `casd` binary's offline commands
+/// (database, root key file in `dir`), written as `dir/casd.toml`; the root
+/// key file is created.
+pub fn cli_config(dir: &Path, db_url: &str, extra: &str) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("casd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[database]\nurl = \"{db_url}\"\n[metrics]\nlisten = \"\"\n[api]\nplain_http = true\n[keys]\nroot_key_file = \"{d}/root.key\"\n{extra}",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    hw::FileKeySource::create_new(dir.join("root.key")).unwrap();
+    path
+}
+
+/// Runs the `casd` binary with `--config config` and `args`; its output.
+pub fn casd_cli(config: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_casd"))
+        // The test command may export a database URL; the child uses its config file.
+        .env_remove("CASD_DATABASE_URL")
+        .env("CASD_LOG", "warn")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run casd")
+}
+
+/// A fresh temporary directory for one test.
+pub fn temp_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("casd-{what}-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
