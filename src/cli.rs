@@ -49,6 +49,11 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Devices: bulk import of a subscriber base.
+    Devices {
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -249,6 +254,22 @@ pub enum KeysCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum DevicesCommand {
+    /// Import devices (and their entitlements) from a CSV or JSON-lines
+    /// file: `device_id[,product_id,start,end]*` or `{"device_id": 7,
+    /// "entitlements": [{"product_id": 3, "start": …, "end": …}]}`.
+    /// Idempotent and resumable: a rerun stores only what is missing. Bad
+    /// lines are reported with their number and skipped. The EMMs follow at
+    /// emmg.bulk_bandwidth_share of the output, in the background class.
+    Import {
+        file: PathBuf,
+        /// Lines per transaction round.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum ConfigCommand {
     /// Parse and validate the configuration; print a summary (no secrets).
     Check,
@@ -323,6 +344,9 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
         Command::Jobs { command } => jobs_command(command, &cfg).await,
         Command::Plan(args) => plan_command(args, &cfg).await,
         Command::Db { command } => db_command(command, &cfg).await,
+        Command::Devices {
+            command: DevicesCommand::Import { file, batch },
+        } => import_command(&cfg, &file, batch).await,
         Command::Config {
             command: ConfigCommand::Check,
         } => {
@@ -612,18 +636,7 @@ async fn keys_command(command: KeysCommand, cfg: &Config) -> anyhow::Result<()> 
             transport_key,
             out,
         } => export_command(cfg, devices, device_file, transport_key, out).await,
-        KeysCommand::Exports { limit } => {
-            let db = crate::app::open_db(cfg).await?;
-            println!(
-                "{:>6}  {:<20}  {:<4}  {:<27}  {:>9}  devices",
-                "id", "by", "via", "at", "count"
-            );
-            for (id, by, via, at, n, devices) in crate::export::list(&db, limit).await? {
-                println!("{id:>6}  {by:<20}  {via:<4}  {at:<27}  {n:>9}  {devices}");
-            }
-            db.close().await;
-            Ok(())
-        }
+        KeysCommand::Exports { limit } => exports_command(cfg, limit).await,
         KeysCommand::RotateRoot { new_key_file } => {
             let db = crate::app::open_db(cfg).await?;
             let ks = crate::app::open_keystore(cfg, &db).await?;
@@ -645,6 +658,20 @@ async fn keys_command(command: KeysCommand, cfg: &Config) -> anyhow::Result<()> 
             Ok(())
         }
     }
+}
+
+/// `casd keys exports`: the recorded exports.
+async fn exports_command(cfg: &Config, limit: u32) -> anyhow::Result<()> {
+    let db = crate::app::open_db(cfg).await?;
+    println!(
+        "{:>6}  {:<20}  {:<4}  {:<27}  {:>9}  devices",
+        "id", "by", "via", "at", "count"
+    );
+    for (id, by, via, at, n, devices) in crate::export::list(&db, limit).await? {
+        println!("{id:>6}  {by:<20}  {via:<4}  {at:<27}  {n:>9}  {devices}");
+    }
+    db.close().await;
+    Ok(())
 }
 
 /// `casd keys export`: the Encryptor's export, run here with the root key,
@@ -697,6 +724,56 @@ async fn export_command(
         export.header.transport_key_id
     );
     db.close().await;
+    Ok(())
+}
+
+/// `casd devices import`: progress bar on a terminal, bad lines on
+/// stderr, the summary on stdout; exit 1 when a line was bad.
+async fn import_command(cfg: &Config, file: &std::path::Path, batch: usize) -> anyhow::Result<()> {
+    let total = std::fs::metadata(file)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
+        .len();
+    let db = crate::app::open_db(cfg).await?;
+    db.migrate().await?;
+    // Hidden when stderr is not a terminal.
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let sum = crate::import::import_file(
+        &db,
+        file,
+        batch,
+        cfg.cas.max_section_bytes,
+        crate::queue::BulkPace::from_config(cfg),
+        &mut |pos| bar.set_position(pos),
+        &mut |line, why| bar.suspend(|| eprintln!("{}:{line}: {why}", file.display())),
+    )
+    .await;
+    bar.finish_and_clear();
+    db.close().await;
+    let sum = sum?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{} lines in {secs:.1} s: {} devices added, {} already present, {} entitlements added, \
+         {} commands already stored, {} bad lines",
+        sum.lines,
+        sum.devices_added,
+        sum.devices_present,
+        sum.entitlements_added,
+        sum.replayed,
+        sum.bad_lines
+    );
+    if sum.bad_lines > 0 {
+        anyhow::bail!(
+            "{} bad lines (listed above); the rest is imported",
+            sum.bad_lines
+        );
+    }
     Ok(())
 }
 

@@ -394,6 +394,15 @@ pub struct EmmgConfig {
     /// Lifetime of unique EMMs carrying state (entitlements, enable), days.
     #[serde(default = "default_emm_lifetime_days")]
     pub emm_lifetime_days: u32,
+    /// Share of the slowest output's bitrate that the first sending (the
+    /// fast-lane burst) of bulk commands' EMMs may take (`casd devices
+    /// import`, `POST /bulk`): their work items are spaced to fit it.
+    #[serde(default = "default_bulk_bandwidth_share")]
+    pub bulk_bandwidth_share: f64,
+}
+
+fn default_bulk_bandwidth_share() -> f64 {
+    0.25
 }
 
 fn default_workers() -> usize {
@@ -416,6 +425,7 @@ impl Default for EmmgConfig {
             batch: default_batch(),
             poll_interval_ms: default_poll_ms(),
             emm_lifetime_days: default_emm_lifetime_days(),
+            bulk_bandwidth_share: default_bulk_bandwidth_share(),
         }
     }
 }
@@ -1150,6 +1160,9 @@ impl Config {
                 "cas.max_section_bytes",
                 "must be between 64 and 4096",
             ));
+        }
+        if !(self.emmg.bulk_bandwidth_share > 0.0 && self.emmg.bulk_bandwidth_share <= 1.0) {
+            return Err(key_err("emmg.bulk_bandwidth_share", "must be in (0, 1]"));
         }
         if self.emmg.workers == 0 {
             return Err(key_err("emmg.workers", "must be at least 1"));

@@ -639,6 +639,7 @@ async fn read_facts(
 
 /// The EMMs `work` becomes given `f` (see the table in the module doc).
 fn decide(work: Work, f: Facts, lim: &Limits) -> Outcome {
+    let change = change_class(&work);
     match work {
         Work::AddDevice {
             device_id,
@@ -646,7 +647,7 @@ fn decide(work: Work, f: Facts, lim: &Limits) -> Outcome {
             slot,
             pmk_version,
             ..
-        } => add_device(device_id, (group_id, slot, pmk_version), f, lim),
+        } => add_device(device_id, (group_id, slot, pmk_version, change), f, lim),
         Work::RemoveDevice {
             device_id,
             group_id,
@@ -657,6 +658,7 @@ fn decide(work: Work, f: Facts, lim: &Limits) -> Outcome {
             product_id,
             start,
             end,
+            ..
         } => {
             let p = product_id.get();
             let e = Entitlement {
@@ -665,7 +667,7 @@ fn decide(work: Work, f: Facts, lim: &Limits) -> Outcome {
                 end,
             };
             let add = (CommandSpec::EntitlementAdd(e), Purpose::EntitlementAdd(p));
-            entitlement_change(device_id, product_id, add, f, lim)
+            entitlement_change(device_id, (product_id, change), add, f, lim)
         }
         Work::RemoveEntitlement {
             device_id,
@@ -677,7 +679,7 @@ fn decide(work: Work, f: Facts, lim: &Limits) -> Outcome {
                 CommandSpec::EntitlementRemove { product_id: p },
                 Purpose::EntitlementRemove(p),
             );
-            entitlement_change(device_id, product_id, remove, f, lim)
+            entitlement_change(device_id, (product_id, Class::Change), remove, f, lim)
         }
         Work::DeliverKeys { device_id } => match f.enabled {
             Some(place) => deliver_keys(device_id, place, f, lim),
@@ -708,6 +710,16 @@ fn decide(work: Work, f: Facts, lim: &Limits) -> Outcome {
             let class = if forced { Class::Urgent } else { Class::Change };
             osm_plan((osm, class), target, not_after, f, lim)
         }
+    }
+}
+
+/// The class of a change's EMMs: bulk adds (import, POST /bulk) are paced
+/// by their not_before and go in the background class, so that a million
+/// of them do not fill the front of every cycle.
+fn change_class(work: &Work) -> Class {
+    match work.is_bulk() {
+        true => Class::Background,
+        false => Class::Change,
     }
 }
 
@@ -759,17 +771,17 @@ fn remove_device(device_id: DeviceId, group: Option<u32>, mut f: Facts, lim: &Li
 }
 
 /// DEVICE_ENABLE with the keys of the device's group and the global keys
-/// (group, slot, pmk_version), then the device's entitlement set.
+/// (group, slot, pmk_version, class), then the device's entitlement set.
 fn add_device(
     device_id: DeviceId,
-    (group_id, slot, pmk): (u32, u8, u32),
+    (group_id, slot, pmk, class): (u32, u8, u32, Class),
     mut f: Facts,
     lim: &Limits,
 ) -> Outcome {
     let keys = f.keys()?;
     let mut cmds = vec![CommandSpec::DeviceEnable {}];
     cmds.extend(key_commands(group_id, slot, &keys));
-    let head = lim.state(device_id, pmk, Class::Change, Purpose::DeviceEnable);
+    let head = lim.state(device_id, pmk, class, Purpose::DeviceEnable);
     let mut emms = packed(cmds, head, lim.max_section)?;
     emms.extend(set_emms(device_id, pmk, f.entitlements, lim)?);
     let withdraw = [
@@ -858,17 +870,17 @@ fn refresh(
     Ok(Plan::of(device_id, emms, withdraw))
 }
 
-/// ENTITLEMENT_ADD / ENTITLEMENT_REMOVE of `product`, then the device's
-/// whole set.
+/// ENTITLEMENT_ADD / ENTITLEMENT_REMOVE of `product` (in `class`), then
+/// the device's whole set.
 fn entitlement_change(
     device_id: DeviceId,
-    product: ProductId,
+    (product, class): (ProductId, Class),
     (command, purpose): (CommandSpec, Purpose),
     f: Facts,
     lim: &Limits,
 ) -> Outcome {
     let pmk = f.pmk(device_id)?;
-    let head = lim.state(device_id, pmk, Class::Change, purpose);
+    let head = lim.state(device_id, pmk, class, purpose);
     let mut emms = packed(vec![command], head, lim.max_section)?;
     emms.extend(set_emms(device_id, pmk, f.entitlements, lim)?);
     let p = product.get();
@@ -1531,6 +1543,7 @@ mod tests {
             slot: 9,
             pmk_version: 4,
             reenabled: false,
+            bulk: false,
         };
         let f = Facts {
             keys: Some(Ok(keys())),
@@ -1694,6 +1707,37 @@ mod tests {
             plan.withdraw,
             vec![(8, Withdraw::Purposes(vec![Purpose::EntitlementSet]))]
         );
+    }
+
+    #[test]
+    fn bulk_adds_go_in_the_background_class() {
+        let add = Work::AddDevice {
+            device_id: id(7),
+            group_id: 3,
+            slot: 9,
+            pmk_version: 4,
+            reenabled: false,
+            bulk: false,
+        };
+        let ent = Work::AddEntitlement {
+            device_id: id(7),
+            product_id: ProductId::new(5).unwrap(),
+            start: 1,
+            end: 2,
+            bulk: false,
+        };
+        for work in [add, ent] {
+            let f = || Facts {
+                keys: Some(Ok(keys())),
+                pmk: Some(4),
+                ..Facts::default()
+            };
+            let normal = decide(work.clone(), f(), &lim()).unwrap();
+            assert_eq!(normal.emms[0].head.class, Class::Change);
+            let bulk = decide(work.into_bulk(), f(), &lim()).unwrap();
+            assert!(bulk.emms.iter().all(|e| e.head.class == Class::Background));
+            assert_eq!(bulk.emms.len(), normal.emms.len());
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //!   "retired"}` → 204;
 //! - `POST /encryptor/v1/rotate-root` (scope `admin`) → [`RootRotation`]:
 //!   re-seals every key row under `keys.next_root_key_file`;
-//! - `POST /encryptor/v1/export` (scope `admin`) `{"devices": "1-1000,5000"}`
+//! - `POST /encryptor/v1/export` (scope `admin`) `{"device_ids": [1, 2]}`
 //!   → the personalization file's [`Export`]: each device's DUK wrapped
 //!   under `keys.transport_key_file` (docs/format.md §9), recorded first.
 
@@ -734,15 +734,16 @@ async fn rotate_root_handler(
     Ok(Json(enc.rotate_root().await?))
 }
 
-/// `POST /encryptor/v1/export` body.
+/// `POST /encryptor/v1/export` body: the devices by id (a list the
+/// OpenAPI schema can state whole; the CLI also takes ranges).
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportBody {
-    pub devices: crate::export::DeviceSet,
+    pub device_ids: Vec<emm::DeviceId>,
 }
 
-/// Most devices one API export may hold (its reply is held in memory).
-pub const MAX_API_EXPORT: u64 = 100_000;
+/// Most devices one API export may name.
+pub const MAX_API_EXPORT: usize = 10_000;
 
 async fn export_handler(
     State(enc): State<Arc<dyn Encryptor>>,
@@ -751,16 +752,19 @@ async fn export_handler(
 ) -> Result<Json<Export>, ApiError> {
     caller.require(Scope::Admin)?;
     let req: ExportBody = parse_json(&body)?;
-    if req.devices.len() > MAX_API_EXPORT {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("at most {MAX_API_EXPORT} devices per call"),
-        )
-        .field("devices"));
-    }
+    let devices = match req.device_ids.len() {
+        1..=MAX_API_EXPORT => crate::export::DeviceSet::of(&req.device_ids),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("1 to {MAX_API_EXPORT} device ids per call"),
+            )
+            .field("device_ids"))
+        }
+    };
     let req = ExportRequest {
-        devices: req.devices,
+        devices,
         exported_by: caller.client_id,
         via: crate::export::Via::Api,
     };

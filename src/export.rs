@@ -48,6 +48,14 @@ impl DeviceSet {
         }
     }
 
+    /// The set of `ids` (valid ids, at least one: never empty).
+    pub fn of(ids: &[DeviceId]) -> DeviceSet {
+        let mut ranges: Vec<(u64, u64)> = ids.iter().map(|d| (d.get(), d.get())).collect();
+        ranges.sort_unstable();
+        ranges.dedup();
+        DeviceSet::new(ranges).unwrap_or(DeviceSet(Vec::new()))
+    }
+
     /// Number of devices.
     pub fn len(&self) -> u64 {
         self.0.iter().map(|(a, b)| b - a + 1).sum()

@@ -15,6 +15,7 @@ pub mod encryptor;
 pub mod export;
 pub mod failpoint;
 pub mod http;
+pub mod import;
 pub mod jsonlog;
 pub mod keystore;
 pub mod lease;

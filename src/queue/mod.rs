@@ -12,8 +12,10 @@
 //!   ([`push_pending_of`] reads them, [`in_device_order`] decides).
 //! - **Mark** an item done, retried with back-off or failed, in the
 //!   batch's write script ([`push_done`], [`push_retry`], [`push_failed`]).
+//! - **Pace** bulk commands' items ([`BulkPace`]: spaced `not_before`).
 //! - Retention: the purge job's statements ([`PURGE_DONE`], [`PURGE_FAILED`]).
 
+mod pace;
 mod work;
 
 use std::collections::HashSet;
@@ -24,6 +26,7 @@ use time::OffsetDateTime;
 
 use crate::sms::store::db_time;
 use crate::sqltext::{col, marks, values, Script};
+pub use pace::{spacing, BulkPace, BULK_ITEM_BYTES};
 pub use work::{KeyOffer, Work};
 
 /// Attempts of an item whose key was not found before it is marked failed.
@@ -158,6 +161,24 @@ pub async fn backlog<Q: Queryable>(q: &mut Q) -> Result<(u64, f64), mysql_async:
         )
         .await?;
     Ok((n, age_us.flatten().unwrap_or(0).max(0) as f64 / 1e6))
+}
+
+/// The latest `not_before` of the pending bulk items ([`Work::into_bulk`]),
+/// so that a new bulk run is paced after them, not beside them.
+pub async fn bulk_horizon<Q: Queryable>(
+    q: &mut Q,
+) -> Result<Option<OffsetDateTime>, mysql_async::Error> {
+    let t: Option<Option<String>> = q
+        .query_first(format!(
+            "SELECT DATE_FORMAT(MAX(not_before), '{}') FROM work_items \
+             WHERE state = 'pending' AND kind IN ('adddevice', 'addentitlement') \
+             AND payload LIKE '%\"bulk\":true%'",
+            crate::sms::store::RFC3339_SQL
+        ))
+        .await?;
+    Ok(t.flatten().and_then(|s| {
+        OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339).ok()
+    }))
 }
 
 /// One item taken.

@@ -19,6 +19,10 @@ pub enum Work {
         pmk_version: u32,
         /// The device existed (disabled) and was enabled again.
         reenabled: bool,
+        /// A bulk command (import, `POST /bulk`): its EMMs go in the
+        /// background class (the item is also paced, see [`super::BulkPace`]).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        bulk: bool,
     },
     RemoveDevice {
         device_id: DeviceId,
@@ -31,6 +35,9 @@ pub enum Work {
         product_id: ProductId,
         start: u32,
         end: u32,
+        /// As `AddDevice::bulk`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        bulk: bool,
     },
     RemoveEntitlement {
         device_id: DeviceId,
@@ -88,6 +95,23 @@ impl Work {
             Work::RefreshSet { .. } => "refreshset",
         }
     }
+    /// The same work as a bulk command: the adds' EMMs go in the background
+    /// class. Removals keep theirs (a disable is urgent however it came).
+    pub fn into_bulk(mut self) -> Work {
+        if let Work::AddDevice { bulk, .. } | Work::AddEntitlement { bulk, .. } = &mut self {
+            *bulk = true;
+        }
+        self
+    }
+
+    /// Whether the EMMs go in the background class ([`Work::into_bulk`]).
+    pub fn is_bulk(&self) -> bool {
+        matches!(
+            self,
+            Work::AddDevice { bulk: true, .. } | Work::AddEntitlement { bulk: true, .. }
+        )
+    }
+
     /// The `work_items.device_id` column: the device whose items must be
     /// processed in order. `None` for the Scheduler's kinds: they read the
     /// device's state when their EMM is made (under a shared lock on its

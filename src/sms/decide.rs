@@ -131,6 +131,7 @@ fn against_state(cmd: &SmsCommand, found: &Found, now_unix: u32) -> Plan {
                 slot: 0,
                 pmk_version: r.map_or(found.pmk_version, |r| r.pmk_version),
                 reenabled: r.is_some(),
+                bulk: false,
             }),
         },
         SmsCommand::RemoveDevice { device_id } => match found.devices.get(&device_id.get()) {
@@ -158,6 +159,7 @@ fn against_state(cmd: &SmsCommand, found: &Found, now_unix: u32) -> Plan {
             product_id: *product_id,
             start: start.0,
             end: end.0,
+            bulk: false,
         }),
         SmsCommand::RemoveEntitlement {
             device_id,
@@ -296,6 +298,7 @@ mod tests {
             message: body.into(),
             received_at: time::OffsetDateTime::UNIX_EPOCH,
             req: parse_command(kind, body.as_bytes(), 1024).expect("valid command"),
+            bulk: None,
         }
     }
 
@@ -362,6 +365,7 @@ mod tests {
             Work::AddDevice {
                 pmk_version: 4,
                 reenabled: false,
+                bulk: false,
                 ..
             }
         ));
@@ -372,6 +376,7 @@ mod tests {
             Work::AddDevice {
                 pmk_version: 2,
                 reenabled: true,
+                bulk: false,
                 ..
             }
         ));
@@ -426,6 +431,7 @@ mod tests {
             Work::AddEntitlement {
                 start: 1,
                 end: 2,
+                bulk: false,
                 ..
             }
         ));

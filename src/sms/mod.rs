@@ -341,6 +341,7 @@ impl Ctx {
             message,
             received_at: self.received_at,
             req,
+            bulk: None,
         })
     }
 

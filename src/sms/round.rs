@@ -474,7 +474,7 @@ async fn write(
     push_removals(&mut w, d, now)?;
     let slots = push_slots(&mut w, d, now)?;
     push_entitlements(&mut w, d, now)?;
-    push_work_items(&mut w, d, now)?;
+    push_work_items(&mut w, r, d, now)?;
     let (_, affected) = w.run_counted(conn).await?;
     if let Some((k, given)) = slots {
         // Each row must have been an existing free slot changed (2 per row
@@ -609,6 +609,7 @@ fn push_slots(
                 slot,
                 pmk_version,
                 reenabled,
+                ..
             } => Some(Given {
                 device_id: device_id.get(),
                 group_id,
@@ -687,6 +688,7 @@ fn push_entitlements(w: &mut Script, d: &Decided, now: OffsetDateTime) -> Result
                 product_id,
                 start,
                 end,
+                ..
             } => adds.extend([
                 device_id.get().into(),
                 product_id.get().into(),
@@ -733,15 +735,30 @@ fn push_entitlements(w: &mut Script, d: &Decided, now: OffsetDateTime) -> Result
     Ok(())
 }
 
-/// The work items, in the round's order.
-fn push_work_items(w: &mut Script, d: &Decided, now: OffsetDateTime) -> Result<(), SmsError> {
+/// The work items, in the round's order; a bulk command's is paced and
+/// marked bulk (`queue::BulkPace`, `Work::into_bulk`).
+fn push_work_items(
+    w: &mut Script,
+    r: &Round<'_>,
+    d: &Decided,
+    now: OffsetDateTime,
+) -> Result<(), SmsError> {
+    let works: Vec<(Work, OffsetDateTime)> = d
+        .writes
+        .iter()
+        .map(|x| match &r.cmds[x.index].bulk {
+            Some(pace) => (x.work.clone().into_bulk(), pace.next(now)),
+            None => (x.work.clone(), now),
+        })
+        .collect();
     let items: Vec<NewItem<'_>> = d
         .writes
         .iter()
-        .map(|x| NewItem {
+        .zip(&works)
+        .map(|(x, (work, not_before))| NewItem {
             request_id: Some(x.request_id),
-            work: &x.work,
-            not_before: At::Client(now),
+            work,
+            not_before: At::Client(*not_before),
         })
         .collect();
     queue::push_enqueue(w, &items, At::Client(now))?;

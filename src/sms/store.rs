@@ -82,6 +82,10 @@ pub struct Submission {
     pub message: String,
     pub received_at: OffsetDateTime,
     pub req: CommandRequest,
+    /// A bulk command (`casd devices import`, `POST /bulk`): its work item
+    /// is due when this pace says and its adds' EMMs go in the background
+    /// class ([`crate::queue::Work::into_bulk`]). `None`: an SMS command.
+    pub bulk: Option<std::sync::Arc<crate::queue::BulkPace>>,
 }
 
 /// Stores one accepted command (or finds it accepted before): a batch of
@@ -99,6 +103,7 @@ pub async fn accept(
         message: meta.message.to_owned(),
         received_at: meta.received_at,
         req: req.clone(),
+        bulk: None,
     };
     accept_batch(db, std::slice::from_ref(&sub))
         .await
@@ -419,6 +424,7 @@ mod tests {
             message: body.clone(),
             received_at: OffsetDateTime::UNIX_EPOCH,
             req: parse_command(kind, body.as_bytes(), 1024).expect("valid command"),
+            bulk: None,
         }
     }
 

@@ -501,7 +501,7 @@ fn app_routes() -> (Vec<casd::config::Role>, Vec<RouteCase>) {
             .body(json!({"key": {"kind": "global"}, "version": 1, "state": "active"})),
         RouteCase::new(Method::POST, "/encryptor/v1/rotate-root", Scope::Admin),
         RouteCase::new(Method::POST, "/encryptor/v1/export", Scope::Admin)
-            .body(json!({"devices": "1"})),
+            .body(json!({"device_ids": [1]})),
         RouteCase::new(Method::GET, "/requests/1", Scope::SmsRead),
         RouteCase::new(Method::GET, "/devices/1", Scope::SmsRead),
         RouteCase::new(Method::GET, "/jobs", Scope::Admin),

@@ -22,6 +22,7 @@ mod db_encryption;
 mod db_failover;
 mod db_tls;
 mod deploy;
+mod devices_import;
 mod e2e_sms_to_air;
 mod emmg_worker;
 mod encryptor;

@@ -54,6 +54,9 @@ async fn start() -> (Headend, String) {
         .await
         .unwrap();
     hw::FileKeySource::create_new(&cfg.keys.root_key_file).unwrap();
+    // Personalization exports need the vendor's transport key.
+    cfg.keys.transport_key_file = Some(dir.join("vendor.key"));
+    hw::FileKeySource::create_new(dir.join("vendor.key")).unwrap();
     // A rate no fuzzing run reaches: 429 is documented, but a run that
     // hits it tests the limiter instead of the routes.
     let secret = casd::auth::testing::create_client(&t.db, "openapi", &Scope::ALL, 100_000).await;

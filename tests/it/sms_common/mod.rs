@@ -30,6 +30,7 @@ pub fn submission(kind: casd::sms::CommandKind, body: &str) -> casd::sms::store:
         message: body.into(),
         received_at: time::OffsetDateTime::now_utc(),
         req: casd::sms::types::parse_command(kind, body.as_bytes(), 1024).expect("valid command"),
+        bulk: None,
     }
 }
 
