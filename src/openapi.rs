@@ -250,6 +250,25 @@ mod tests {
                                     .map(drop)
                                     .unwrap_or_else(|e| panic!("{what}: {e}"));
                             }
+                            ("application/json", "/encryptor/v1/export") => {
+                                serde_json::from_slice::<crate::encryptor::ExportBody>(&body)
+                                    .map(drop)
+                                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                            }
+                            ("application/json", "/bulk") => {
+                                for item in v["commands"].as_array().expect("commands") {
+                                    let mut item = item.clone();
+                                    let name = item["command"].take();
+                                    item.as_object_mut().unwrap().remove("command");
+                                    let kind = CommandKind::ALL
+                                        .into_iter()
+                                        .find(|k| name == k.name())
+                                        .unwrap_or_else(|| panic!("{what}: command {name}"));
+                                    let b = serde_json::to_vec(&item).unwrap();
+                                    crate::sms::types::parse_command(kind, &b, 256)
+                                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                                }
+                            }
                             ("application/json", "/jobs/{name}/run") => {
                                 assert!(v.is_object(), "{what}: job parameters are an object");
                             }

@@ -20,6 +20,7 @@
 //! sms-api.md lists it among the SMS's commands and does not name another
 //! scope (`emm:generate` is for direct EMM generation by other clients).
 
+mod bulk;
 pub mod commit;
 mod decide;
 pub mod error;
@@ -54,6 +55,8 @@ pub struct SmsState {
     pub log: RequestLog,
     pub committer: commit::Committer,
     pub metrics: crate::metrics::SmsMetrics,
+    /// The pace of `POST /bulk` items' work items (one per process).
+    pub bulk_pace: std::sync::Arc<crate::queue::BulkPace>,
 }
 
 /// The SMS role's routes, with a request log writing to `api.request_log`.
@@ -77,11 +80,13 @@ pub fn routes_with_log(shared: Shared, log: RequestLog) -> Router {
         metrics.round_size.clone(),
     );
     metrics.watch_waiting(committer.waiting());
+    let bulk_pace = std::sync::Arc::new(crate::queue::BulkPace::from_config(&shared.cfg));
     let state = SmsState {
         shared,
         log,
         committer,
         metrics,
+        bulk_pace,
     };
     let mut r = Router::new();
     for kind in CommandKind::ALL {
@@ -94,6 +99,16 @@ pub fn routes_with_log(shared: Shared, log: RequestLog) -> Router {
         r = r.route(kind.path(), m.fallback(method_not_allowed));
     }
     r.route(
+        "/bulk",
+        post(
+            |State(st): State<SmsState>,
+             caller: Result<Caller, ApiError>,
+             headers: HeaderMap,
+             body: Body| async move { bulk::bulk(st, caller, headers, body).await },
+        )
+        .fallback(method_not_allowed),
+    )
+    .route(
         "/requests/{id}",
         get(get_request).fallback(method_not_allowed),
     )

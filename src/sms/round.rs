@@ -746,10 +746,14 @@ fn push_work_items(
     let works: Vec<(Work, OffsetDateTime)> = d
         .writes
         .iter()
-        .map(|x| match &r.cmds[x.index].bulk {
-            Some(pace) => (x.work.clone().into_bulk(), pace.next(now)),
-            None => (x.work.clone(), now),
-        })
+        .map(
+            |x| match (&r.cmds[x.index].bulk, x.work.clone().into_bulk()) {
+                // Only adds are bulk work: a removal in a bulk request is not
+                // delayed (its disable is urgent however it came).
+                (Some(pace), work) if work.is_bulk() => (work, pace.next(now)),
+                _ => (x.work.clone(), now),
+            },
+        )
         .collect();
     let items: Vec<NewItem<'_>> = d
         .writes

@@ -502,6 +502,8 @@ fn app_routes() -> (Vec<casd::config::Role>, Vec<RouteCase>) {
         RouteCase::new(Method::POST, "/encryptor/v1/rotate-root", Scope::Admin),
         RouteCase::new(Method::POST, "/encryptor/v1/export", Scope::Admin)
             .body(json!({"device_ids": [1]})),
+        RouteCase::new(Method::POST, "/bulk", Scope::SmsWrite)
+            .body(json!({"commands": [{"command": "removedevice", "transaction_id": "t", "device_id": 1}]})),
         RouteCase::new(Method::GET, "/requests/1", Scope::SmsRead),
         RouteCase::new(Method::GET, "/devices/1", Scope::SmsRead),
         RouteCase::new(Method::GET, "/jobs", Scope::Admin),
