@@ -143,24 +143,26 @@ pub async fn pending_of_kind<Q: Queryable>(
     Ok(n.unwrap_or(0))
 }
 
-/// Pending items and the age in seconds of the oldest (0 when none), for
-/// the EMMG's backlog metrics: a covering scan of the pending index, then
-/// one row by primary key (`created_at` is UTC).
+/// Pending items and how long, in seconds, the longest-waiting one has
+/// been due (0 when none), for the EMMG's backlog metrics: a covering scan
+/// of the pending index, then its first row (`not_before` is UTC).
 pub async fn backlog<Q: Queryable>(q: &mut Q) -> Result<(u64, f64), mysql_async::Error> {
-    let row: Option<(u64, Option<u64>)> = q
-        .query_first("SELECT COUNT(*), MIN(id) FROM work_items WHERE state = 'pending'")
+    let n: Option<u64> = q
+        .query_first("SELECT COUNT(*) FROM work_items WHERE state = 'pending'")
         .await?;
-    let (n, oldest) = row.unwrap_or((0, None));
-    let Some(id) = oldest else {
-        return Ok((n, 0.0));
-    };
+    // Since it became due (not_before; the SMS's items are due when made):
+    // paced items (bulk imports, key deliveries) waiting for their turn are
+    // not a backlog. The first row of the (state, not_before, id) index.
     let age_us: Option<Option<i64>> = q
-        .exec_first(
-            "SELECT TIMESTAMPDIFF(MICROSECOND, created_at, UTC_TIMESTAMP(6)) FROM work_items WHERE id = ?",
-            (id,),
+        .query_first(
+            "SELECT TIMESTAMPDIFF(MICROSECOND, not_before, UTC_TIMESTAMP(6)) FROM work_items \
+             WHERE state = 'pending' ORDER BY not_before, id LIMIT 1",
         )
         .await?;
-    Ok((n, age_us.flatten().unwrap_or(0).max(0) as f64 / 1e6))
+    Ok((
+        n.unwrap_or(0),
+        age_us.flatten().unwrap_or(0).max(0) as f64 / 1e6,
+    ))
 }
 
 /// The latest `not_before` of the pending bulk items ([`Work::into_bulk`]),

@@ -10,7 +10,7 @@
 //! replays by one INSERT each); the envelope is a line of the request log.
 //! The request as a whole is refused (nothing stored) only for what
 //! concerns it whole: authentication, scope, size, media type, or a body
-//! that is not `{"commands": [1 ..= 1000 objects]}`.
+//! that is not `{"commands": [1 ..= 100 objects]}`.
 
 use std::sync::Arc;
 
@@ -27,7 +27,7 @@ use crate::auth::{Caller, Scope};
 use crate::queue::BulkPace;
 
 /// Most commands one request may carry.
-pub const MAX_ITEMS: usize = 1000;
+pub const MAX_ITEMS: usize = 100;
 
 /// The route's handler.
 pub(super) async fn bulk(

@@ -247,6 +247,22 @@ async fn bad_lines_are_reported_by_number_and_the_rest_is_imported_paced() {
             "items {w:?} not {spacing} µs apart"
         );
     }
+    // Items made an hour ago and paced for later are no backlog (the
+    // CasdEmmBacklog alarm); once one is due a minute, it is.
+    c.query_drop("UPDATE work_items SET created_at = created_at - INTERVAL 1 HOUR, not_before = not_before + INTERVAL 1 HOUR")
+        .await
+        .unwrap();
+    let (pending, age) = casd::queue::backlog(&mut c).await.unwrap();
+    assert_eq!((pending, age), (4, 0.0));
+    c.query_drop("UPDATE work_items SET not_before = UTC_TIMESTAMP(6) - INTERVAL 61 SECOND ORDER BY id LIMIT 1")
+        .await
+        .unwrap();
+    let (_, age) = casd::queue::backlog(&mut c).await.unwrap();
+    assert!((61.0..120.0).contains(&age), "{age}");
+    c.query_drop("UPDATE work_items SET not_before = UTC_TIMESTAMP(6)")
+        .await
+        .unwrap();
+
     // A rerun stores nothing new and reports the same lines.
     let again = import(&cfg, &file).output().unwrap();
     assert!(String::from_utf8_lossy(&again.stdout).contains("0 devices added, 0 already present, 0 entitlements added, 4 commands already stored, 4 bad lines"),

@@ -76,7 +76,7 @@ async fn hostile_sizes_are_refused_whole_and_store_nothing() {
     let item = json!({"command": "adddevice", "transaction_id": "x", "device_id": 1});
     for (body, code) in [
         (
-            json!({"commands": vec![item.clone(); 1001]}),
+            json!({"commands": vec![item.clone(); 101]}),
             "invalid_request",
         ),
         (json!({"commands": []}), "invalid_request"),
