@@ -188,7 +188,8 @@ pub fn cli_config(dir: &Path, db_url: &str, extra: &str) -> std::path::PathBuf {
     std::fs::write(
         &path,
         format!(
-            "[database]\nurl = \"{db_url}\"\n[metrics]\nlisten = \"\"\n[api]\nplain_http = true\n[keys]\nroot_key_file = \"{d}/root.key\"\n{extra}",
+            "{database}[metrics]\nlisten = \"\"\n[api]\nplain_http = true\n[keys]\nroot_key_file = \"{d}/root.key\"\n{extra}",
+            database = casd::testing::database_toml(db_url),
             d = dir.display()
         ),
     )
