@@ -1558,11 +1558,11 @@ mod tests {
             MIN,
             &[(
                 "CASD_DATABASE__SERVERS",
-                r#"["db-a:3306", "10.0.0.2:3307"]"#,
+                r#"["db-a:3306", "192.0.2.2:3307"]"#,
             )],
         )
         .unwrap();
-        assert_eq!(c.database.servers, ["db-a:3306", "10.0.0.2:3307"]);
+        assert_eq!(c.database.servers, ["db-a:3306", "192.0.2.2:3307"]);
         assert!(parse(MIN, &[]).unwrap().database.servers.is_empty());
         let err = parse(MIN, &[("CASD_DATABASE__SERVERS", r#"["db-a"]"#)]).unwrap_err();
         assert!(err.to_string().contains("database.servers"), "{err}");
